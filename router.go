@@ -1,0 +1,520 @@
+package main
+
+import (
+	"cmp"
+	"fmt"
+	"math"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode"
+	"unicode/utf8"
+)
+
+// This file decides where a request goes (SPEC §4): the policy, the
+// candidates, their order, and what they are estimated to cost. It also keeps
+// each provider's health, the circuit breaker of §6.3 and the observed
+// latency, because routing is what reads them.
+
+// chatRequest is what routing needs to know of a chat body. proxy.go decodes
+// it; the body itself is forwarded untouched.
+type chatRequest struct {
+	Model     string
+	Stream    bool
+	MaxTokens int64  // max_tokens or max_completion_tokens; 0 when absent
+	TextBytes int64  // UTF-8 bytes of all message text (§4.1)
+	LastUser  string // text of the last user message, for keywords (§4)
+}
+
+// price is a provider's price for one model in exact units: micro-sats per
+// token for the rates (a rate of R sats per 1000 tokens is R·1000 µsat per
+// token, exact to three decimals of R) and millisats for the base fee.
+type price struct {
+	InMicro, OutMicro int64
+	BaseMsat          int64
+}
+
+func microRate(satsPer1k float64) int64 { return int64(math.Round(satsPer1k * 1000)) }
+
+// cost returns the cost in millisats of a request with these token counts
+// (§4.1), rounded to the nearest millisat.
+func (p price) cost(in, out int64) int64 {
+	return (in*p.InMicro+out*p.OutMicro+500)/1000 + p.BaseMsat
+}
+
+// msatToSats reports millisats as sats, the unit users see.
+func msatToSats(msat int64) float64 { return float64(msat) / 1000 }
+
+// provider is one configured upstream and what arbstr has learned about it.
+type provider struct {
+	ProviderConfig
+	endpoint   string // the full chat-completions URL (§5.1)
+	authHeader string // "Bearer KEY", or "" for none
+	price      price
+	modelPrice map[string]price // model_rates, resolved
+
+	mu        sync.Mutex // guards the fields below
+	failures  int        // consecutive failures (§6.3)
+	openUntil time.Time  // zero while the circuit is closed
+	openFor   time.Duration
+	probing   bool    // a half-open probe is in flight
+	latency   float64 // moving average of time to first byte, in ms
+	observed  bool    // latency holds at least one observation
+}
+
+// Circuit states as they appear in /health and /providers.
+const (
+	stateClosed   = "closed"
+	stateOpen     = "open"
+	stateHalfOpen = "half_open"
+)
+
+// The breaker's constants (§6.3).
+const (
+	breakerThreshold = 3
+	breakerOpenFor   = 30 * time.Second
+	breakerMaxOpen   = 5 * time.Minute
+)
+
+func newProvider(pc ProviderConfig) *provider {
+	p := &provider{ProviderConfig: pc, endpoint: chatURL(pc.URL)}
+	if pc.APIKey != "" {
+		p.authHeader = "Bearer " + pc.APIKey
+	}
+	p.price = price{microRate(pc.InputRate), microRate(pc.OutputRate), microRate(pc.BaseFee)}
+	if len(pc.ModelRates) > 0 {
+		p.modelPrice = make(map[string]price, len(pc.ModelRates))
+		for m, r := range pc.ModelRates {
+			p.modelPrice[m] = price{microRate(r.InputRate), microRate(r.OutputRate), p.price.BaseMsat}
+		}
+	}
+	return p
+}
+
+// chatURL builds the upstream URL of §5.1: a base ending in /v1 gets
+// /chat/completions, any other base gets /v1/chat/completions.
+func chatURL(base string) string {
+	base = strings.TrimRight(base, "/")
+	if strings.HasSuffix(base, "/v1") {
+		return base + "/chat/completions"
+	}
+	return base + "/v1/chat/completions"
+}
+
+// priceFor returns the provider's price for a model, model_rates first.
+func (p *provider) priceFor(model string) price {
+	if mp, ok := p.modelPrice[model]; ok {
+		return mp
+	}
+	return p.price
+}
+
+// state reports the circuit state at now.
+func (p *provider) state(now time.Time) string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stateLocked(now)
+}
+
+func (p *provider) stateLocked(now time.Time) string {
+	switch {
+	case p.openUntil.IsZero():
+		return stateClosed
+	case now.Before(p.openUntil):
+		return stateOpen
+	default:
+		return stateHalfOpen
+	}
+}
+
+// available says whether routing may consider the provider: its circuit is
+// closed, or half-open with the probe slot free (§4 step 5).
+func (p *provider) available(now time.Time) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch p.stateLocked(now) {
+	case stateClosed:
+		return true
+	case stateHalfOpen:
+		return !p.probing
+	}
+	return false
+}
+
+// acquire is called right before an attempt. It admits the request when the
+// circuit is closed, or takes the single probe slot of a half-open circuit;
+// other requests skip the provider meanwhile, they never wait (§6.3). A
+// caller that got probe=true must call release with it.
+func (p *provider) acquire(now time.Time) (ok, probe bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch p.stateLocked(now) {
+	case stateClosed:
+		return true, false
+	case stateHalfOpen:
+		if !p.probing {
+			p.probing = true
+			return true, true
+		}
+	}
+	return false, false
+}
+
+// outcome is how an attempt ended, for the breaker.
+type outcome int
+
+const (
+	outcomeSuccess outcome = iota
+	outcomeFailure         // a §6.1 failure
+	outcomeNeutral         // neither: the client left, or the request was the client's fault
+)
+
+// release records the end of an attempt. Every acquire is paired with one
+// release, so a probe always gives its slot back, whatever happened.
+func (p *provider) release(now time.Time, probe bool, o outcome, retryAfter time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if probe {
+		p.probing = false
+	}
+	switch o {
+	case outcomeSuccess:
+		p.failures, p.openUntil, p.openFor = 0, time.Time{}, 0
+	case outcomeFailure:
+		p.failures++
+		switch {
+		case probe:
+			p.openFor = min(2*p.openFor, breakerMaxOpen)
+			p.openUntil = now.Add(max(p.openFor, retryAfter))
+		case p.openUntil.IsZero() && p.failures >= breakerThreshold:
+			p.openFor = breakerOpenFor
+			p.openUntil = now.Add(max(p.openFor, retryAfter))
+		}
+	}
+}
+
+// observe feeds one time-to-first-byte into the moving average that
+// lowest_latency orders by (§4 step 6).
+func (p *provider) observe(ttfb time.Duration) {
+	ms := float64(ttfb) / float64(time.Millisecond)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.observed {
+		p.latency, p.observed = ms, true
+		return
+	}
+	p.latency = 0.8*p.latency + 0.2*ms
+}
+
+// observedLatency returns the moving average in ms, and whether there is one.
+func (p *provider) observedLatency() (float64, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.latency, p.observed
+}
+
+// policy is a compiled policies.rules entry.
+type policy struct {
+	PolicyRule
+	keywords []string // lower-cased
+	allowed  map[string]bool
+	maxOut   int64 // max_sats_per_1k_output in µsat per token; -1 for none
+	rr       atomic.Uint64
+}
+
+// Strategies (§3). lowest_cost is folded into cheapest by the config loader.
+const (
+	strategyCheapest      = "cheapest"
+	strategyLowestLatency = "lowest_latency"
+	strategyRoundRobin    = "round_robin"
+)
+
+// Router holds the providers and policies and picks, per request, the order
+// in which providers are tried.
+type Router struct {
+	providers       []*provider
+	byName          map[string]*provider
+	byModel         map[string][]int // model → indexes of providers listing it
+	anyModel        []int            // indexes of providers with empty models
+	policies        []*policy
+	policyByName    map[string]*policy
+	policyNames     string // for the unknown-policy error
+	defaultStrategy string
+	defaultRR       atomic.Uint64
+	// ratio returns the learned output/input ratio of a policy and its
+	// sample count (§4.1); nil means no ledger.
+	ratio func(policy string) (float64, int64)
+}
+
+func newRouter(cfg *Config, ratio func(string) (float64, int64)) *Router {
+	rt := &Router{
+		byName:          make(map[string]*provider),
+		byModel:         make(map[string][]int),
+		policyByName:    make(map[string]*policy),
+		defaultStrategy: cfg.Policies.DefaultStrategy,
+		ratio:           ratio,
+	}
+	for i, pc := range cfg.Providers {
+		p := newProvider(pc)
+		rt.providers = append(rt.providers, p)
+		rt.byName[p.Name] = p
+		if len(pc.Models) == 0 {
+			rt.anyModel = append(rt.anyModel, i)
+		}
+		for _, m := range pc.Models {
+			if l := rt.byModel[m]; len(l) == 0 || l[len(l)-1] != i {
+				rt.byModel[m] = append(l, i)
+			}
+		}
+	}
+	var names []string
+	for _, r := range cfg.Policies.Rules {
+		pol := &policy{PolicyRule: r, maxOut: -1}
+		for _, k := range r.Keywords {
+			if k = strings.ToLower(strings.TrimSpace(k)); k != "" {
+				pol.keywords = append(pol.keywords, k)
+			}
+		}
+		if len(r.AllowedModels) > 0 {
+			pol.allowed = make(map[string]bool)
+			for _, m := range r.AllowedModels {
+				pol.allowed[m] = true
+			}
+		}
+		if r.MaxSatsPer1kOutput != nil {
+			pol.maxOut = microRate(*r.MaxSatsPer1kOutput)
+		}
+		rt.policies = append(rt.policies, pol)
+		rt.policyByName[r.Name] = pol
+		names = append(names, fmt.Sprintf("%q", r.Name))
+	}
+	rt.policyNames = strings.Join(names, ", ")
+	if rt.policyNames == "" {
+		rt.policyNames = "none configured"
+	}
+	return rt
+}
+
+// candidate is a provider that may serve a request, with its price for the
+// model and the estimated cost of this request there.
+type candidate struct {
+	p       *provider
+	price   price
+	estMsat int64
+	latency float64 // observed latency in ms at routing time
+	seen    bool    // latency is an observation
+}
+
+// exclusion is a provider that cannot serve a request, and why (/v1/cost).
+type exclusion struct {
+	Provider string `json:"provider"`
+	Reason   string `json:"reason"`
+}
+
+// route is the routing decision for one request.
+type route struct {
+	policy    *policy // nil when no policy matched
+	strategy  string
+	estIn     int64
+	estOut    int64
+	qualified []candidate // passed the model and policy constraints (§4 steps 3–4)
+	ordered   []candidate // qualified and available, in the order to try
+	excluded  []exclusion
+}
+
+// policyName is the matched policy's name, "" for none.
+func (r *route) policyName() string {
+	if r.policy == nil {
+		return ""
+	}
+	return r.policy.Name
+}
+
+// baseline returns what the given tokens would have cost at the priciest
+// qualified candidate (§8.1 baseline_cost_sats).
+func (r *route) baseline(in, out int64) int64 {
+	var most int64
+	for _, c := range r.qualified {
+		most = max(most, c.price.cost(in, out))
+	}
+	return most
+}
+
+// Route applies SPEC §4 steps 2–6. policyHeader is X-Arbstr-Policy. A refusal
+// comes back as the API error the client gets; the route is still returned,
+// with whatever was decided before the refusal, for the ledger row.
+func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time) (*route, *apiError) {
+	r := &route{strategy: rt.defaultStrategy}
+
+	// Step 2: the policy, by header or by keyword.
+	if policyHeader != "" {
+		pol, ok := rt.policyByName[policyHeader]
+		if !ok {
+			return r, errorf(http.StatusBadRequest, "invalid_request_error", "unknown_policy",
+				"unknown policy %q in X-Arbstr-Policy; configured policies: %s", policyHeader, rt.policyNames)
+		}
+		r.policy = pol
+	} else {
+		r.policy = rt.matchKeywords(req.LastUser)
+	}
+	if r.policy != nil {
+		r.strategy = r.policy.Strategy
+		if r.strategy == "" {
+			r.strategy = strategyCheapest
+		}
+	}
+
+	// §4.1: the estimate used for ranking and by /v1/cost.
+	r.estIn = (req.TextBytes + 3) / 4
+	r.estOut = req.MaxTokens
+	if r.estOut <= 0 {
+		ratio := 1.0
+		if rt.ratio != nil {
+			if avg, n := rt.ratio(r.policyName()); n >= 5 {
+				ratio = avg
+			}
+		}
+		r.estOut = int64(math.Ceil(float64(r.estIn) * ratio))
+	}
+
+	// Step 3: candidates serving the model, in config order.
+	idx := mergeSorted(rt.byModel[req.Model], rt.anyModel)
+	if len(idx) == 0 {
+		return r, errorf(http.StatusBadRequest, "invalid_request_error", "no_provider",
+			"no provider serves model %q", req.Model)
+	}
+
+	// Step 4: the policy's constraints.
+	if r.policy != nil && r.policy.allowed != nil && !r.policy.allowed[req.Model] {
+		return r, errorf(http.StatusBadRequest, "invalid_request_error", "model_not_allowed",
+			"model %q is not allowed by policy %q", req.Model, r.policy.Name)
+	}
+	r.qualified = make([]candidate, 0, len(idx))
+	for _, i := range idx {
+		p := rt.providers[i]
+		pr := p.priceFor(req.Model)
+		if r.policy != nil && r.policy.maxOut >= 0 && pr.OutMicro > r.policy.maxOut {
+			r.excluded = append(r.excluded, exclusion{p.Name, fmt.Sprintf(
+				"output rate %g sats/1k exceeds the policy's max_sats_per_1k_output %g",
+				float64(pr.OutMicro)/1000, float64(r.policy.maxOut)/1000)})
+			continue
+		}
+		r.qualified = append(r.qualified, candidate{p: p, price: pr, estMsat: pr.cost(r.estIn, r.estOut)})
+	}
+	if len(r.qualified) == 0 {
+		return r, errorf(http.StatusBadRequest, "invalid_request_error", "no_provider",
+			"no provider serves model %q within policy %q", req.Model, r.policy.Name)
+	}
+
+	// Step 5: open circuits are set aside.
+	r.ordered = make([]candidate, 0, len(r.qualified))
+	for _, c := range r.qualified {
+		if !c.p.available(now) {
+			r.excluded = append(r.excluded, exclusion{c.p.Name, "circuit open"})
+			continue
+		}
+		c.latency, c.seen = c.p.observedLatency()
+		r.ordered = append(r.ordered, c)
+	}
+	if len(r.ordered) == 0 {
+		return r, errorf(http.StatusServiceUnavailable, "service_unavailable", "no_provider_available",
+			"every provider that serves model %q has an open circuit; retry later", req.Model)
+	}
+
+	// Step 6: the strategy's order.
+	switch r.strategy {
+	case strategyLowestLatency:
+		slices.SortStableFunc(r.ordered, func(a, b candidate) int {
+			if a.seen != b.seen {
+				if !a.seen {
+					return -1 // unobserved first, so that they get observed
+				}
+				return 1
+			}
+			return cmp.Or(cmp.Compare(a.latency, b.latency), cmp.Compare(a.estMsat, b.estMsat))
+		})
+	case strategyRoundRobin:
+		counter := &rt.defaultRR
+		if r.policy != nil {
+			counter = &r.policy.rr
+		}
+		n := int((counter.Add(1) - 1) % uint64(len(r.ordered)))
+		slices.Reverse(r.ordered[:n])
+		slices.Reverse(r.ordered[n:])
+		slices.Reverse(r.ordered)
+	default: // cheapest
+		slices.SortFunc(r.ordered, func(a, b candidate) int {
+			return cmp.Or(
+				cmp.Compare(a.estMsat, b.estMsat),
+				cmp.Compare(a.latency, b.latency), // unobserved counts as 0
+				strings.Compare(a.p.Name, b.p.Name),
+			)
+		})
+	}
+	return r, nil
+}
+
+// mergeSorted merges two ascending index lists into one, so candidates keep
+// config order.
+func mergeSorted(a, b []int) []int {
+	if len(b) == 0 {
+		return a
+	}
+	if len(a) == 0 {
+		return b
+	}
+	out := make([]int, 0, len(a)+len(b))
+	for len(a) > 0 && len(b) > 0 {
+		if a[0] < b[0] {
+			out, a = append(out, a[0]), a[1:]
+		} else {
+			out, b = append(out, b[0]), b[1:]
+		}
+	}
+	return append(append(out, a...), b...)
+}
+
+// matchKeywords returns the first rule, in config order, with a keyword in
+// the text (§4 step 2): case-insensitive, on word boundaries.
+func (rt *Router) matchKeywords(text string) *policy {
+	if text == "" {
+		return nil
+	}
+	lower := strings.ToLower(text)
+	for _, pol := range rt.policies {
+		for _, k := range pol.keywords {
+			if containsWord(lower, k) {
+				return pol
+			}
+		}
+	}
+	return nil
+}
+
+// containsWord reports whether word occurs in text with no letter, digit or
+// underscore right before or after it, so that "code" matches "code this"
+// but not "encode".
+func containsWord(text, word string) bool {
+	for start := 0; ; {
+		i := strings.Index(text[start:], word)
+		if i < 0 {
+			return false
+		}
+		i += start
+		end := i + len(word)
+		before, _ := utf8.DecodeLastRuneInString(text[:i])
+		after, _ := utf8.DecodeRuneInString(text[end:])
+		if !isWordRune(before) && !isWordRune(after) {
+			return true
+		}
+		_, size := utf8.DecodeRuneInString(text[i:])
+		start = i + size
+	}
+}
+
+func isWordRune(r rune) bool {
+	return r != utf8.RuneError && (r == '_' || unicode.IsLetter(r) || unicode.IsDigit(r))
+}
