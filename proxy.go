@@ -221,31 +221,36 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 	}
 	var raw struct {
 		Model               json.RawMessage `json:"model"`
-		Messages            []json.RawMessage `json:"messages"`
+		Messages            []chatMessage   `json:"messages"`
 		Stream              json.RawMessage `json:"stream"`
 		MaxTokens           json.RawMessage `json:"max_tokens"`
 		MaxCompletionTokens json.RawMessage `json:"max_completion_tokens"`
+		StreamOptions       json.RawMessage `json:"stream_options"`
 	}
+	// One pass over the body: the messages decode into their final shape,
+	// and text is only measured, not copied, until the last user message is
+	// known.
 	if err := json.Unmarshal(body, &raw); err != nil {
-		if te, ok := errors.AsType[*json.UnmarshalTypeError](err); ok && te.Field == "messages" {
-			return nil, badRequest("invalid_messages", "messages must be a non-empty array")
+		if te, ok := errors.AsType[*json.UnmarshalTypeError](err); ok && strings.HasPrefix(te.Field, "messages") {
+			return nil, badRequest("invalid_messages", "messages must be a non-empty array of objects with a string role")
 		}
 		return nil, badRequest("invalid_json", "request body is not valid JSON: %v", err)
 	}
-	req := &chatRequest{}
+	req := &chatRequest{StreamOptions: raw.StreamOptions}
 	if len(raw.Model) == 0 || string(raw.Model) == "null" {
 		return nil, badRequest("missing_model", "model is required")
 	}
-	if err := json.Unmarshal(raw.Model, &req.Model); err != nil {
+	model, ok := jsonString(raw.Model)
+	if !ok {
 		return nil, badRequest("invalid_model", "model must be a string")
 	}
-	if req.Model == "" {
+	if req.Model = model; model == "" {
 		return nil, badRequest("missing_model", "model must not be empty")
 	}
 	if len(raw.Messages) == 0 {
 		return nil, badRequest("invalid_messages", "messages must be a non-empty array")
 	}
-	switch s := string(raw.Stream); s {
+	switch string(raw.Stream) {
 	case "", "null", "false":
 	case "true":
 		req.Stream = true
@@ -258,55 +263,75 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 			req.MaxTokens = n
 		}
 	}
+	lastUser := -1
 	for i, m := range raw.Messages {
-		var msg struct {
-			Role    string          `json:"role"`
-			Content json.RawMessage `json:"content"`
+		if s, ok := jsonString(m.Content); ok {
+			req.TextBytes += int64(len(s))
+		} else {
+			req.TextBytes += int64(len(messageText(m.Content)))
 		}
-		if err := json.Unmarshal(m, &msg); err != nil {
-			return nil, badRequest("invalid_messages", "messages[%d] must be an object with a string role", i)
-		}
-		text := messageText(msg.Content)
-		req.TextBytes += int64(len(text))
-		if msg.Role == "user" {
-			req.LastUser = text
+		if m.Role == "user" {
+			lastUser = i
 		}
 	}
+	if lastUser >= 0 {
+		req.LastUser = messageText(raw.Messages[lastUser].Content)
+	}
 	return req, nil
+}
+
+// chatMessage is a message of a chat body, as far as arbstr reads it.
+type chatMessage struct {
+	Role    string          `json:"role"`
+	Content json.RawMessage `json:"content"`
+}
+
+// jsonString decodes a JSON string value. Most strings hold no escapes and
+// are taken as they are, without a second pass of the JSON decoder.
+func jsonString(v json.RawMessage) (string, bool) {
+	if len(v) < 2 || v[0] != '"' {
+		return "", false
+	}
+	if bytes.IndexByte(v, '\\') < 0 {
+		return string(v[1 : len(v)-1]), true
+	}
+	var s string
+	return s, json.Unmarshal(v, &s) == nil
 }
 
 // messageText returns the text of a message content: the string itself, or
 // the text parts of an array joined by newlines (§4, §4.1).
 func messageText(content json.RawMessage) string {
-	if len(content) == 0 {
+	if s, ok := jsonString(content); ok {
+		return s
+	}
+	if len(content) == 0 || content[0] != '[' {
 		return ""
 	}
-	switch content[0] {
-	case '"':
-		var s string
-		json.Unmarshal(content, &s)
-		return s
-	case '[':
-		var parts []struct {
-			Type string `json:"type"`
-			Text string `json:"text"`
-		}
-		json.Unmarshal(content, &parts) // a part of another shape keeps its zero value
-		var texts []string
-		for _, p := range parts {
-			if p.Type == "text" {
-				texts = append(texts, p.Text)
-			}
-		}
-		return strings.Join(texts, "\n")
+	var parts []struct {
+		Type string `json:"type"`
+		Text string `json:"text"`
 	}
-	return ""
+	json.Unmarshal(content, &parts) // a part of another shape keeps its zero value
+	var texts []string
+	for _, p := range parts {
+		if p.Type == "text" {
+			texts = append(texts, p.Text)
+		}
+	}
+	return strings.Join(texts, "\n")
 }
 
 // withIncludeUsage adds "stream_options":{"include_usage":true} to a streaming
 // body that does not say include_usage either way, leaving every other byte
 // as the client sent it (§5.1). It reports whether it added the option.
-func withIncludeUsage(body []byte) ([]byte, bool) {
+// opts is the body's stream_options as parseChat found it: when there is
+// none, the usual case, the option goes before the closing brace without
+// another pass over the body.
+func withIncludeUsage(body []byte, opts json.RawMessage) ([]byte, bool) {
+	if len(opts) == 0 {
+		return appendStreamOptions(body)
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	if _, err := dec.Token(); err != nil { // the opening '{'
 		return body, false
@@ -348,6 +373,11 @@ func withIncludeUsage(body []byte) ([]byte, bool) {
 		}
 		return body, false
 	}
+	return appendStreamOptions(body)
+}
+
+// appendStreamOptions adds the option as the last member of the body.
+func appendStreamOptions(body []byte) ([]byte, bool) {
 	end := bytes.LastIndexByte(body, '}')
 	if end < 0 {
 		return body, false
@@ -481,7 +511,7 @@ func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if req.Stream {
-		ex.body, ex.addedUsage = withIncludeUsage(body)
+		ex.body, ex.addedUsage = withIncludeUsage(body, req.StreamOptions)
 	}
 	s.forward(w, r, ex)
 }
@@ -690,6 +720,12 @@ type usage struct {
 	CompletionTokens int64 `json:"completion_tokens"`
 }
 
+// tokens returns the counts within [0, maxEstTokens], so that a provider's
+// nonsense cannot overflow a cost.
+func (u *usage) tokens() (in, out int64) {
+	return min(max(u.PromptTokens, 0), maxEstTokens), min(max(u.CompletionTokens, 0), maxEstTokens)
+}
+
 // complete handles a non-streaming 2xx answer (§5.2): the body as the
 // provider sent it, with "arbstr_provider" spliced in after its opening brace.
 func (s *server) complete(w http.ResponseWriter, r *http.Request, ex *exchange, resp *http.Response) attemptResult {
@@ -715,7 +751,8 @@ func (s *server) complete(w http.ResponseWriter, r *http.Request, ex *exchange, 
 		return attemptResult{fail: "answer is not a JSON object", outcome: outcomeFailure}
 	}
 	if parsed.Usage != nil {
-		ex.hasUsage, ex.in, ex.out = true, parsed.Usage.PromptTokens, parsed.Usage.CompletionTokens
+		ex.hasUsage = true
+		ex.in, ex.out = parsed.Usage.tokens()
 	} else {
 		// No usage: estimate, ≈ 4 bytes a token, and say so (§5.3, §8.1).
 		var text int64
@@ -791,16 +828,64 @@ func copyHeaders(dst, src http.Header) {
 	}
 }
 
-// streamChunk is the part of a chat.completion.chunk that arbstr reads.
-type streamChunk struct {
-	Choices []struct {
-		Delta struct {
-			Content string `json:"content"`
-		} `json:"delta"`
-		FinishReason *string `json:"finish_reason"`
-	} `json:"choices"`
-	Usage *usage          `json:"usage"`
-	Error json.RawMessage `json:"error"`
+// scanChunk reads what arbstr needs from the data of a stream event by
+// scanning its bytes: the length of its content strings, whether a
+// finish_reason is set, and whether it holds a usage or an error object.
+// Decoding every chunk with encoding/json cost more than all else arbstr does
+// to a stream (issue 5); the rare chunk with usage is decoded by the caller.
+// A quoted key followed by a colon can only be a key, since every quote
+// inside a JSON string is escaped. Content is measured as written, escapes
+// included, which is near enough for an estimate of 4 bytes a token.
+func scanChunk(data []byte) (content int64, finished, hasUsage, hasError bool) {
+	for rest := data; ; {
+		v, next, ok := valueOf(rest, `"content"`)
+		if !ok {
+			break
+		}
+		if v[0] == '"' {
+			content += stringLen(v)
+		}
+		rest = next
+	}
+	v, _, ok := valueOf(data, `"finish_reason"`)
+	finished = ok && v[0] == '"'
+	v, _, ok = valueOf(data, `"usage"`)
+	hasUsage = ok && v[0] == '{'
+	v, _, ok = valueOf(data, `"error"`)
+	hasError = ok && (v[0] == '{' || v[0] == '"')
+	return content, finished, hasUsage, hasError
+}
+
+// valueOf finds key followed by a colon in b and returns the bytes from its
+// value on (never empty), and the bytes after the key to search on from.
+func valueOf(b []byte, key string) (value, rest []byte, ok bool) {
+	for {
+		i := bytes.Index(b, []byte(key))
+		if i < 0 {
+			return nil, nil, false
+		}
+		b = b[i+len(key):]
+		v := bytes.TrimLeft(b, " \t\r\n")
+		if len(v) > 0 && v[0] == ':' {
+			if v = bytes.TrimLeft(v[1:], " \t\r\n"); len(v) > 0 {
+				return v, b, true
+			}
+		}
+	}
+}
+
+// stringLen returns the length of the JSON string at the start of v, in
+// bytes as written between its quotes.
+func stringLen(v []byte) int64 {
+	for i := 1; i < len(v); i++ {
+		switch v[i] {
+		case '\\':
+			i++
+		case '"':
+			return int64(i - 1)
+		}
+	}
+	return 0
 }
 
 // streamBufs recycles the 32 KiB read buffers of streams, the size
@@ -822,7 +907,6 @@ func (s *server) stream(w http.ResponseWriter, r *http.Request, ex *exchange, re
 		n            int    // bytes held in buf
 		started      bool   // headers went out
 		pending      []byte // events before the first data event
-		chunk        streamChunk
 		usageSeen    bool
 		finished     bool // a finish_reason was seen
 		contentBytes int64
@@ -915,30 +999,27 @@ func (s *server) stream(w http.ResponseWriter, r *http.Request, ex *exchange, re
 				rc.Flush()
 				return attemptResult{done: true, outcome: outcomeSuccess}
 			}
-			// Reuse the decode target, zeroed: json leaves absent fields as
-			// they were, and a delta without content must not keep the last.
-			clear(chunk.Choices[:cap(chunk.Choices)])
-			chunk.Choices, chunk.Usage, chunk.Error = chunk.Choices[:0], nil, nil
-			if json.Unmarshal(data, &chunk) == nil {
-				if len(chunk.Error) > 0 && string(chunk.Error) != "null" {
-					if !started {
-						return attemptResult{fail: "error event before the first chunk", outcome: outcomeFailure}
-					}
-					ex.errMsg = "provider sent an error event"
+			content, finish, hasUsage, hasError := scanChunk(data)
+			if hasError {
+				if !started {
+					return attemptResult{fail: "error event before the first chunk", outcome: outcomeFailure}
 				}
-				for _, c := range chunk.Choices {
-					if c.Delta.Content != "" && firstContent.IsZero() {
-						firstContent = now
-					}
-					contentBytes += int64(len(c.Delta.Content))
-					if c.FinishReason != nil {
-						finished = true
-					}
+				ex.errMsg = "provider sent an error event"
+			}
+			if content > 0 && firstContent.IsZero() {
+				firstContent = now
+			}
+			contentBytes += content
+			finished = finished || finish
+			if hasUsage {
+				var u struct {
+					Usage   *usage            `json:"usage"`
+					Choices []json.RawMessage `json:"choices"`
 				}
-				if chunk.Usage != nil {
+				if json.Unmarshal(data, &u) == nil && u.Usage != nil {
 					usageSeen, ex.hasUsage = true, true
-					ex.in, ex.out = chunk.Usage.PromptTokens, chunk.Usage.CompletionTokens
-					if ex.addedUsage && len(chunk.Choices) == 0 {
+					ex.in, ex.out = u.Usage.tokens()
+					if ex.addedUsage && len(u.Choices) == 0 {
 						continue // arbstr asked for it; the client did not
 					}
 				}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"cmp"
+	"encoding/json"
 	"fmt"
 	"math"
 	"net/http"
@@ -27,6 +28,8 @@ type chatRequest struct {
 	MaxTokens int64  // max_tokens or max_completion_tokens; 0 when absent
 	TextBytes int64  // UTF-8 bytes of all message text (§4.1)
 	LastUser  string // text of the last user message, for keywords (§4)
+	// StreamOptions is the body's stream_options as sent, for §5.1.
+	StreamOptions json.RawMessage
 }
 
 // price is a provider's price for one model in exact units: micro-sats per
@@ -36,6 +39,10 @@ type price struct {
 	InMicro, OutMicro int64
 	BaseMsat          int64
 }
+
+// maxEstTokens bounds estimated token counts. With rates of at most 10^6
+// sats per 1k tokens (the config's limit), 2·2^31 tokens cost under 2^63 µsat.
+const maxEstTokens = 1 << 31
 
 func microRate(satsPer1k float64) int64 { return int64(math.Round(satsPer1k * 1000)) }
 
@@ -379,6 +386,8 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time) (*
 		}
 		r.estOut = int64(math.Ceil(float64(r.estIn) * ratio))
 	}
+	// No model reads or writes 2^31 tokens; the bound keeps cost in int64.
+	r.estIn, r.estOut = min(r.estIn, maxEstTokens), min(r.estOut, maxEstTokens)
 
 	// Step 3: candidates serving the model, in config order.
 	idx := mergeSorted(rt.byModel[req.Model], rt.anyModel)
