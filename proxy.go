@@ -504,7 +504,7 @@ func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ex.req, ex.body = req, body
-	rt, aerr := s.router.Route(req, r.Header.Get("X-Arbstr-Policy"), ex.start)
+	rt, aerr := s.router.Route(req, r.Header.Get("X-Arbstr-Policy"), ex.start, s.cfg.Server.MaxAttempts)
 	ex.route = rt
 	if aerr != nil {
 		s.fail(w, ex, aerr)
@@ -1160,7 +1160,7 @@ func (s *server) handleCost(w http.ResponseWriter, r *http.Request) {
 		writeError(w, aerr)
 		return
 	}
-	rt, aerr := s.router.Route(req, r.Header.Get("X-Arbstr-Policy"), time.Now())
+	rt, aerr := s.router.Route(req, r.Header.Get("X-Arbstr-Policy"), time.Now(), 0)
 	if aerr != nil {
 		writeError(w, aerr)
 		return

@@ -67,9 +67,14 @@ type provider struct {
 	failures  int        // consecutive failures (§6.3)
 	openUntil time.Time  // zero while the circuit is closed
 	openFor   time.Duration
-	probing   bool    // a half-open probe is in flight
-	latency   float64 // moving average of time to first byte, in ms
-	observed  bool    // latency holds at least one observation
+	probing   bool // a half-open probe is in flight
+
+	// tripped mirrors !openUntil.IsZero(), so that routing reads a closed
+	// circuit, the usual case, without taking mu.
+	tripped atomic.Bool
+	// latency is the moving average of time to first byte in ms, as
+	// math.Float64bits; 0 until the first observation.
+	latency atomic.Uint64
 }
 
 // Circuit states as they appear in /health and /providers.
@@ -140,6 +145,9 @@ func (p *provider) stateLocked(now time.Time) string {
 // available says whether routing may consider the provider: its circuit is
 // closed, or half-open with the probe slot free (§4 step 5).
 func (p *provider) available(now time.Time) bool {
+	if !p.tripped.Load() {
+		return true
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	switch p.stateLocked(now) {
@@ -187,6 +195,7 @@ func (p *provider) release(now time.Time, probe bool, o outcome, retryAfter time
 	if probe {
 		p.probing = false
 	}
+	defer func() { p.tripped.Store(!p.openUntil.IsZero()) }()
 	switch o {
 	case outcomeSuccess:
 		p.failures, p.openUntil, p.openFor = 0, time.Time{}, 0
@@ -204,23 +213,20 @@ func (p *provider) release(now time.Time, probe bool, o outcome, retryAfter time
 }
 
 // observe feeds one time-to-first-byte into the moving average that
-// lowest_latency orders by (§4 step 6).
+// lowest_latency orders by (§4 step 6). Concurrent observations may race
+// and lose one; an average of latencies can afford it.
 func (p *provider) observe(ttfb time.Duration) {
-	ms := float64(ttfb) / float64(time.Millisecond)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if !p.observed {
-		p.latency, p.observed = ms, true
-		return
+	ms := max(float64(ttfb)/float64(time.Millisecond), 1e-6)
+	if old := p.latency.Load(); old != 0 {
+		ms = 0.8*math.Float64frombits(old) + 0.2*ms
 	}
-	p.latency = 0.8*p.latency + 0.2*ms
+	p.latency.Store(math.Float64bits(ms))
 }
 
 // observedLatency returns the moving average in ms, and whether there is one.
 func (p *provider) observedLatency() (float64, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.latency, p.observed
+	bits := p.latency.Load()
+	return math.Float64frombits(bits), bits != 0
 }
 
 // policy is a compiled policies.rules entry.
@@ -240,15 +246,25 @@ const (
 )
 
 // Router holds the providers and policies and picks, per request, the order
-// in which providers are tried.
+// in which providers are tried. Everything a request can share is computed
+// once here, so that routing over a thousand providers stays in the tens of
+// microseconds (issue 5).
 type Router struct {
-	providers       []*provider
-	byName          map[string]*provider
-	byModel         map[string][]int // model → indexes of providers listing it
-	anyModel        []int            // indexes of providers with empty models
-	policies        []*policy
-	policyByName    map[string]*policy
-	policyNames     string // for the unknown-policy error
+	providers []*provider
+	byName    map[string]*provider
+	// byModel lists, per model, the providers that serve it, those with an
+	// empty models list included, in config order and with their price for
+	// the model; anyModel is the list for a model no provider names.
+	byModel  map[string][]modelCand
+	anyModel []modelCand
+
+	policies     []*policy
+	policyByName map[string]*policy
+	policyNames  string // for the unknown-policy error
+	// wordRule maps a keyword that is one word to the first rule having it;
+	// phrases are the other keywords ("unit test", "c++"), in rule order.
+	wordRule        map[string]int
+	phrases         []phrase
 	defaultStrategy string
 	defaultRR       atomic.Uint64
 	// ratio returns the learned output/input ratio of a policy and its
@@ -256,33 +272,68 @@ type Router struct {
 	ratio func(policy string) (float64, int64)
 }
 
+// modelCand is a provider that serves a model, at its price for the model.
+type modelCand struct {
+	p     *provider
+	price price
+}
+
+// phrase is a keyword that is not a single word, and its rule's index.
+type phrase struct {
+	text string
+	rule int
+}
+
 func newRouter(cfg *Config, ratio func(string) (float64, int64)) *Router {
 	rt := &Router{
 		byName:          make(map[string]*provider),
-		byModel:         make(map[string][]int),
+		byModel:         make(map[string][]modelCand),
 		policyByName:    make(map[string]*policy),
+		wordRule:        make(map[string]int),
 		defaultStrategy: cfg.Policies.DefaultStrategy,
 		ratio:           ratio,
 	}
-	for i, pc := range cfg.Providers {
+	for _, pc := range cfg.Providers {
 		p := newProvider(pc)
 		rt.providers = append(rt.providers, p)
 		rt.byName[p.Name] = p
 		if len(pc.Models) == 0 {
-			rt.anyModel = append(rt.anyModel, i)
-		}
-		for _, m := range pc.Models {
-			if l := rt.byModel[m]; len(l) == 0 || l[len(l)-1] != i {
-				rt.byModel[m] = append(l, i)
-			}
+			rt.anyModel = append(rt.anyModel, modelCand{p, p.price})
 		}
 	}
+	// Every model named anywhere gets its own list: listed by a provider,
+	// or priced by a provider's model_rates (one serving any model).
+	models := map[string]bool{}
+	for _, p := range rt.providers {
+		for _, m := range p.Models {
+			models[m] = true
+		}
+		for m := range p.ModelRates {
+			models[m] = true
+		}
+	}
+	for m := range models {
+		var list []modelCand
+		for _, p := range rt.providers {
+			if len(p.Models) == 0 || slices.Contains(p.Models, m) {
+				list = append(list, modelCand{p, p.priceFor(m)})
+			}
+		}
+		rt.byModel[m] = list
+	}
 	var names []string
-	for _, r := range cfg.Policies.Rules {
+	for i, r := range cfg.Policies.Rules {
 		pol := &policy{PolicyRule: r, maxOut: -1}
 		for _, k := range r.Keywords {
-			if k = strings.ToLower(strings.TrimSpace(k)); k != "" {
-				pol.keywords = append(pol.keywords, k)
+			k = strings.ToLower(strings.TrimSpace(k))
+			switch {
+			case k == "":
+			case isOneWord(k):
+				if _, ok := rt.wordRule[k]; !ok {
+					rt.wordRule[k] = i
+				}
+			default:
+				rt.phrases = append(rt.phrases, phrase{k, i})
 			}
 		}
 		if len(r.AllowedModels) > 0 {
@@ -323,12 +374,14 @@ type exclusion struct {
 
 // route is the routing decision for one request.
 type route struct {
-	policy    *policy // nil when no policy matched
-	strategy  string
-	estIn     int64
-	estOut    int64
+	policy   *policy // nil when no policy matched
+	strategy string
+	estIn    int64
+	estOut   int64
+	cands    []modelCand // the providers serving the model (shared, read-only)
+	ordered  []candidate // qualified and available, in the order to try
+	// Filled only when Route explains itself (limit 0, for /v1/cost):
 	qualified []candidate // passed the model and policy constraints (§4 steps 3–4)
-	ordered   []candidate // qualified and available, in the order to try
 	excluded  []exclusion
 }
 
@@ -340,21 +393,35 @@ func (r *route) policyName() string {
 	return r.policy.Name
 }
 
+// allows reports whether the policy's price cap lets a provider in (§4 step 4).
+func (r *route) allows(pr price) bool {
+	return r.policy == nil || r.policy.maxOut < 0 || pr.OutMicro <= r.policy.maxOut
+}
+
 // baseline returns what the given tokens would have cost at the priciest
-// qualified candidate (§8.1 baseline_cost_sats).
+// qualified candidate (§8.1 baseline_cost_sats); an open circuit does not
+// disqualify.
 func (r *route) baseline(in, out int64) int64 {
 	var most int64
-	for _, c := range r.qualified {
-		most = max(most, c.price.cost(in, out))
+	for _, mc := range r.cands {
+		if r.allows(mc.price) {
+			most = max(most, mc.price.cost(in, out))
+		}
 	}
 	return most
 }
 
-// Route applies SPEC §4 steps 2–6. policyHeader is X-Arbstr-Policy. A refusal
-// comes back as the API error the client gets; the route is still returned,
-// with whatever was decided before the refusal, for the ledger row.
-func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time) (*route, *apiError) {
+// Route applies SPEC §4 steps 2–6. policyHeader is X-Arbstr-Policy. With
+// limit > 0 only the first limit candidates are ordered, which is all a chat
+// request can use (it makes at most server.max_attempts attempts, walking
+// the list from its start on every pass); limit 0 orders every candidate and
+// records why each excluded provider was left out, for /v1/cost.
+//
+// A refusal comes back as the API error the client gets; the route is still
+// returned, with what was decided before the refusal, for the ledger row.
+func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, limit int) (*route, *apiError) {
 	r := &route{strategy: rt.defaultStrategy}
+	explain := limit <= 0
 
 	// Step 2: the policy, by header or by keyword.
 	if policyHeader != "" {
@@ -389,118 +456,182 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time) (*
 	// No model reads or writes 2^31 tokens; the bound keeps cost in int64.
 	r.estIn, r.estOut = min(r.estIn, maxEstTokens), min(r.estOut, maxEstTokens)
 
-	// Step 3: candidates serving the model, in config order.
-	idx := mergeSorted(rt.byModel[req.Model], rt.anyModel)
-	if len(idx) == 0 {
+	// Step 3: candidates serving the model.
+	r.cands = rt.byModel[req.Model]
+	if r.cands == nil {
+		r.cands = rt.anyModel
+	}
+	if len(r.cands) == 0 {
 		return r, errorf(http.StatusBadRequest, "invalid_request_error", "no_provider",
 			"no provider serves model %q", req.Model)
 	}
 
-	// Step 4: the policy's constraints.
+	// Step 4: the policy's constraints; step 5: open circuits set aside;
+	// step 6: the strategy's order, kept as the candidates come.
 	if r.policy != nil && r.policy.allowed != nil && !r.policy.allowed[req.Model] {
 		return r, errorf(http.StatusBadRequest, "invalid_request_error", "model_not_allowed",
 			"model %q is not allowed by policy %q", req.Model, r.policy.Name)
 	}
-	r.qualified = make([]candidate, 0, len(idx))
-	for _, i := range idx {
-		p := rt.providers[i]
-		pr := p.priceFor(req.Model)
-		if r.policy != nil && r.policy.maxOut >= 0 && pr.OutMicro > r.policy.maxOut {
-			r.excluded = append(r.excluded, exclusion{p.Name, fmt.Sprintf(
-				"output rate %g sats/1k exceeds the policy's max_sats_per_1k_output %g",
-				float64(pr.OutMicro)/1000, float64(r.policy.maxOut)/1000)})
+	compare := compareCheapest
+	switch r.strategy {
+	case strategyLowestLatency:
+		compare = compareLatency
+	case strategyRoundRobin:
+		compare = nil // config order, rotated below
+	}
+	qualified := 0
+	for _, mc := range r.cands {
+		if !r.allows(mc.price) {
+			if explain {
+				r.excluded = append(r.excluded, exclusion{mc.p.Name, fmt.Sprintf(
+					"output rate %g sats/1k exceeds the policy's max_sats_per_1k_output %g",
+					float64(mc.price.OutMicro)/1000, float64(r.policy.maxOut)/1000)})
+			}
 			continue
 		}
-		r.qualified = append(r.qualified, candidate{p: p, price: pr, estMsat: pr.cost(r.estIn, r.estOut)})
+		qualified++
+		c := candidate{p: mc.p, price: mc.price, estMsat: mc.price.cost(r.estIn, r.estOut)}
+		if explain {
+			r.qualified = append(r.qualified, c)
+		}
+		if !mc.p.available(now) {
+			if explain {
+				r.excluded = append(r.excluded, exclusion{mc.p.Name, "circuit open"})
+			}
+			continue
+		}
+		c.latency, c.seen = mc.p.observedLatency()
+		if limit > 0 && compare != nil {
+			r.ordered = insertOrdered(r.ordered, c, compare, limit)
+		} else {
+			r.ordered = append(r.ordered, c)
+		}
 	}
-	if len(r.qualified) == 0 {
+	if qualified == 0 {
 		return r, errorf(http.StatusBadRequest, "invalid_request_error", "no_provider",
 			"no provider serves model %q within policy %q", req.Model, r.policy.Name)
-	}
-
-	// Step 5: open circuits are set aside.
-	r.ordered = make([]candidate, 0, len(r.qualified))
-	for _, c := range r.qualified {
-		if !c.p.available(now) {
-			r.excluded = append(r.excluded, exclusion{c.p.Name, "circuit open"})
-			continue
-		}
-		c.latency, c.seen = c.p.observedLatency()
-		r.ordered = append(r.ordered, c)
 	}
 	if len(r.ordered) == 0 {
 		return r, errorf(http.StatusServiceUnavailable, "service_unavailable", "no_provider_available",
 			"every provider that serves model %q has an open circuit; retry later", req.Model)
 	}
-
-	// Step 6: the strategy's order.
-	switch r.strategy {
-	case strategyLowestLatency:
-		slices.SortStableFunc(r.ordered, func(a, b candidate) int {
-			if a.seen != b.seen {
-				if !a.seen {
-					return -1 // unobserved first, so that they get observed
-				}
-				return 1
-			}
-			return cmp.Or(cmp.Compare(a.latency, b.latency), cmp.Compare(a.estMsat, b.estMsat))
-		})
-	case strategyRoundRobin:
+	if limit <= 0 && compare != nil {
+		slices.SortStableFunc(r.ordered, func(a, b candidate) int { return compare(&a, &b) })
+	}
+	if compare == nil {
 		counter := &rt.defaultRR
 		if r.policy != nil {
 			counter = &r.policy.rr
 		}
 		n := int((counter.Add(1) - 1) % uint64(len(r.ordered)))
-		slices.Reverse(r.ordered[:n])
-		slices.Reverse(r.ordered[n:])
-		slices.Reverse(r.ordered)
-	default: // cheapest
-		slices.SortFunc(r.ordered, func(a, b candidate) int {
-			return cmp.Or(
-				cmp.Compare(a.estMsat, b.estMsat),
-				cmp.Compare(a.latency, b.latency), // unobserved counts as 0
-				strings.Compare(a.p.Name, b.p.Name),
-			)
-		})
+		r.ordered = append(r.ordered[n:], r.ordered[:n]...)
+		if limit > 0 {
+			r.ordered = r.ordered[:min(limit, len(r.ordered))]
+		}
 	}
 	return r, nil
 }
 
-// mergeSorted merges two ascending index lists into one, so candidates keep
-// config order.
-func mergeSorted(a, b []int) []int {
-	if len(b) == 0 {
-		return a
+// insertOrdered adds c to a list ordered by compare that keeps only the
+// first limit candidates; ties keep arrival order. Insertion into a short
+// list is what makes limit pay: a request needs a few providers out of
+// possibly a thousand, and most are turned away by one comparison.
+func insertOrdered(list []candidate, c candidate, compare func(a, b *candidate) int, limit int) []candidate {
+	i := len(list)
+	for i > 0 && compare(&c, &list[i-1]) < 0 {
+		i--
 	}
-	if len(a) == 0 {
-		return b
+	if i >= limit {
+		return list
 	}
-	out := make([]int, 0, len(a)+len(b))
-	for len(a) > 0 && len(b) > 0 {
-		if a[0] < b[0] {
-			out, a = append(out, a[0]), a[1:]
-		} else {
-			out, b = append(out, b[0]), b[1:]
+	if len(list) < limit {
+		list = append(list, candidate{})
+	}
+	copy(list[i+1:], list[i:])
+	list[i] = c
+	return list
+}
+
+// compareCheapest orders by estimated cost, then by lower observed latency
+// (an unobserved provider counts as 0), then by name (§4 step 6).
+func compareCheapest(a, b *candidate) int {
+	if a.estMsat != b.estMsat {
+		return cmp.Compare(a.estMsat, b.estMsat)
+	}
+	if a.latency != b.latency {
+		return cmp.Compare(a.latency, b.latency)
+	}
+	return strings.Compare(a.p.Name, b.p.Name)
+}
+
+// compareLatency puts providers without observations first, so that they
+// get observed, then orders by latency and cost; ties keep config order.
+func compareLatency(a, b *candidate) int {
+	if a.seen != b.seen {
+		if !a.seen {
+			return -1
 		}
+		return 1
 	}
-	return append(append(out, a...), b...)
+	if a.latency != b.latency {
+		return cmp.Compare(a.latency, b.latency)
+	}
+	return cmp.Compare(a.estMsat, b.estMsat)
 }
 
 // matchKeywords returns the first rule, in config order, with a keyword in
-// the text (§4 step 2): case-insensitive, on word boundaries.
+// the text (§4 step 2): case-insensitive, on word boundaries. The text is
+// cut into words once, each looked up among the one-word keywords; only
+// keywords of several words, or with other characters, are searched for.
 func (rt *Router) matchKeywords(text string) *policy {
-	if text == "" {
+	if text == "" || len(rt.policies) == 0 {
 		return nil
 	}
 	lower := strings.ToLower(text)
-	for _, pol := range rt.policies {
-		for _, k := range pol.keywords {
-			if containsWord(lower, k) {
-				return pol
+	best := len(rt.policies)
+	for i := 0; i < len(lower); {
+		r, size := utf8.DecodeRuneInString(lower[i:])
+		if !isWordRune(r) {
+			i += size
+			continue
+		}
+		j := i + size
+		for j < len(lower) {
+			r, size := utf8.DecodeRuneInString(lower[j:])
+			if !isWordRune(r) {
+				break
 			}
+			j += size
+		}
+		if rule, ok := rt.wordRule[lower[i:j]]; ok && rule < best {
+			best = rule
+		}
+		i = j
+	}
+	for _, ph := range rt.phrases {
+		if ph.rule >= best {
+			break
+		}
+		if containsWord(lower, ph.text) {
+			best = ph.rule
+			break
 		}
 	}
-	return nil
+	if best == len(rt.policies) {
+		return nil
+	}
+	return rt.policies[best]
+}
+
+// isOneWord reports whether s is made of word runes only, so that it
+// matches exactly the words of a text that equal it.
+func isOneWord(s string) bool {
+	for _, r := range s {
+		if !isWordRune(r) {
+			return false
+		}
+	}
+	return s != ""
 }
 
 // containsWord reports whether word occurs in text with no letter, digit or

@@ -1,0 +1,2796 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"modernc.org/sqlite"
+)
+
+// ---- Fake providers and helpers ----
+
+// completionJSON is a chat.completion body as OpenAI sends it.
+func completionJSON(content string, in, out int) string {
+	return fmt.Sprintf(`{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"m",`+
+		`"choices":[{"index":0,"message":{"role":"assistant","content":%q},"finish_reason":"stop"}],`+
+		`"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}}`, content, in, out, in+out)
+}
+
+// chunkJSON is one chat.completion.chunk carrying content.
+func chunkJSON(content string) string {
+	return fmt.Sprintf(`{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"m",`+
+		`"choices":[{"index":0,"delta":{"content":%q},"finish_reason":null}]}`, content)
+}
+
+const finishChunk = `{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}`
+
+func usageChunk(in, out int) string {
+	return fmt.Sprintf(`{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"m","choices":[],"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}}`, in, out, in+out)
+}
+
+// sse writes SSE events, one flush each, as a provider does.
+func sse(w http.ResponseWriter, payloads ...string) {
+	w.Header().Set("Content-Type", "text/event-stream")
+	for _, p := range payloads {
+		fmt.Fprintf(w, "data: %s\n\n", p)
+		w.(http.Flusher).Flush()
+	}
+}
+
+// streamOK is a provider stream: a few chunks, the usage chunk when the
+// request asked for it, [DONE].
+func streamOK(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	events := []string{chunkJSON("Hello"), chunkJSON(" world"), finishChunk}
+	if bytes.Contains(body, []byte(`"include_usage":true`)) {
+		events = append(events, usageChunk(12, 3))
+	}
+	sse(w, append(events, "[DONE]")...)
+}
+
+func jsonOK(w http.ResponseWriter, r *http.Request) {
+	io.Copy(io.Discard, r.Body)
+	w.Header().Set("Content-Type", "application/json")
+	io.WriteString(w, completionJSON("Hello world", 12, 3))
+}
+
+// statusHandler answers with an error status and an OpenAI-shaped body.
+func statusHandler(status int) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		fmt.Fprintf(w, `{"error":{"message":"status %d","type":"test","code":null}}`, status)
+	}
+}
+
+// dropConn closes the connection without an answer.
+func dropConn(w http.ResponseWriter, r *http.Request) {
+	conn, _, err := http.NewResponseController(w).Hijack()
+	if err == nil {
+		conn.Close()
+	}
+}
+
+// newUpstream serves h as a provider. Like a real provider, it reads the
+// whole request before answering; this also lets the server notice a caller
+// that hangs up, which it cannot while a body is unread.
+// openCircuitUntil opens a provider's circuit until t, as failures would.
+func openCircuitUntil(p *provider, t time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.openUntil = t
+	p.tripped.Store(!t.IsZero())
+}
+
+func newUpstream(t testing.TB, h http.HandlerFunc) *httptest.Server {
+	t.Helper()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		h(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+func prov(name, url string, in, out float64) ProviderConfig {
+	return ProviderConfig{Name: name, URL: url + "/v1", InputRate: in, OutputRate: out}
+}
+
+func testConfig(providers ...ProviderConfig) *Config {
+	cfg := defaultConfig()
+	cfg.Providers = providers
+	cfg.Server.UpstreamTimeoutSecs = 2
+	return cfg
+}
+
+// testArbstr is arbstr serving cfg on a real socket, with its ledger in a
+// file of t.TempDir().
+type testArbstr struct {
+	*httptest.Server
+	srv    *server
+	dbPath string
+	logs   *syncBuffer
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func newArbstr(t testing.TB, cfg *Config) *testArbstr {
+	t.Helper()
+	ta := &testArbstr{dbPath: filepath.Join(t.TempDir(), "ledger.db"), logs: &syncBuffer{}}
+	logger := slog.New(slog.NewTextHandler(ta.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	store, err := openStore(ta.dbPath, logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ta.srv = newServer(cfg, newRouter(cfg, store.Ratio), store, logger)
+	ta.srv.backoff = []time.Duration{time.Millisecond, 2 * time.Millisecond}
+	ta.Server = httptest.NewServer(ta.srv)
+	t.Cleanup(func() {
+		ta.Server.Close()
+		store.Close()
+	})
+	return ta
+}
+
+func (ta *testArbstr) post(t testing.TB, path, body string, header ...string) *http.Response {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, ta.URL+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
+}
+
+func (ta *testArbstr) get(t testing.TB, path string) (*http.Response, []byte) {
+	t.Helper()
+	resp, err := http.Get(ta.URL + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp, b
+}
+
+// rows returns the ledger, newest first, once every pending row is written.
+func (ta *testArbstr) rows(t testing.TB) []ledgerRow {
+	t.Helper()
+	ctx := context.Background()
+	if err := ta.srv.store.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rows, err := ta.srv.store.Requests(ctx, requestsQuery{Limit: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rows
+}
+
+func readBody(t testing.TB, resp *http.Response) string {
+	t.Helper()
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// apiErr decodes an OpenAI-shaped error body, failing the test on any other
+// shape.
+func apiErr(t testing.TB, body string) (typ, code, msg string) {
+	t.Helper()
+	var e struct {
+		Error *struct {
+			Message string  `json:"message"`
+			Type    string  `json:"type"`
+			Param   *string `json:"param"`
+			Code    string  `json:"code"`
+		} `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(body), &e); err != nil || e.Error == nil || e.Error.Message == "" || e.Error.Type == "" {
+		t.Fatalf("not an OpenAI error: %s", body)
+	}
+	if !strings.Contains(body, `"param":null`) {
+		t.Errorf("error without param:null: %s", body)
+	}
+	return e.Error.Type, e.Error.Code, e.Error.Message
+}
+
+const chatBody = `{"model":"m","messages":[{"role":"user","content":"Hello there, how are you?"}]}`
+const streamBody = `{"model":"m","stream":true,"messages":[{"role":"user","content":"Hello there, how are you?"}]}`
+
+// ---- Proxying (§5) ----
+
+func TestChatForwardsBodyAndHeaders(t *testing.T) {
+	type seen struct {
+		body   []byte
+		header http.Header
+		path   string
+	}
+	got := make(chan seen, 1)
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		got <- seen{b, r.Header.Clone(), r.URL.Path}
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("X-Request-Id", "up-123")
+		w.Header().Set("Connection", "X-Hop")
+		w.Header().Set("X-Hop", "secret-hop")
+		w.Header().Set("Keep-Alive", "timeout=5")
+		io.WriteString(w, "  "+completionJSON("hi", 10, 20))
+	})
+	p := prov("p1", up.URL, 3, 7)
+	p.APIKey = "sk-provider-key"
+	ta := newArbstr(t, testConfig(p))
+
+	// Odd spacing, unicode and unknown fields must reach the provider as sent.
+	body := "{\"model\" : \"m\",\"messages\":[{\"role\":\"user\",\"content\":\"héllo \\u00e9\"}],\n\"x_unknown\":{\"a\":[1,2.50]} }"
+	resp := ta.post(t, "/v1/chat/completions", body,
+		"Authorization", "Bearer client-secret", "Cookie", "c=1", "X-Custom", "v",
+		"Connection", "X-Client-Hop", "X-Client-Hop", "1", "OpenAI-Organization", "org")
+	out := readBody(t, resp)
+	if resp.StatusCode != 200 {
+		t.Fatalf("status = %d; want 200: %s", resp.StatusCode, out)
+	}
+	s := <-got
+	if string(s.body) != body {
+		t.Errorf("upstream body = %q; want %q", s.body, body)
+	}
+	if s.path != "/v1/chat/completions" {
+		t.Errorf("upstream path = %q", s.path)
+	}
+	if a := s.header.Get("Authorization"); a != "Bearer sk-provider-key" {
+		t.Errorf("upstream Authorization = %q; want the provider's key", a)
+	}
+	for _, h := range []string{"Cookie", "X-Custom", "X-Client-Hop", "Openai-Organization"} {
+		if v := s.header.Get(h); v != "" {
+			t.Errorf("client header %s reached the provider: %q", h, v)
+		}
+	}
+	if ct := s.header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("upstream Content-Type = %q", ct)
+	}
+
+	want := `  {"arbstr_provider":"p1",` + completionJSON("hi", 10, 20)[1:]
+	if out != want {
+		t.Errorf("body = %s\nwant  %s", out, want)
+	}
+	for h, want := range map[string]string{
+		"X-Arbstr-Provider": "p1", "X-Arbstr-Attempts": "1", "X-Arbstr-Cost-Sats": "0.17",
+		"X-Request-Id": "up-123", "X-Hop": "", "Keep-Alive": "",
+	} {
+		if got := resp.Header.Get(h); got != want {
+			t.Errorf("response header %s = %q; want %q", h, got, want)
+		}
+	}
+	if resp.Header.Get("X-Arbstr-Request-Id") == "" || resp.Header.Get("X-Arbstr-Latency-Ms") == "" {
+		t.Errorf("missing x-arbstr headers: %v", resp.Header)
+	}
+	rows := ta.rows(t)
+	if len(rows) != 1 {
+		t.Fatalf("ledger rows = %d; want 1", len(rows))
+	}
+	r := rows[0]
+	if r.RequestID != resp.Header.Get("X-Arbstr-Request-Id") || r.Provider != "p1" || !r.Success ||
+		r.InputTokens != 10 || r.OutputTokens != 20 || r.CostMsat != 170 || r.UsageEstimated || r.Status != 200 {
+		t.Errorf("row = %+v", r)
+	}
+}
+
+func TestUpstreamURL(t *testing.T) {
+	for _, tc := range []struct{ base, want string }{
+		{"https://p.example/v1", "https://p.example/v1/chat/completions"},
+		{"https://p.example/v1/", "https://p.example/v1/chat/completions"},
+		{"https://p.example", "https://p.example/v1/chat/completions"},
+		{"https://p.example/", "https://p.example/v1/chat/completions"},
+		{"https://p.example/api", "https://p.example/api/v1/chat/completions"},
+		{"http://127.0.0.1:9000/openai/v1", "http://127.0.0.1:9000/openai/v1/chat/completions"},
+	} {
+		if got := chatURL(tc.base); got != tc.want {
+			t.Errorf("chatURL(%q) = %q; want %q", tc.base, got, tc.want)
+		}
+	}
+}
+
+func TestWithIncludeUsage(t *testing.T) {
+	for _, tc := range []struct {
+		in, want string
+		added    bool
+	}{
+		{`{"model":"m","stream":true}`, `{"model":"m","stream":true,"stream_options":{"include_usage":true}}`, true},
+		{"{\"model\":\"m\" ,\"stream\":true }\n", "{\"model\":\"m\" ,\"stream\":true ,\"stream_options\":{\"include_usage\":true}}\n", true},
+		{`{"stream_options":{},"model":"m"}`, `{"stream_options":{"include_usage":true},"model":"m"}`, true},
+		{`{"stream_options": {"x_vendor":1},"model":"m"}`, `{"stream_options": {"include_usage":true,"x_vendor":1},"model":"m"}`, true},
+		{`{"stream_options":null,"model":"m"}`, `{"stream_options":{"include_usage":true},"model":"m"}`, true},
+		{`{"model":"m","stream_options":{"include_usage":false}}`, `{"model":"m","stream_options":{"include_usage":false}}`, false},
+		{`{"model":"m","stream_options":{"include_usage":true}}`, `{"model":"m","stream_options":{"include_usage":true}}`, false},
+		{`{"model":"m","nested":{"stream_options":{}}}`, `{"model":"m","nested":{"stream_options":{}},"stream_options":{"include_usage":true}}`, true},
+		{`{"model":"m","s":"}","stream":true}`, `{"model":"m","s":"}","stream":true,"stream_options":{"include_usage":true}}`, true},
+	} {
+		req, aerr := parseChat([]byte(strings.Replace(tc.in, "{", `{"messages":[{}],`, 1)))
+		if aerr != nil {
+			t.Fatalf("parseChat(%q) = %v", tc.in, aerr)
+		}
+		got, added := withIncludeUsage([]byte(tc.in), req.StreamOptions)
+		if string(got) != tc.want || added != tc.added {
+			t.Errorf("withIncludeUsage(%q) = %q, %v; want %q, %v", tc.in, got, added, tc.want, tc.added)
+		}
+		if !json.Valid(got) {
+			t.Errorf("withIncludeUsage(%q) is not JSON: %q", tc.in, got)
+		}
+	}
+}
+
+// ---- Streaming (§5.3) ----
+
+// TestStreamFlushedPerEvent proves there is no buffering: the client reads
+// each event, headers first, while the provider still holds the next one.
+func TestStreamFlushedPerEvent(t *testing.T) {
+	next := make(chan struct{})
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "text/event-stream")
+		for i := range 3 {
+			fmt.Fprintf(w, "data: %s\n\n", chunkJSON(fmt.Sprint("tok", i)))
+			w.(http.Flusher).Flush()
+			select {
+			case <-next:
+			case <-r.Context().Done():
+				return
+			}
+		}
+		sse(w, finishChunk, usageChunk(5, 3), "[DONE]")
+	})
+	ta := newArbstr(t, testConfig(prov("p1", up.URL, 1, 1)))
+	resp := ta.post(t, "/v1/chat/completions", streamBody)
+	defer resp.Body.Close()
+	// The headers are here while the provider waits on next.
+	if ct := resp.Header.Get("Content-Type"); ct != "text/event-stream" {
+		t.Fatalf("Content-Type = %q", ct)
+	}
+	if resp.Header.Get("Cache-Control") != "no-cache" || resp.Header.Get("X-Arbstr-Provider") != "p1" {
+		t.Errorf("stream headers = %v", resp.Header)
+	}
+	br := bufio.NewReader(resp.Body)
+	for i := range 3 {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := "data: " + chunkJSON(fmt.Sprint("tok", i)) + "\n"; line != want {
+			t.Fatalf("event %d = %q; want %q", i, line, want)
+		}
+		br.ReadString('\n') // the blank line
+		next <- struct{}{}  // only now may the provider send the next event
+	}
+	rest, _ := io.ReadAll(br)
+	lines := strings.Split(strings.TrimSpace(string(rest)), "\n\n")
+	if len(lines) != 3 || lines[0] != "data: "+finishChunk || !strings.HasPrefix(lines[1], ": arbstr {") || lines[2] != "data: [DONE]" {
+		t.Fatalf("end of stream = %q; want finish chunk, arbstr comment, [DONE] (usage chunk withheld)", rest)
+	}
+	var summary struct {
+		RequestID    string  `json:"request_id"`
+		Provider     string  `json:"provider"`
+		InputTokens  int64   `json:"input_tokens"`
+		OutputTokens int64   `json:"output_tokens"`
+		CostSats     float64 `json:"cost_sats"`
+	}
+	if err := json.Unmarshal([]byte(strings.TrimPrefix(lines[1], ": arbstr ")), &summary); err != nil {
+		t.Fatal(err)
+	}
+	if summary.RequestID != resp.Header.Get("X-Arbstr-Request-Id") || summary.Provider != "p1" ||
+		summary.InputTokens != 5 || summary.OutputTokens != 3 || summary.CostSats != 0.008 {
+		t.Errorf("summary = %+v", summary)
+	}
+	rows := ta.rows(t)
+	if len(rows) != 1 || !rows[0].Success || !rows[0].Streaming || rows[0].InputTokens != 5 || rows[0].OutputTokens != 3 || rows[0].UsageEstimated {
+		t.Errorf("rows = %+v", rows)
+	}
+}
+
+func TestStreamUsageChunk(t *testing.T) {
+	for _, tc := range []struct {
+		name, body    string
+		wantUsage     bool // the client sees the usage chunk
+		wantEstimated bool
+	}{
+		{"arbstr asked", streamBody, false, false},
+		{"client asked", `{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}`, true, false},
+		{"client refused", `{"model":"m","stream":true,"stream_options":{"include_usage":false},"messages":[{"role":"user","content":"hi"}]}`, false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newUpstream(t, streamOK)
+			ta := newArbstr(t, testConfig(prov("p1", up.URL, 1, 1)))
+			out := readBody(t, ta.post(t, "/v1/chat/completions", tc.body))
+			if got := strings.Contains(out, `"usage":{"prompt_tokens":12`); got != tc.wantUsage {
+				t.Errorf("usage chunk passed = %v; want %v\n%s", got, tc.wantUsage, out)
+			}
+			if strings.Count(out, "data: [DONE]") != 1 || !strings.HasSuffix(out, "data: [DONE]\n\n") {
+				t.Errorf("[DONE] not once and last:\n%s", out)
+			}
+			rows := ta.rows(t)
+			if len(rows) != 1 || rows[0].UsageEstimated != tc.wantEstimated || !rows[0].Success {
+				t.Fatalf("rows = %+v", rows)
+			}
+			if !tc.wantEstimated && (rows[0].InputTokens != 12 || rows[0].OutputTokens != 3) {
+				t.Errorf("tokens = %d/%d; want 12/3", rows[0].InputTokens, rows[0].OutputTokens)
+			}
+			if tc.wantEstimated && rows[0].OutputTokens != 3 { // "Hello world" is 11 bytes
+				t.Errorf("estimated output tokens = %d; want 3", rows[0].OutputTokens)
+			}
+		})
+	}
+}
+
+// TestStreamShapes feeds the stream reader what real providers send:
+// CRLF line ends, events split across writes, "data:" without a space,
+// comments and other fields, and no [DONE] at all.
+func TestStreamShapes(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		writes []string
+		ok     bool
+	}{
+		{"crlf", []string{"data: " + chunkJSON("a") + "\r\n\r\n", "data: " + finishChunk + "\r\n\r\ndata: " + usageChunk(4, 2) + "\r\n\r\ndata: [DONE]\r\n\r\n"}, true},
+		{"split", []string{"da", "ta: " + chunkJSON("a")[:10], chunkJSON("a")[10:] + "\n", "\ndata: " + usageChunk(4, 2) + "\n\ndata: [DO", "NE]\n\n"}, true},
+		{"no space", []string{"data:" + chunkJSON("a") + "\n\ndata:" + usageChunk(4, 2) + "\n\ndata:[DONE]\n\n"}, true},
+		{"comments and fields", []string{": OPENROUTER PROCESSING\n\n", "event: message\nid: 1\nretry: 10\ndata: " + chunkJSON("a") + "\n\n", ": keep-alive\n\ndata: " + usageChunk(4, 2) + "\n\ndata: [DONE]\n\n"}, true},
+		{"cr only", []string{"data: " + chunkJSON("a") + "\r\rdata: " + usageChunk(4, 2) + "\r", "\rdata: [DONE]\r\r"}, true},
+		{"no done", []string{"data: " + chunkJSON("a") + "\n\ndata: " + finishChunk + "\n\ndata: " + usageChunk(4, 2) + "\n\n"}, true},
+		{"cut short", []string{"data: " + chunkJSON("a") + "\n\n"}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+				io.Copy(io.Discard, r.Body)
+				w.Header().Set("Content-Type", "text/event-stream")
+				for _, s := range tc.writes {
+					io.WriteString(w, s)
+					w.(http.Flusher).Flush()
+					time.Sleep(2 * time.Millisecond)
+				}
+			})
+			ta := newArbstr(t, testConfig(prov("p1", up.URL, 1, 1)))
+			out := readBody(t, ta.post(t, "/v1/chat/completions", streamBody))
+			rows := ta.rows(t)
+			if len(rows) != 1 {
+				t.Fatalf("rows = %d", len(rows))
+			}
+			if rows[0].Success != tc.ok {
+				t.Fatalf("success = %v; want %v (%q)\n%s", rows[0].Success, tc.ok, rows[0].Error, out)
+			}
+			if !strings.Contains(out, `"a"`) {
+				t.Errorf("content chunk missing:\n%s", out)
+			}
+			if tc.ok {
+				if rows[0].InputTokens != 4 || rows[0].OutputTokens != 2 || strings.Contains(out, `"prompt_tokens":4`) {
+					t.Errorf("usage = %d/%d, or usage chunk leaked:\n%s", rows[0].InputTokens, rows[0].OutputTokens, out)
+				}
+				if strings.Count(out, "[DONE]") != 1 || !strings.HasSuffix(strings.TrimRight(out, "\r\n"), "[DONE]") {
+					t.Errorf("[DONE] not once and last:\n%q", out)
+				}
+			} else {
+				assertInterrupted(t, out)
+			}
+		})
+	}
+}
+
+// assertInterrupted checks that a stream ended with the stream_interrupted
+// error as its last data line and no [DONE] (§5.3).
+func assertInterrupted(t *testing.T, out string) {
+	t.Helper()
+	events := strings.Split(strings.TrimSpace(out), "\n\n")
+	last := events[len(events)-1]
+	if !strings.HasPrefix(last, "data: {\"error\"") || !strings.Contains(last, `"code":"stream_interrupted"`) || !strings.Contains(last, `"type":"upstream_error"`) {
+		t.Errorf("last event = %q; want the stream_interrupted error", last)
+	}
+	if strings.Contains(out, "[DONE]") {
+		t.Errorf("[DONE] after an interrupted stream:\n%s", out)
+	}
+}
+
+func TestStreamInterrupted(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		h    http.HandlerFunc
+	}{
+		{"connection dropped", func(w http.ResponseWriter, r *http.Request) {
+			sse(w, chunkJSON("partial"), chunkJSON(" answer"))
+			conn, bw, _ := http.NewResponseController(w).Hijack()
+			bw.Flush()
+			conn.Close()
+		}},
+		{"stalled", func(w http.ResponseWriter, r *http.Request) {
+			sse(w, chunkJSON("partial"), chunkJSON(" answer"))
+			<-r.Context().Done()
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newUpstream(t, tc.h)
+			cfg := testConfig(prov("p1", up.URL, 1, 1), prov("p2", up.URL, 2, 2))
+			cfg.Server.UpstreamTimeoutSecs = 1
+			ta := newArbstr(t, cfg)
+			resp := ta.post(t, "/v1/chat/completions", streamBody)
+			out := readBody(t, resp)
+			if resp.StatusCode != 200 || !strings.Contains(out, "partial") {
+				t.Fatalf("status %d, body %q", resp.StatusCode, out)
+			}
+			assertInterrupted(t, out)
+			rows := ta.rows(t)
+			if len(rows) != 1 || rows[0].Success || rows[0].Attempts != 1 || !rows[0].UsageEstimated || rows[0].OutputTokens != 4 {
+				t.Errorf("rows = %+v; want one failure with the 14 bytes seen as 4 tokens", rows)
+			}
+		})
+	}
+}
+
+// TestClientDisconnect: a client that leaves cancels the upstream call at
+// once, and the request still gets its row (§5.1, issue 4).
+func TestClientDisconnect(t *testing.T) {
+	for _, stream := range []bool{false, true} {
+		t.Run(fmt.Sprint("stream=", stream), func(t *testing.T) {
+			arrived, cancelled := make(chan struct{}), make(chan struct{})
+			up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+				if stream {
+					sse(w, chunkJSON("first"))
+				}
+				close(arrived)
+				select {
+				case <-r.Context().Done():
+					close(cancelled)
+				case <-time.After(10 * time.Second):
+				}
+			})
+			ta := newArbstr(t, testConfig(prov("p1", up.URL, 1, 1)))
+			body := chatBody
+			if stream {
+				body = streamBody
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			req, _ := http.NewRequestWithContext(ctx, "POST", ta.URL+"/v1/chat/completions", strings.NewReader(body))
+			req.Header.Set("Content-Type", "application/json")
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				if resp, err := http.DefaultClient.Do(req); err == nil {
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+			}()
+			<-arrived
+			cancel()
+			select {
+			case <-cancelled:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the provider never saw its request cancelled")
+			}
+			<-done
+			var rows []ledgerRow
+			for range 100 { // the handler records the row once it sees the client gone
+				if rows = ta.rows(t); len(rows) == 1 {
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			if len(rows) != 1 || rows[0].Success || !strings.Contains(rows[0].Error, "client disconnected") {
+				t.Fatalf("rows = %+v", rows)
+			}
+		})
+	}
+}
+
+// ---- Fallback and the breaker (§6) ----
+
+func TestFallback(t *testing.T) {
+	slow := func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+		case <-time.After(5 * time.Second):
+		}
+	}
+	closed := newUpstream(t, jsonOK)
+	closed.Close() // a port that refuses connections
+	for _, tc := range []struct {
+		name   string
+		first  http.HandlerFunc
+		url    string
+		stream bool
+	}{
+		{"500", statusHandler(500), "", false},
+		{"503 stream", statusHandler(503), "", true},
+		{"429", statusHandler(429), "", false},
+		{"401", statusHandler(401), "", false},
+		{"402", statusHandler(402), "", true},
+		{"403", statusHandler(403), "", false},
+		{"404", statusHandler(404), "", false},
+		{"timeout", slow, "", false},
+		{"timeout before headers, stream", slow, "", true},
+		{"stalls before first event", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			w.WriteHeader(200)
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+		}, "", true},
+		{"connection refused", nil, closed.URL, false},
+		{"connection refused stream", nil, closed.URL, true},
+		{"dropped", dropConn, "", false},
+		{"dropped stream", dropConn, "", true},
+		{"error event first", func(w http.ResponseWriter, r *http.Request) {
+			sse(w, `{"error":{"message":"overloaded","type":"server_error"}}`)
+		}, "", true},
+		{"stream ends before first event", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			io.WriteString(w, ": just a comment\n\n")
+		}, "", true},
+		{"invalid json 200", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "<html>oops") }, "", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			url := tc.url
+			if tc.first != nil {
+				url = newUpstream(t, tc.first).URL
+			}
+			good := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+				if tc.stream {
+					streamOK(w, r)
+				} else {
+					jsonOK(w, r)
+				}
+			})
+			cfg := testConfig(prov("bad", url, 1, 1), prov("good", good.URL, 5, 5))
+			cfg.Server.UpstreamTimeoutSecs = 1
+			ta := newArbstr(t, cfg)
+			body := chatBody
+			if tc.stream {
+				body = streamBody
+			}
+			resp := ta.post(t, "/v1/chat/completions", body)
+			out := readBody(t, resp)
+			if resp.StatusCode != 200 || resp.Header.Get("X-Arbstr-Provider") != "good" || resp.Header.Get("X-Arbstr-Attempts") != "2" {
+				t.Fatalf("status %d provider %q attempts %q: %s", resp.StatusCode,
+					resp.Header.Get("X-Arbstr-Provider"), resp.Header.Get("X-Arbstr-Attempts"), out)
+			}
+			if strings.Contains(out, "overloaded") || strings.Contains(out, "just a comment") {
+				t.Errorf("the failed provider's bytes reached the client: %s", out)
+			}
+			rows := ta.rows(t)
+			if len(rows) != 1 || rows[0].Provider != "good" || rows[0].Attempts != 2 || !rows[0].Success {
+				t.Errorf("rows = %+v", rows)
+			}
+		})
+	}
+}
+
+func TestClientErrorsPassThrough(t *testing.T) {
+	for _, status := range []int{400, 413, 422} {
+		t.Run(fmt.Sprint(status), func(t *testing.T) {
+			var secondCalls atomic.Int32
+			bad := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(status)
+				io.WriteString(w, `{"error":{"message":"context too long","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}`)
+			})
+			second := newUpstream(t, func(w http.ResponseWriter, r *http.Request) { secondCalls.Add(1); jsonOK(w, r) })
+			ta := newArbstr(t, testConfig(prov("a", bad.URL, 1, 1), prov("b", second.URL, 2, 2)))
+			resp := ta.post(t, "/v1/chat/completions", chatBody)
+			out := readBody(t, resp)
+			if resp.StatusCode != status || !strings.Contains(out, "context_length_exceeded") || secondCalls.Load() != 0 {
+				t.Errorf("status %d, second calls %d, body %s", resp.StatusCode, secondCalls.Load(), out)
+			}
+			if rows := ta.rows(t); len(rows) != 1 || rows[0].Status != status || rows[0].Success {
+				t.Errorf("rows = %+v", rows)
+			}
+		})
+	}
+}
+
+func TestAllProvidersFail(t *testing.T) {
+	slow := newUpstream(t, func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
+	for _, tc := range []struct {
+		name     string
+		urls     []string
+		status   int
+		code     string
+		attempts int
+	}{
+		{"502", []string{newUpstream(t, statusHandler(500)).URL, newUpstream(t, statusHandler(429)).URL}, 502, "all_providers_failed", 3},
+		{"504 when the last failure is a timeout", []string{newUpstream(t, statusHandler(500)).URL, slow.URL}, 504, "upstream_timeout", 2},
+		{"502 when the last failure is not", []string{slow.URL, newUpstream(t, statusHandler(500)).URL}, 502, "all_providers_failed", 2},
+		{"one provider walked thrice", []string{newUpstream(t, statusHandler(503)).URL}, 502, "all_providers_failed", 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var ps []ProviderConfig
+			for i, u := range tc.urls {
+				ps = append(ps, prov(fmt.Sprint("p", i), u, float64(i+1), 1))
+			}
+			cfg := testConfig(ps...)
+			cfg.Server.UpstreamTimeoutSecs = 1
+			cfg.Server.MaxAttempts = tc.attempts
+			ta := newArbstr(t, cfg)
+			resp := ta.post(t, "/v1/chat/completions", chatBody)
+			out := readBody(t, resp)
+			typ, code, msg := apiErr(t, out)
+			if resp.StatusCode != tc.status || typ != "upstream_error" || code != tc.code || resp.Header.Get("X-Arbstr-Attempts") != fmt.Sprint(tc.attempts) {
+				t.Errorf("got %d %s %s attempts %s; want %d %s", resp.StatusCode, typ, code, resp.Header.Get("X-Arbstr-Attempts"), tc.status, tc.code)
+			}
+			for i := range tc.urls {
+				if !strings.Contains(msg, fmt.Sprintf("p%d: ", i)) {
+					t.Errorf("message %q does not name p%d", msg, i)
+				}
+			}
+			if rows := ta.rows(t); len(rows) != 1 || rows[0].Attempts != tc.attempts || rows[0].Success || rows[0].Status != tc.status {
+				t.Errorf("rows = %+v", rows)
+			}
+		})
+	}
+}
+
+func TestCircuitBreaker(t *testing.T) {
+	var badCalls atomic.Int32
+	var badStatus atomic.Int32
+	badStatus.Store(500)
+	bad := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		badCalls.Add(1)
+		if s := int(badStatus.Load()); s != 200 {
+			statusHandler(s)(w, r)
+			return
+		}
+		jsonOK(w, r)
+	})
+	good := newUpstream(t, jsonOK)
+	ta := newArbstr(t, testConfig(prov("bad", bad.URL, 1, 1), prov("good", good.URL, 9, 9)))
+	p := ta.srv.router.byName["bad"]
+	for range 3 {
+		readBody(t, ta.post(t, "/v1/chat/completions", chatBody))
+	}
+	if st := p.state(time.Now()); st != stateOpen {
+		t.Fatalf("after 3 failures state = %s; want open", st)
+	}
+	_, health := ta.get(t, "/health")
+	if !strings.Contains(string(health), `"status":"degraded"`) || !strings.Contains(string(health), `"bad":{"state":"open"}`) {
+		t.Errorf("health = %s", health)
+	}
+	calls := badCalls.Load()
+	resp := ta.post(t, "/v1/chat/completions", chatBody)
+	readBody(t, resp)
+	if badCalls.Load() != calls || resp.Header.Get("X-Arbstr-Attempts") != "1" {
+		t.Errorf("an open circuit was tried")
+	}
+
+	// The open time passes: one probe goes through and fails; the circuit
+	// reopens for twice as long.
+	openCircuitUntil(p, time.Now().Add(-time.Millisecond))
+	if st := p.state(time.Now()); st != stateHalfOpen {
+		t.Fatalf("state = %s; want half_open", st)
+	}
+	readBody(t, ta.post(t, "/v1/chat/completions", chatBody))
+	p.mu.Lock()
+	openFor, until := p.openFor, p.openUntil
+	p.mu.Unlock()
+	if openFor != 60*time.Second || time.Until(until) < 59*time.Second {
+		t.Errorf("after a failed probe openFor = %v; want 60s", openFor)
+	}
+
+	// Then a successful probe closes it.
+	badStatus.Store(200)
+	openCircuitUntil(p, time.Now().Add(-time.Millisecond))
+	resp = ta.post(t, "/v1/chat/completions", chatBody)
+	readBody(t, resp)
+	if resp.Header.Get("X-Arbstr-Provider") != "bad" || p.state(time.Now()) != stateClosed {
+		t.Errorf("probe answered by %q, state %s; want bad, closed", resp.Header.Get("X-Arbstr-Provider"), p.state(time.Now()))
+	}
+}
+
+func TestBreakerRules(t *testing.T) {
+	now := time.Now()
+	p := newProvider(ProviderConfig{Name: "p", URL: "http://x"})
+	fail := func(retry time.Duration) {
+		ok, probe := p.acquire(now)
+		if !ok {
+			t.Fatal("acquire refused")
+		}
+		p.release(now, probe, outcomeFailure, retry)
+	}
+	fail(0)
+	fail(0)
+	if p.state(now) != stateClosed {
+		t.Fatal("opened after 2 failures")
+	}
+	fail(2 * time.Minute) // a 429 asking for two minutes
+	if got := p.openUntil.Sub(now); got != 2*time.Minute {
+		t.Errorf("open for %v; want Retry-After's 2m", got)
+	}
+	// Half-open: one probe at a time, others skip without waiting.
+	now = now.Add(3 * time.Minute)
+	ok, probe := p.acquire(now)
+	if !ok || !probe {
+		t.Fatalf("acquire = %v, %v; want the probe", ok, probe)
+	}
+	if ok2, _ := p.acquire(now); ok2 || p.available(now) {
+		t.Error("a second request got through while the probe is in flight")
+	}
+	// A probe whose client left gives its slot back.
+	p.release(now, probe, outcomeNeutral, 0)
+	if ok, probe := p.acquire(now); !ok || !probe {
+		t.Error("the probe slot was not released")
+	}
+	// Failed probes double the open time, up to five minutes.
+	p.release(now, true, outcomeFailure, 0)
+	for range 6 {
+		now = now.Add(10 * time.Minute)
+		fail(0)
+	}
+	if p.openFor != breakerMaxOpen {
+		t.Errorf("openFor = %v; want %v", p.openFor, breakerMaxOpen)
+	}
+}
+
+// TestProbeReleasedOnClientGone: the probe's client disconnects; the next
+// request may probe again at once (§6.3, issue 4).
+func TestProbeReleasedOnClientGone(t *testing.T) {
+	arrived := make(chan struct{}, 1)
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		arrived <- struct{}{}
+		<-r.Context().Done()
+	})
+	ta := newArbstr(t, testConfig(prov("p1", up.URL, 1, 1)))
+	p := ta.srv.router.byName["p1"]
+	p.mu.Lock()
+	p.openFor, p.failures = breakerOpenFor, 3
+	p.mu.Unlock()
+	openCircuitUntil(p, time.Now().Add(-time.Second))
+
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, "POST", ta.URL+"/v1/chat/completions", strings.NewReader(chatBody))
+	req.Header.Set("Content-Type", "application/json")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	<-arrived
+	if p.available(time.Now()) {
+		t.Fatal("probe slot free while the probe is in flight")
+	}
+	cancel()
+	<-done
+	deadline := time.Now().Add(5 * time.Second)
+	for !p.available(time.Now()) {
+		if time.Now().After(deadline) {
+			t.Fatal("the probe slot was never released")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// ---- Endpoints and errors (§7) ----
+
+func TestBadInput(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	cfg := testConfig(prov("p1", up.URL, 1, 1))
+	cfg.Server.MaxBodyBytes = 1024
+	ta := newArbstr(t, cfg)
+	big := `{"model":"m","messages":[{"role":"user","content":"` + strings.Repeat("x", 2000) + `"}]}`
+	for _, tc := range []struct {
+		name, method, path, ctype, body string
+		status                          int
+		code                            string
+	}{
+		{"invalid json", "POST", "/v1/chat/completions", "application/json", `{"model":`, 400, "invalid_json"},
+		{"not json", "POST", "/v1/chat/completions", "application/json", `hello`, 400, "invalid_json"},
+		{"array", "POST", "/v1/chat/completions", "application/json", `[1,2]`, 400, "invalid_json"},
+		{"string", "POST", "/v1/chat/completions", "application/json", `"x"`, 400, "invalid_json"},
+		{"empty", "POST", "/v1/chat/completions", "application/json", ``, 400, "invalid_json"},
+		{"no model", "POST", "/v1/chat/completions", "application/json", `{"messages":[{"role":"user","content":"x"}]}`, 400, "missing_model"},
+		{"empty model", "POST", "/v1/chat/completions", "application/json", `{"model":"","messages":[{"role":"user","content":"x"}]}`, 400, "missing_model"},
+		{"model number", "POST", "/v1/chat/completions", "application/json", `{"model":5,"messages":[{"role":"user","content":"x"}]}`, 400, "invalid_model"},
+		{"no messages", "POST", "/v1/chat/completions", "application/json", `{"model":"m"}`, 400, "invalid_messages"},
+		{"empty messages", "POST", "/v1/chat/completions", "application/json", `{"model":"m","messages":[]}`, 400, "invalid_messages"},
+		{"messages object", "POST", "/v1/chat/completions", "application/json", `{"model":"m","messages":{"a":1}}`, 400, "invalid_messages"},
+		{"message not object", "POST", "/v1/chat/completions", "application/json", `{"model":"m","messages":[1]}`, 400, "invalid_messages"},
+		{"stream string", "POST", "/v1/chat/completions", "application/json", `{"model":"m","stream":"yes","messages":[{"role":"user","content":"x"}]}`, 400, "invalid_stream"},
+		{"form content type", "POST", "/v1/chat/completions", "application/x-www-form-urlencoded", chatBody, 400, "invalid_content_type"},
+		{"text content type", "POST", "/v1/chat/completions", "text/plain", chatBody, 400, "invalid_content_type"},
+		{"too large", "POST", "/v1/chat/completions", "application/json", big, 413, "body_too_large"},
+		{"unknown route", "GET", "/v1/nope", "", "", 404, "not_found"},
+		{"wrong method", "GET", "/v1/chat/completions", "", "", 405, "method_not_allowed"},
+		{"wrong method health", "POST", "/health", "application/json", "{}", 405, "method_not_allowed"},
+		{"cost bad json", "POST", "/v1/cost", "application/json", `{`, 400, "invalid_json"},
+		{"unknown request id", "GET", "/v1/requests/arb_nope", "", "", 404, "request_not_found"},
+		{"stats bad range", "GET", "/v1/stats?range=2h", "", "", 400, "invalid_range"},
+		{"stats bad since", "GET", "/v1/stats?since=yesterday", "", "", 400, "invalid_since"},
+		{"stats bad group", "GET", "/v1/stats?group_by=color", "", "", 400, "invalid_group_by"},
+		{"requests bad limit", "GET", "/v1/requests?limit=5000", "", "", 400, "invalid_limit"},
+		{"requests bad success", "GET", "/v1/requests?success=maybe", "", "", 400, "invalid_success"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, _ := http.NewRequest(tc.method, ta.URL+tc.path, strings.NewReader(tc.body))
+			if tc.ctype != "" {
+				req.Header.Set("Content-Type", tc.ctype)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out := readBody(t, resp)
+			if resp.StatusCode != tc.status {
+				t.Errorf("status = %d; want %d: %s", resp.StatusCode, tc.status, out)
+			}
+			if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+				t.Errorf("Content-Type = %q", ct)
+			}
+			typ, code, _ := apiErr(t, out)
+			if code != tc.code || typ != "invalid_request_error" {
+				t.Errorf("error = %s/%s; want invalid_request_error/%s", typ, code, tc.code)
+			}
+		})
+	}
+	if rows := ta.rows(t); len(rows) != 0 {
+		t.Errorf("rejected requests wrote %d rows", len(rows))
+	}
+}
+
+func TestAuth(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	cfg := testConfig(prov("p1", up.URL, 1, 1))
+	cfg.Server.AuthToken = "s3cret-token"
+	ta := newArbstr(t, cfg)
+	for _, tc := range []struct {
+		method, path, auth string
+		status             int
+	}{
+		{"GET", "/health", "", 200},
+		{"GET", "/v1/models", "", 401},
+		{"GET", "/v1/models", "Bearer wrong", 401},
+		{"GET", "/v1/models", "Bearer s3cret-token", 200},
+		{"GET", "/v1/models", "bearer s3cret-token", 200},
+		{"GET", "/v1/models", "BEARER s3cret-token", 200},
+		{"GET", "/v1/models", "Basic s3cret-token", 401},
+		{"GET", "/v1/models", "s3cret-token", 401},
+		{"GET", "/v1/models", "Bearer s3cret-token-and-more", 401},
+		{"GET", "/providers", "", 401},
+		{"GET", "/v1/stats", "", 401},
+		{"GET", "/v1/requests", "", 401},
+		{"POST", "/v1/chat/completions", "", 401},
+		{"POST", "/v1/cost", "", 401},
+		{"GET", "/nope", "", 401},
+		{"POST", "/v1/chat/completions", "Bearer s3cret-token", 200},
+	} {
+		req, _ := http.NewRequest(tc.method, ta.URL+tc.path, strings.NewReader(chatBody))
+		req.Header.Set("Content-Type", "application/json")
+		if tc.auth != "" {
+			req.Header.Set("Authorization", tc.auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := readBody(t, resp)
+		if resp.StatusCode != tc.status {
+			t.Errorf("%s %s with %q = %d; want %d", tc.method, tc.path, tc.auth, resp.StatusCode, tc.status)
+		}
+		if tc.status == 401 {
+			if typ, code, _ := apiErr(t, out); typ != "authentication_error" || code != "invalid_api_key" {
+				t.Errorf("401 error = %s/%s", typ, code)
+			}
+		}
+	}
+	if rows := ta.rows(t); len(rows) != 1 {
+		t.Errorf("rows = %d; want 1 (unauthorized requests write none)", len(rows))
+	}
+}
+
+func TestModelsHealthProviders(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	a := prov("a", up.URL, 1, 2)
+	a.Models = []string{"gpt-4o", "llama"}
+	a.APIKey = "sk-a-key"
+	b := prov("b", up.URL, 3, 4)
+	b.Models = []string{"llama", "claude"}
+	c := prov("c", up.URL, 3, 4) // any model
+	ta := newArbstr(t, testConfig(a, b, c))
+
+	_, out := ta.get(t, "/v1/models")
+	var models struct {
+		Object string
+		Data   []struct {
+			ID      string `json:"id"`
+			Object  string `json:"object"`
+			OwnedBy string `json:"owned_by"`
+		}
+	}
+	json.Unmarshal(out, &models)
+	var ids []string
+	for _, m := range models.Data {
+		ids = append(ids, m.ID)
+		if m.Object != "model" {
+			t.Errorf("model %s object = %q", m.ID, m.Object)
+		}
+	}
+	if models.Object != "list" || strings.Join(ids, ",") != "claude,gpt-4o,llama" {
+		t.Errorf("models = %s", out)
+	}
+
+	resp, out := ta.get(t, "/health")
+	if resp.StatusCode != 200 || string(out) != `{"providers":{"a":{"state":"closed"},"b":{"state":"closed"},"c":{"state":"closed"}},"status":"ok"}`+"\n" {
+		t.Errorf("health = %d %s", resp.StatusCode, out)
+	}
+	for _, name := range []string{"a", "b", "c"} {
+		p := ta.srv.router.byName[name]
+		openCircuitUntil(p, time.Now().Add(time.Minute))
+	}
+	if resp, out := ta.get(t, "/health"); resp.StatusCode != 503 || !strings.Contains(string(out), `"status":"unhealthy"`) {
+		t.Errorf("all open: health = %d %s", resp.StatusCode, out)
+	}
+	resp = ta.post(t, "/v1/chat/completions", `{"model":"llama","messages":[{"role":"user","content":"x"}]}`)
+	if typ, _, _ := apiErr(t, readBody(t, resp)); resp.StatusCode != 503 || typ != "service_unavailable" {
+		t.Errorf("all circuits open: %d %s", resp.StatusCode, typ)
+	}
+
+	_, out = ta.get(t, "/providers")
+	var ps struct {
+		Providers []struct {
+			Name      string  `json:"name"`
+			HasAPIKey bool    `json:"has_api_key"`
+			Circuit   string  `json:"circuit"`
+			InputRate float64 `json:"input_rate"`
+		}
+	}
+	json.Unmarshal(out, &ps)
+	if len(ps.Providers) != 3 || !ps.Providers[0].HasAPIKey || ps.Providers[1].HasAPIKey || ps.Providers[0].Circuit != "open" || ps.Providers[1].InputRate != 3 {
+		t.Errorf("providers = %s", out)
+	}
+	if strings.Contains(string(out), "sk-a-key") {
+		t.Error("/providers shows a key")
+	}
+}
+
+func TestCostDryRun(t *testing.T) {
+	var calls atomic.Int32
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) { calls.Add(1); jsonOK(w, r) })
+	max := 10.0
+	cfg := testConfig(prov("cheap", up.URL, 1, 2), prov("mid", up.URL, 2, 4), prov("dear", up.URL, 5, 20))
+	cfg.Policies.Rules = []PolicyRule{{Name: "budget", MaxSatsPer1kOutput: &max, Keywords: []string{"budget"}}}
+	ta := newArbstr(t, cfg)
+	// 40 bytes of text → 10 input tokens; max_tokens 100.
+	resp := ta.post(t, "/v1/cost", `{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"on a budget, please: xxxxxxxxxxxxxxxxxx"}]}`)
+	out := readBody(t, resp)
+	var got struct {
+		Policy     string `json:"policy"`
+		Strategy   string `json:"strategy"`
+		Candidates []struct {
+			Provider        string  `json:"provider"`
+			EstimatedCost   float64 `json:"estimated_cost_sats"`
+			EstInputTokens  int64   `json:"estimated_input_tokens"`
+			EstOutputTokens int64   `json:"estimated_output_tokens"`
+		}
+		Excluded []exclusion
+	}
+	if err := json.Unmarshal([]byte(out), &got); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("%d %s", resp.StatusCode, out)
+	}
+	if got.Policy != "budget" || got.Strategy != "cheapest" || len(got.Candidates) != 2 ||
+		got.Candidates[0].Provider != "cheap" || got.Candidates[0].EstimatedCost != 0.21 ||
+		got.Candidates[1].Provider != "mid" || got.Candidates[1].EstimatedCost != 0.42 ||
+		got.Candidates[0].EstInputTokens != 10 || got.Candidates[0].EstOutputTokens != 100 ||
+		len(got.Excluded) != 1 || got.Excluded[0].Provider != "dear" {
+		t.Errorf("cost = %s", out)
+	}
+	resp = ta.post(t, "/v1/cost", chatBody, "X-Arbstr-Policy", "nope")
+	if _, code, _ := apiErr(t, readBody(t, resp)); resp.StatusCode != 400 || code != "unknown_policy" {
+		t.Errorf("unknown policy: %d %s", resp.StatusCode, code)
+	}
+	if calls.Load() != 0 {
+		t.Errorf("the dry run called a provider %d times", calls.Load())
+	}
+	if rows := ta.rows(t); len(rows) != 0 {
+		t.Errorf("the dry run wrote %d rows", len(rows))
+	}
+}
+
+// TestRoutingRefusalsAreRecorded: a valid chat request refused by routing
+// still gets its ledger row (§8.2).
+func TestRoutingRefusalsAreRecorded(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	p := prov("p1", up.URL, 1, 1)
+	p.Models = []string{"m"}
+	cfg := testConfig(p)
+	cfg.Policies.Rules = []PolicyRule{{Name: "strict", AllowedModels: []string{"other"}}}
+	ta := newArbstr(t, cfg)
+	for _, tc := range []struct {
+		body, policy, code string
+	}{
+		{chatBody, "nope", "unknown_policy"},
+		{`{"model":"x","messages":[{"role":"user","content":"x"}]}`, "", "no_provider"},
+		{chatBody, "strict", "model_not_allowed"},
+	} {
+		resp := ta.post(t, "/v1/chat/completions", tc.body, "X-Arbstr-Policy", tc.policy)
+		out := readBody(t, resp)
+		if _, code, msg := apiErr(t, out); resp.StatusCode != 400 || code != tc.code {
+			t.Errorf("%s: %d %s %s", tc.code, resp.StatusCode, code, msg)
+		}
+		if resp.Header.Get("X-Arbstr-Request-Id") == "" {
+			t.Errorf("%s: no request id", tc.code)
+		}
+	}
+	rows := ta.rows(t)
+	if len(rows) != 3 {
+		t.Fatalf("rows = %d; want 3", len(rows))
+	}
+	for _, r := range rows {
+		if r.Success || r.Status != 400 || r.Attempts != 0 || r.Provider != "" || r.Error == "" {
+			t.Errorf("row = %+v", r)
+		}
+	}
+}
+
+// ---- Security (§9) ----
+
+// TestKeysNeverLeak puts marker keys in the config, drives every endpoint and
+// error path, and searches every response, the log and the database file.
+func TestKeysNeverLeak(t *testing.T) {
+	const keyA, keyB = "sk-MARKER-aaaa-1111", "sk-MARKER-bbbb-2222"
+	echo := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		// A hostile provider that echoes the key it got, in an error.
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(500)
+		fmt.Fprintf(w, `{"error":{"message":"bad key %s"}}`, r.Header.Get("Authorization"))
+	})
+	good := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		if bytes.Contains(b, []byte(`"stream":true`)) {
+			sse(w, chunkJSON("x"), finishChunk, usageChunk(1, 1), "[DONE]")
+			return
+		}
+		jsonOK(w, r)
+	})
+	a := prov("a", echo.URL, 1, 1)
+	a.APIKey = keyA
+	b := prov("b", good.URL, 2, 2)
+	b.APIKey = keyB
+	cfg := testConfig(a, b)
+	ta := newArbstr(t, cfg)
+
+	var all bytes.Buffer
+	record := func(resp *http.Response) {
+		all.WriteString(fmt.Sprint(resp.Header))
+		all.WriteString(readBody(t, resp))
+	}
+	record(ta.post(t, "/v1/chat/completions", chatBody))
+	record(ta.post(t, "/v1/chat/completions", streamBody))
+	record(ta.post(t, "/v1/chat/completions", chatBody, "X-Arbstr-Policy", "nope"))
+	record(ta.post(t, "/v1/chat/completions", `{"model":1}`))
+	record(ta.post(t, "/v1/cost", chatBody))
+	for _, path := range []string{"/v1/models", "/health", "/providers", "/v1/stats", "/v1/requests", "/v1/requests/x", "/nope"} {
+		resp, body := ta.get(t, path)
+		all.WriteString(fmt.Sprint(resp.Header))
+		all.Write(body)
+	}
+	// The breaker opens on the echoing provider; fail everything for 502s.
+	openCircuitUntil(ta.srv.router.byName["b"], time.Now().Add(time.Minute))
+	record(ta.post(t, "/v1/chat/completions", chatBody))
+	ta.rows(t)
+	ta.srv.store.Close()
+
+	db, err := os.ReadFile(ta.dbPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wal, _ := os.ReadFile(ta.dbPath + "-wal")
+	for name, text := range map[string][]byte{"responses": all.Bytes(), "log": []byte(ta.logs.String()), "database": db, "wal": wal} {
+		for _, key := range []string{keyA, keyB, "MARKER"} {
+			if bytes.Contains(text, []byte(key)) {
+				t.Errorf("%s contains %q", name, key)
+			}
+		}
+	}
+	if all.Len() < 1000 || len(db) == 0 {
+		t.Errorf("too little output to prove anything: %d bytes, db %d bytes", all.Len(), len(db))
+	}
+}
+
+// ---- The ledger through the proxy (§8) ----
+
+// TestLoad sends thousands of requests at concurrency 64 through the real
+// server; every one succeeds and has exactly one row (§10, issue 5).
+func TestLoad(t *testing.T) {
+	n := 3000
+	if testing.Short() {
+		n = 500
+	}
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		if bytes.Contains(b, []byte(`"stream":true`)) {
+			sse(w, chunkJSON("x"), finishChunk, usageChunk(7, 1), "[DONE]")
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, completionJSON("x", 7, 1))
+	})
+	ta := newArbstr(t, testConfig(prov("p1", up.URL, 1, 1), prov("p2", up.URL, 2, 2)))
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	ids := sync.Map{}
+	var failures atomic.Int32
+	var wg sync.WaitGroup
+	work := make(chan int)
+	for range 64 {
+		wg.Go(func() {
+			for i := range work {
+				body := chatBody
+				if i%4 == 0 {
+					body = streamBody
+				}
+				resp, err := client.Post(ta.URL+"/v1/chat/completions", "application/json", strings.NewReader(body))
+				if err != nil {
+					failures.Add(1)
+					continue
+				}
+				out, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if err != nil || resp.StatusCode != 200 || (i%4 == 0 && !strings.HasSuffix(string(out), "data: [DONE]\n\n")) {
+					failures.Add(1)
+					continue
+				}
+				ids.Store(resp.Header.Get("X-Arbstr-Request-Id"), true)
+			}
+		})
+	}
+	for i := range n {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	if f := failures.Load(); f != 0 {
+		t.Fatalf("%d of %d requests failed", f, n)
+	}
+	rows := ta.rows(t)
+	if len(rows) != n {
+		t.Fatalf("ledger rows = %d; want %d", len(rows), n)
+	}
+	for _, r := range rows {
+		if _, ok := ids.LoadAndDelete(r.RequestID); !ok {
+			t.Fatalf("row %s is doubled or unknown", r.RequestID)
+		}
+	}
+}
+
+// TestStatsThroughProxy: a request a moment old is counted, the cost header
+// and the ledger agree to the millisat, and saved_sats is the spread.
+func TestStatsThroughProxy(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, completionJSON("x", 1234, 567))
+	})
+	ta := newArbstr(t, testConfig(prov("cheap", up.URL, 1.5, 2.25), prov("dear", up.URL, 4, 9)))
+	resp := ta.post(t, "/v1/chat/completions", chatBody)
+	readBody(t, resp)
+	id := resp.Header.Get("X-Arbstr-Request-Id")
+	// 1234·1.5/1000 + 567·2.25/1000 = 1.851 + 1.27575 → 3.12675 sats → 3.127 at the millisat.
+	if got := resp.Header.Get("X-Arbstr-Cost-Sats"); got != "3.127" {
+		t.Errorf("x-arbstr-cost-sats = %q; want 3.127", got)
+	}
+	_, out := ta.get(t, "/v1/stats")
+	var st statsResult
+	if err := json.Unmarshal(out, &st); err != nil {
+		t.Fatal(err)
+	}
+	// baseline at dear: 1234·4 + 567·9 = 4936 + 5103 msat = 10.039 sats.
+	if st.Total.Requests != 1 || st.Total.CostSats != 3.127 || st.Total.BaselineCostSats != 10.039 || st.Total.SavedSats != 6.912 {
+		t.Errorf("stats = %s", out)
+	}
+	_, out = ta.get(t, "/v1/requests/"+id)
+	var row map[string]any
+	json.Unmarshal(out, &row)
+	if row["request_id"] != id || row["cost_sats"] != 3.127 {
+		t.Errorf("request = %s", out)
+	}
+	_, out = ta.get(t, "/v1/requests?provider=cheap&success=true&limit=1")
+	if !strings.Contains(string(out), id) {
+		t.Errorf("requests = %s", out)
+	}
+}
+
+// TestLearningPrefersCheapOutput: a policy whose answers are long learns a
+// high output/input ratio, and then prefers the provider cheap on output
+// (§4.1, issue 3).
+func TestLearningPrefersCheapOutput(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, completionJSON("a long essay", 10, 1000))
+	})
+	// With a ratio of 1, cheap-in wins (1+9 < 5+6); with a ratio of 100,
+	// cheap-out wins (1+900 > 5+600).
+	cfg := testConfig(prov("cheap-in", up.URL, 1, 9), prov("cheap-out", up.URL, 5, 6))
+	cfg.Policies.Rules = []PolicyRule{{Name: "essays", Keywords: []string{"essay"}}}
+	ta := newArbstr(t, cfg)
+	body := `{"model":"m","messages":[{"role":"user","content":"write an essay about sats"}]}`
+	var order []string
+	for range 7 {
+		resp := ta.post(t, "/v1/chat/completions", body)
+		readBody(t, resp)
+		order = append(order, resp.Header.Get("X-Arbstr-Provider"))
+		ta.rows(t) // let the writer learn from this row
+	}
+	want := "cheap-in,cheap-in,cheap-in,cheap-in,cheap-in,cheap-out,cheap-out"
+	if got := strings.Join(order, ","); got != want {
+		t.Errorf("providers = %s; want %s", got, want)
+	}
+	if avg, n := ta.srv.store.Ratio("essays"); n != 7 || avg != 100 {
+		t.Errorf("ratio = %v over %d; want 100 over 7", avg, n)
+	}
+}
+
+// ---- Lifecycle (§2) ----
+
+// TestGracefulShutdown starts arbstr through run, begins a stream, and
+// cancels run's context (SIGTERM) while the stream is in flight: new
+// connections are refused, the stream finishes, its row is written, run
+// returns nil.
+func TestGracefulShutdown(t *testing.T) {
+	release := make(chan struct{})
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		sse(w, chunkJSON("before"))
+		<-release
+		sse(w, chunkJSON(" after"), finishChunk, usageChunk(3, 2), "[DONE]")
+	})
+	dir := t.TempDir()
+	dbPath := filepath.Join(dir, "arbstr.db")
+	cfgPath := filepath.Join(dir, "config.json")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`{"server":{"listen":"127.0.0.1:0","shutdown_timeout_secs":10},
+		"database":{"path":%q},"providers":[{"name":"p1","url":%q,"api_key":"k"}]}`, dbPath, up.URL)), 0o600)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	logs := &syncBuffer{}
+	runErr := make(chan error, 1)
+	go func() { runErr <- run(ctx, []string{"-config", cfgPath}, io.Discard, logs) }()
+	addr := waitListening(t, logs)
+
+	resp, err := http.Post("http://"+addr+"/v1/chat/completions", "application/json", strings.NewReader(streamBody))
+	if err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(resp.Body)
+	if line, _ := br.ReadString('\n'); !strings.Contains(line, "before") {
+		t.Fatalf("first line = %q", line)
+	}
+	cancel() // SIGTERM
+	for !strings.Contains(logs.String(), "shutting down") {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(20 * time.Millisecond)
+	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		c.Close()
+		t.Error("a new connection was accepted during shutdown")
+	}
+	close(release)
+	rest, _ := io.ReadAll(br)
+	resp.Body.Close()
+	if !strings.Contains(string(rest), "after") || !strings.HasSuffix(string(rest), "data: [DONE]\n\n") {
+		t.Errorf("the stream did not finish: %q", rest)
+	}
+	select {
+	case err := <-runErr:
+		if err != nil {
+			t.Fatalf("run = %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not return")
+	}
+	store, err := openStore(dbPath, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	rows, _ := store.Requests(context.Background(), requestsQuery{Limit: 10})
+	if len(rows) != 1 || !rows[0].Success || rows[0].OutputTokens != 2 {
+		t.Errorf("rows after shutdown = %+v", rows)
+	}
+}
+
+// waitListening reads run's start log line for the address it listens on.
+func waitListening(t *testing.T, logs *syncBuffer) string {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		s := logs.String()
+		if i := strings.Index(s, "listen="); i >= 0 {
+			rest := s[i+len("listen="):]
+			if j := strings.IndexAny(rest, " \n"); j > 0 {
+				return rest[:j]
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("arbstr did not start:\n%s", logs.String())
+	return ""
+}
+
+// TestMockMode runs `arbstr` with no config at all, as `go run .` in a fresh
+// clone does, and uses it as a user would.
+func TestMockMode(t *testing.T) {
+	t.Chdir(t.TempDir())
+	t.Setenv("ARBSTR_CONFIG", "")
+	ctx, cancel := context.WithCancel(context.Background())
+	logs := &syncBuffer{}
+	runErr := make(chan error, 1)
+	go func() { runErr <- run(ctx, []string{"-listen", "127.0.0.1:0"}, io.Discard, logs) }()
+	addr := waitListening(t, logs)
+	base := "http://" + addr
+
+	resp, err := http.Post(base+"/v1/chat/completions", "application/json", strings.NewReader(`{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := readBody(t, resp)
+	if resp.StatusCode != 200 || resp.Header.Get("X-Arbstr-Provider") != "mock-cheap" || !strings.Contains(out, `"usage"`) {
+		t.Errorf("mock completion: %d %v %s", resp.StatusCode, resp.Header, out)
+	}
+	resp, err = http.Post(base+"/v1/chat/completions", "application/json", strings.NewReader(`{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out = readBody(t, resp)
+	if resp.Header.Get("X-Arbstr-Provider") != "mock-pricey" || !strings.Contains(out, ": arbstr {") || !strings.HasSuffix(out, "data: [DONE]\n\n") {
+		t.Errorf("mock stream: %v\n%s", resp.Header, out)
+	}
+	resp, err = http.Get(base + "/v1/stats")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := readBody(t, resp); !strings.Contains(out, `"requests":2`) {
+		t.Errorf("stats in mock mode: %s", out)
+	}
+	if !strings.Contains(logs.String(), "mode=mock") || !strings.Contains(logs.String(), "no config found") {
+		t.Errorf("logs do not say mock mode:\n%s", logs.String())
+	}
+	cancel()
+	if err := <-runErr; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// ---- The SSE reader ----
+
+func TestNextEvent(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int
+	}{
+		{"data: x\n\n", 9},
+		{"data: x\n\ndata: y\n\n", 9},
+		{"data: x\r\n\r\nrest", 11},
+		{"data: x\r\r", 9},
+		{"data: x\r", 0},
+		{"data: x\r\n\r", 10},
+		{"data: x\r\n", 0},
+		{"data: x\n", 0},
+		{"data: x", 0},
+		{"\n", 1},
+		{": c\nevent: e\ndata: x\n\n", 22},
+	} {
+		if got := nextEvent([]byte(tc.in)); got != tc.want {
+			t.Errorf("nextEvent(%q) = %d; want %d", tc.in, got, tc.want)
+		}
+	}
+}
+
+func TestEventData(t *testing.T) {
+	for _, tc := range []struct {
+		in, want string
+		ok       bool
+	}{
+		{"data: x\n\n", "x", true},
+		{"data:x\n\n", "x", true},
+		{"data:  x\n\n", " x", true},
+		{"data: a\ndata: b\r\ndata: c\n\n", "a\nb\nc", true},
+		{": comment\n\n", "", false},
+		{"event: ping\n\n", "", false},
+		{"datum: x\n\n", "", false},
+		{"data\n\n", "", true},
+		{"id: 1\r\ndata: [DONE]\r\n\r\n", "[DONE]", true},
+	} {
+		got, ok := eventData([]byte(tc.in))
+		if string(got) != tc.want || ok != tc.ok {
+			t.Errorf("eventData(%q) = %q, %v; want %q, %v", tc.in, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+// FuzzSSE splits a provider stream at random points and checks that the
+// reader finds the same events, with the same data, as in one piece.
+func FuzzSSE(f *testing.F) {
+	f.Add([]byte("data: "+chunkJSON("a")+"\n\ndata: "+usageChunk(1, 2)+"\n\ndata: [DONE]\n\n"), uint8(7))
+	f.Add([]byte(": OPENROUTER PROCESSING\r\n\r\nevent: x\r\ndata: {}\r\n\r\n"), uint8(3))
+	f.Add([]byte("data:a\rdata:b\r\rdata: c\n\n"), uint8(1))
+	f.Add([]byte("data: x\n\n\n\n\ndata: y\r\n\r\n"), uint8(2))
+	f.Fuzz(func(t *testing.T, stream []byte, step uint8) {
+		whole := splitEvents(stream, len(stream))
+		parts := splitEvents(stream, int(step%16)+1)
+		if len(whole) != len(parts) {
+			t.Fatalf("%d events whole, %d in parts", len(whole), len(parts))
+		}
+		for i := range whole {
+			if whole[i] != parts[i] {
+				t.Fatalf("event %d: %q whole, %q in parts", i, whole[i], parts[i])
+			}
+		}
+	})
+}
+
+// splitEvents feeds stream to nextEvent and eventData step bytes at a time,
+// as reads from a socket would, and returns each event's data.
+func splitEvents(stream []byte, step int) []string {
+	var events []string
+	var buf []byte
+	for len(stream) > 0 {
+		n := min(step, len(stream))
+		buf, stream = append(buf, stream[:n]...), stream[n:]
+		for {
+			k := nextEvent(buf)
+			if k == 0 {
+				break
+			}
+			if k > len(buf) {
+				panic("event longer than the buffer")
+			}
+			// Only events with data count: a CR LF split between reads may
+			// add an empty event, which SSE ignores.
+			if d, ok := eventData(buf[:k]); ok {
+				events = append(events, string(d))
+			}
+			buf = buf[k:]
+		}
+	}
+	return events
+}
+
+func TestScanChunk(t *testing.T) {
+	for _, tc := range []struct {
+		data                       string
+		content                    int64
+		finished, hasUsage, hasErr bool
+	}{
+		{chunkJSON("Hello"), 5, false, false, false},
+		{finishChunk, 0, true, false, false},
+		{usageChunk(3, 4), 0, false, true, false},
+		{`{"choices":[{"delta":{"content":"a"},"finish_reason":null}],"usage":null}`, 1, false, false, false},
+		{`{"choices":[{"delta":{"content" : "say \"content\": x"}}]}`, 18, false, false, false},
+		{`{"choices":[{"delta":{"content":"ab"}},{"delta":{"content":"cd"}}]}`, 4, false, false, false},
+		{`{"choices":[{"delta":{"reasoning_content":"think","content":null}}]}`, 0, false, false, false},
+		{`{"choices":[{"delta":{"content":"x"},"logprobs":{"content":[{"token":"x"}]}}]}`, 1, false, false, false},
+		{`{"error":{"message":"overloaded"}}`, 0, false, false, true},
+		{`{"choices":[{"delta":{"content":"the \"error\": word"}}]}`, 19, false, false, false},
+		{`{"choices":[{"delta":{"content":"`, 0, false, false, false},
+		{`"content":`, 0, false, false, false},
+	} {
+		c, f, u, e := scanChunk([]byte(tc.data))
+		if c != tc.content || f != tc.finished || u != tc.hasUsage || e != tc.hasErr {
+			t.Errorf("scanChunk(%q) = %d, %v, %v, %v; want %d, %v, %v, %v", tc.data, c, f, u, e, tc.content, tc.finished, tc.hasUsage, tc.hasErr)
+		}
+	}
+}
+
+// FuzzScanChunk checks the byte scanner against encoding/json on chunks
+// built from fuzzed content, and that it survives any bytes.
+func FuzzScanChunk(f *testing.F) {
+	f.Add("Hello", true, false, []byte(chunkJSON("x")))
+	f.Add(`quote " and \ and "content":"x"`, false, true, []byte(`{"content":"\"`))
+	f.Add("\u00e9\n\t", false, false, []byte(`{"usage":{`))
+	f.Fuzz(func(t *testing.T, content string, finish, withUsage bool, raw []byte) {
+		scanChunk(raw) // must not panic on anything
+		type delta struct {
+			Content string `json:"content"`
+		}
+		type choice struct {
+			Delta        delta   `json:"delta"`
+			FinishReason *string `json:"finish_reason"`
+		}
+		chunk := struct {
+			Choices []choice `json:"choices"`
+			Usage   *usage   `json:"usage"`
+		}{Choices: []choice{{Delta: delta{content}}}}
+		if finish {
+			stop := "stop"
+			chunk.Choices[0].FinishReason = &stop
+		}
+		if withUsage {
+			chunk.Usage = &usage{1, 2}
+		}
+		data, _ := json.Marshal(chunk)
+		quoted, _ := json.Marshal(content)
+		c, fin, u, e := scanChunk(data)
+		if c != int64(len(quoted)-2) || fin != finish || u != withUsage || e {
+			t.Fatalf("scanChunk(%s) = %d, %v, %v, %v", data, c, fin, u, e)
+		}
+	})
+}
+
+// FuzzParseChat throws arbitrary bodies at the request decoder: it must
+// never panic, and what it accepts must be a JSON object with a model and
+// messages, whose include_usage rewrite is still valid JSON.
+func FuzzParseChat(f *testing.F) {
+	for _, s := range []string{chatBody, streamBody, `{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url"}]}]}`,
+		`{"model":1}`, `[]`, `{"model":"m","messages":{}}`, `{"model":"m","messages":[null]}`, `{"model":"m","messages":[{}],"stream":true,"stream_options":null}`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		req, aerr := parseChat(body)
+		if aerr != nil {
+			if aerr.Status != 400 || aerr.Code == "" {
+				t.Fatalf("error %+v", aerr)
+			}
+			return
+		}
+		if req.Model == "" || !json.Valid(body) {
+			t.Fatalf("accepted %q", body)
+		}
+		out, _ := withIncludeUsage(body, req.StreamOptions)
+		if !json.Valid(out) {
+			t.Fatalf("withIncludeUsage(%q) = %q, not JSON", body, out)
+		}
+	})
+}
+
+// ---- The ledger itself (store.go, §8) ----
+// storeTestLogger discards the ledger's log lines; tests that read them build
+// their own.
+var storeTestLogger = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+// newTestStore opens a ledger at path (a file under t.TempDir() or
+// ":memory:") and closes it when the test ends.
+func newTestStore(tb testing.TB, path string) *Store {
+	tb.Helper()
+	s, err := openStore(path, storeTestLogger)
+	if err != nil {
+		tb.Fatalf("openStore(%q): %v", path, err)
+	}
+	tb.Cleanup(func() { s.Close() })
+	return s
+}
+
+func newTestStoreFile(tb testing.TB) (*Store, string) {
+	tb.Helper()
+	path := filepath.Join(tb.TempDir(), "arbstr.db")
+	return newTestStore(tb, path), path
+}
+
+// storeTestRow is a successful non-streaming request with usage.
+func storeTestRow(id string, at time.Time) ledgerRow {
+	return ledgerRow{
+		RequestID:    id,
+		Time:         at,
+		Model:        "gpt-4o-mini",
+		Provider:     "alpha",
+		HasUsage:     true,
+		InputTokens:  120,
+		OutputTokens: 80,
+		CostMsat:     1234,
+		BaselineMsat: 2345,
+		LatencyMs:    321,
+		Attempts:     1,
+		Success:      true,
+		Status:       200,
+	}
+}
+
+func syncTestStore(tb testing.TB, s *Store) {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := s.Sync(ctx); err != nil {
+		tb.Fatalf("Sync: %v", err)
+	}
+}
+
+func queryTestInt(tb testing.TB, db *sql.DB, query string, args ...any) int64 {
+	tb.Helper()
+	var n int64
+	if err := db.QueryRow(query, args...).Scan(&n); err != nil {
+		tb.Fatalf("%s: %v", query, err)
+	}
+	return n
+}
+
+func TestStorePragmas(t *testing.T) {
+	s, _ := newTestStoreFile(t)
+	tests := []struct {
+		pragma string
+		want   string
+	}{
+		{"journal_mode", "wal"},
+		{"busy_timeout", "5000"},
+		{"synchronous", "1"}, // NORMAL
+		{"user_version", strconv.Itoa(len(ledgerMigrations))},
+	}
+	for _, tt := range tests {
+		var got string
+		if err := s.db.QueryRow("PRAGMA " + tt.pragma).Scan(&got); err != nil {
+			t.Fatalf("PRAGMA %s: %v", tt.pragma, err)
+		}
+		if got != tt.want {
+			t.Errorf("PRAGMA %s = %q; want %q", tt.pragma, got, tt.want)
+		}
+	}
+}
+
+func TestStoreSchema(t *testing.T) {
+	s, _ := newTestStoreFile(t)
+	tests := []struct {
+		table string
+		want  []string
+	}{
+		{"requests", []string{"id", "request_id", "timestamp", "policy", "model", "provider", "streaming",
+			"input_tokens", "output_tokens", "usage_estimated", "cost_sats", "baseline_cost_sats",
+			"latency_ms", "ttft_ms", "attempts", "success", "status", "error"}},
+		{"token_ratios", []string{"policy", "avg_ratio", "sample_count"}},
+	}
+	for _, tt := range tests {
+		rows, err := s.db.Query("SELECT name FROM pragma_table_info(?) ORDER BY cid", tt.table)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for rows.Next() {
+			var name string
+			if err := rows.Scan(&name); err != nil {
+				t.Fatal(err)
+			}
+			got = append(got, name)
+		}
+		rows.Close()
+		if !reflect.DeepEqual(got, tt.want) {
+			t.Errorf("columns(%q) = %q; want %q", tt.table, got, tt.want)
+		}
+	}
+	for _, index := range []string{"requests_timestamp"} {
+		if n := queryTestInt(t, s.db, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = ?", index); n != 1 {
+			t.Errorf("index(%q) = %d; want 1", index, n)
+		}
+	}
+}
+
+func TestStoreDSN(t *testing.T) {
+	tests := []struct {
+		path string
+		want string // the DSN up to its parameters
+	}{
+		{":memory:", ":memory:"},
+		{"arbstr.db", "file:arbstr.db"},
+		{"./data/arbstr.db", "file:data/arbstr.db"},
+		{"/var/lib/arbstr/arbstr.db", "file:/var/lib/arbstr/arbstr.db"},
+		{"//srv/arbstr.db", "file:/srv/arbstr.db"},
+		{"/tmp/a?b#c d%.db", "file:/tmp/a%3Fb%23c%20d%25.db"},
+	}
+	for _, tt := range tests {
+		got, _, _ := strings.Cut(ledgerDSN(tt.path), "?")
+		if got != tt.want {
+			t.Errorf("ledgerDSN(%q) = %q; want %q", tt.path, got, tt.want)
+		}
+	}
+	// A path with URI characters really opens, and is the file named.
+	dir := t.TempDir()
+	path := filepath.Join(dir, "odd ?#% name.db")
+	s := newTestStore(t, path)
+	s.Record(storeTestRow("odd", time.Now()))
+	syncTestStore(t, s)
+	var file string
+	if err := s.db.QueryRow("SELECT file FROM pragma_database_list WHERE name = 'main'").Scan(&file); err != nil {
+		t.Fatal(err)
+	}
+	if file != path {
+		t.Errorf("database file = %q; want %q", file, path)
+	}
+}
+
+func TestStoreMemory(t *testing.T) {
+	s := newTestStore(t, ":memory:")
+	const n = 500
+	var wg sync.WaitGroup
+	// Readers share the single connection with the writer; they must
+	// neither deadlock nor see another database.
+	for range 4 {
+		wg.Go(func() {
+			for range 20 {
+				if _, err := s.Stats(context.Background(), statsQuery{}); err != nil {
+					t.Errorf("Stats: %v", err)
+					return
+				}
+			}
+		})
+	}
+	for i := range n {
+		s.Record(storeTestRow(fmt.Sprintf("mem-%d", i), time.Now()))
+	}
+	wg.Wait()
+	syncTestStore(t, s)
+	st, err := s.Stats(context.Background(), statsQuery{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Total.Requests != n {
+		t.Errorf("Stats(:memory:).Total.Requests = %d; want %d", st.Total.Requests, n)
+	}
+	list, err := s.Requests(context.Background(), requestsQuery{Limit: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 1 || list[0].RequestID != fmt.Sprintf("mem-%d", n-1) {
+		t.Errorf("Requests(:memory:, limit 1) = %+v; want mem-%d", list, n-1)
+	}
+}
+
+func TestStoreRoundTrip(t *testing.T) {
+	s, _ := newTestStoreFile(t)
+	at := time.Date(2026, 3, 1, 9, 30, 15, 123456789, time.FixedZone("CET", 3600))
+	full := storeTestRow("full", at)
+	full.Policy = "code"
+	full.Streaming = true
+	full.TTFTMs = 42
+	full.UsageEstimated = true
+
+	failed := ledgerRow{
+		RequestID: "failed", Time: at, Model: "m", Provider: "beta",
+		LatencyMs: 900, Attempts: 3, Status: 502, Error: "all providers failed",
+		// Not stored: without usage, tokens and costs are NULL; without
+		// streaming, ttft is NULL.
+		InputTokens: 5, CostMsat: 7, TTFTMs: 9,
+	}
+	refused := ledgerRow{RequestID: "refused", Time: at, Model: "m", Status: 400, Error: "no provider"}
+
+	tests := []struct {
+		in   ledgerRow
+		want ledgerRow
+	}{
+		{full, func() ledgerRow {
+			r := full
+			r.Time = time.Date(2026, 3, 1, 8, 30, 15, 123000000, time.UTC)
+			return r
+		}()},
+		{failed, ledgerRow{
+			RequestID: "failed", Time: time.Date(2026, 3, 1, 8, 30, 15, 123000000, time.UTC),
+			Model: "m", Provider: "beta", LatencyMs: 900, Attempts: 3, Status: 502, Error: "all providers failed",
+		}},
+		{refused, ledgerRow{RequestID: "refused", Time: time.Date(2026, 3, 1, 8, 30, 15, 123000000, time.UTC),
+			Model: "m", Status: 400, Error: "no provider"}},
+	}
+	for _, tt := range tests {
+		s.Record(tt.in)
+	}
+	syncTestStore(t, s)
+	for _, tt := range tests {
+		got, ok, err := s.Request(context.Background(), tt.in.RequestID)
+		if err != nil || !ok {
+			t.Fatalf("Request(%q) = %v, %v", tt.in.RequestID, ok, err)
+		}
+		if !reflect.DeepEqual(got, tt.want) {
+			t.Errorf("Request(%q) = %+v; want %+v", tt.in.RequestID, got, tt.want)
+		}
+	}
+	if _, ok, err := s.Request(context.Background(), "absent"); ok || err != nil {
+		t.Errorf("Request(%q) = %v, %v; want false, nil", "absent", ok, err)
+	}
+	// The columns hold NULL where the spec says (§8.1).
+	nulls := []struct {
+		id, column string
+		want       int64
+	}{
+		{"failed", "input_tokens IS NULL", 1},
+		{"failed", "cost_sats IS NULL", 1},
+		{"failed", "ttft_ms IS NULL", 1},
+		{"failed", "policy IS NULL", 1},
+		{"refused", "error IS NULL", 0},
+		{"full", "ttft_ms", 42},
+		{"full", "cost_sats = 1.234", 1},
+		{"full", "timestamp = '2026-03-01T08:30:15.123Z'", 1},
+	}
+	for _, tt := range nulls {
+		if got := queryTestInt(t, s.db, "SELECT "+tt.column+" FROM requests WHERE request_id = ?", tt.id); got != tt.want {
+			t.Errorf("%s(%q) = %d; want %d", tt.column, tt.id, got, tt.want)
+		}
+	}
+}
+
+func TestStoreConcurrentRecord(t *testing.T) {
+	s, _ := newTestStoreFile(t)
+	const goroutines, each = 64, 100
+	var wg sync.WaitGroup
+	for g := range goroutines {
+		wg.Go(func() {
+			for i := range each {
+				s.Record(storeTestRow(fmt.Sprintf("g%d-%d", g, i), time.Now()))
+			}
+		})
+	}
+	wg.Wait()
+	syncTestStore(t, s)
+	for _, query := range []string{
+		"SELECT COUNT(*) FROM requests",
+		"SELECT COUNT(DISTINCT request_id) FROM requests",
+	} {
+		if got := queryTestInt(t, s.db, query); got != goroutines*each {
+			t.Errorf("%s = %d; want %d", query, got, goroutines*each)
+		}
+	}
+}
+
+func TestStoreCloseFlushes(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "arbstr.db")
+	s, err := openStore(path, storeTestLogger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 10000
+	for i := range n {
+		s.Record(storeTestRow(strconv.Itoa(i), time.Now()))
+	}
+	if err := s.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	s = newTestStore(t, path)
+	if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"); got != n {
+		t.Errorf("rows after Close(%q) = %d; want %d", path, got, n)
+	}
+}
+
+func TestStoreRecordAfterClose(t *testing.T) {
+	var logs bytes.Buffer
+	s, err := openStore(filepath.Join(t.TempDir(), "arbstr.db"), slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s.Record(storeTestRow("late", time.Now())) // must not panic
+	if err := s.Sync(context.Background()); err != nil {
+		t.Errorf("Sync after Close = %v; want nil", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Errorf("second Close = %v; want nil", err)
+	}
+	if !strings.Contains(logs.String(), "request_id=late") {
+		t.Errorf("log = %q; want the dropped request_id", logs.String())
+	}
+}
+
+// TestStoreSyncWaitsForCommit holds the write lock from another connection,
+// as a backup would, so that the writer waits in busy_timeout: Sync must not
+// return before the row is committed, and must return once it is.
+func TestStoreSyncWaitsForCommit(t *testing.T) {
+	s, path := newTestStoreFile(t)
+	other, err := sql.Open("sqlite", ledgerDSN(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	tx, err := other.Begin() // BEGIN IMMEDIATE: takes the write lock
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Record(storeTestRow("held", time.Now()))
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := s.Sync(ctx); err != context.DeadlineExceeded {
+		t.Errorf("Sync while the lock is held = %v; want %v", err, context.DeadlineExceeded)
+	}
+	tx.Rollback()
+	syncTestStore(t, s)
+	if _, ok, err := s.Request(context.Background(), "held"); !ok || err != nil {
+		t.Errorf("Request(%q) after Sync = %v, %v; want true, nil", "held", ok, err)
+	}
+}
+
+// TestStoreDuplicateRequestID checks that one row that cannot be written
+// costs only itself, not the rows batched with it, and is logged.
+func TestStoreDuplicateRequestID(t *testing.T) {
+	var logs storeTestLogBuffer
+	s, err := openStore(filepath.Join(t.TempDir(), "arbstr.db"), slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	// Called directly, so that the four rows are one batch.
+	var batch []ledgerRow
+	for _, id := range []string{"a", "b", "a", "c"} {
+		batch = append(batch, storeTestRow(id, time.Now()))
+	}
+	s.writeBatch(batch)
+	if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"); got != 3 {
+		t.Errorf("rows = %d; want 3", got)
+	}
+	if got := strings.Count(logs.String(), "ledger row not written"); got != 1 {
+		t.Errorf("lost-row log lines = %d; want 1 in %q", got, logs.String())
+	}
+	if !strings.Contains(logs.String(), "request_id=a") {
+		t.Errorf("log = %q; want request_id=a", logs.String())
+	}
+}
+
+// storeTestFailures is how many more calls of the SQL function
+// store_test_fail() fail. A trigger calls it on each insert, so that a test
+// can make the writer's commits fail, deterministically, with an error that
+// is not a constraint.
+var (
+	storeTestFailures     atomic.Int64
+	storeTestRegisterFail = sync.OnceFunc(func() {
+		sqlite.MustRegisterScalarFunction("store_test_fail", 0, func(*sqlite.FunctionContext, []driver.Value) (driver.Value, error) {
+			if storeTestFailures.Add(-1) >= 0 {
+				return nil, errors.New("injected failure")
+			}
+			return nil, nil
+		})
+	})
+)
+
+// TestStoreWriteRetry checks that a failure that passes is retried without
+// loss, and that one that lasts past the retries is logged row by row
+// without stopping the writer.
+func TestStoreWriteRetry(t *testing.T) {
+	storeTestRegisterFail()
+	tests := []struct {
+		name     string
+		failures int64 // commits that fail
+		wantRows int64
+		wantLost int
+	}{
+		{"transient", 2, 3, 0},
+		{"lasting", 1 << 30, 0, 3},
+	}
+	for _, tt := range tests {
+		var logs storeTestLogBuffer
+		s, err := openStore(filepath.Join(t.TempDir(), "arbstr.db"), slog.New(slog.NewTextHandler(&logs, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.retryDelays = []time.Duration{time.Millisecond, time.Millisecond, time.Millisecond}
+		if _, err := s.db.Exec(`CREATE TRIGGER test_fail BEFORE INSERT ON requests BEGIN SELECT store_test_fail(); END`); err != nil {
+			t.Fatal(err)
+		}
+		storeTestFailures.Store(tt.failures)
+		for _, id := range []string{"r1", "r2", "r3"} {
+			s.Record(storeTestRow(id, time.Now()))
+		}
+		syncTestStore(t, s)
+		storeTestFailures.Store(0)
+		if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"); got != tt.wantRows {
+			t.Errorf("%s: rows = %d; want %d", tt.name, got, tt.wantRows)
+		}
+		if got := strings.Count(logs.String(), "ledger row not written"); got != tt.wantLost {
+			t.Errorf("%s: lost-row log lines = %d; want %d", tt.name, got, tt.wantLost)
+		}
+		if !strings.Contains(logs.String(), "ledger write failed") {
+			t.Errorf("%s: log = %q; want a retry logged", tt.name, logs.String())
+		}
+		s.Close()
+	}
+}
+
+// storeTestLogBuffer is a bytes.Buffer safe for the writer goroutine's logs.
+type storeTestLogBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *storeTestLogBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *storeTestLogBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// storeFixtureT0 is "now" for the stats and requests fixture.
+var storeFixtureT0 = time.Date(2026, 1, 10, 12, 0, 0, 0, time.UTC)
+
+// storeFixture records five requests around storeFixtureT0:
+//
+//	id  time      provider model policy ok  stream in  out cost base  latency
+//	r1  T0-2h     alpha    m1    code   yes no     100 200 0.1  0.3   100
+//	r2  T0-1h     beta     m1    -      yes yes    10  20  0.2  0.2   300
+//	r3  T0-30m    alpha    m2    code   no  no     -   -   -    -     50
+//	r4  T0-48h    beta     m2    chat   yes no     1   1   1.234 2    10
+//	r5  T0        -        m1    -      no  no     -   -   -    -     0
+func storeFixture(t *testing.T) *Store {
+	s, _ := newTestStoreFile(t)
+	t0 := storeFixtureT0
+	rows := []ledgerRow{
+		{RequestID: "r1", Time: t0.Add(-2 * time.Hour), Provider: "alpha", Model: "m1", Policy: "code", Success: true, Status: 200,
+			HasUsage: true, InputTokens: 100, OutputTokens: 200, CostMsat: 100, BaselineMsat: 300, LatencyMs: 100, Attempts: 1},
+		{RequestID: "r2", Time: t0.Add(-time.Hour), Provider: "beta", Model: "m1", Success: true, Status: 200, Streaming: true, TTFTMs: 30,
+			HasUsage: true, InputTokens: 10, OutputTokens: 20, CostMsat: 200, BaselineMsat: 200, LatencyMs: 300, Attempts: 2},
+		{RequestID: "r3", Time: t0.Add(-30 * time.Minute), Provider: "alpha", Model: "m2", Policy: "code", Status: 502,
+			LatencyMs: 50, Attempts: 3, Error: "upstream failed"},
+		{RequestID: "r4", Time: t0.Add(-48 * time.Hour), Provider: "beta", Model: "m2", Policy: "chat", Success: true, Status: 200,
+			HasUsage: true, InputTokens: 1, OutputTokens: 1, CostMsat: 1234, BaselineMsat: 2000, LatencyMs: 10, Attempts: 1},
+		{RequestID: "r5", Time: t0, Model: "m1", Status: 400, Error: "no provider"},
+	}
+	for _, r := range rows {
+		s.Record(r)
+	}
+	syncTestStore(t, s)
+	return s
+}
+
+func TestStoreStats(t *testing.T) {
+	s := storeFixture(t)
+	t0 := storeFixtureT0
+	type group struct {
+		key      string
+		requests int64
+		cost     float64
+	}
+	tests := []struct {
+		name   string
+		q      statsQuery
+		total  statsTotals
+		groups []group
+	}{
+		{"all time by provider", statsQuery{Until: t0},
+			statsTotals{Requests: 5, Success: 3, Errors: 2, Streaming: 1, InputTokens: 111, OutputTokens: 221,
+				CostSats: 1.534, BaselineCostSats: 2.5, SavedSats: 0.966, AvgLatencyMs: 92},
+			[]group{{"", 1, 0}, {"alpha", 2, 0.1}, {"beta", 2, 1.434}}},
+		{"24h by policy", statsQuery{Since: t0.Add(-24 * time.Hour), Until: t0, GroupBy: "policy"},
+			statsTotals{Requests: 4, Success: 2, Errors: 2, Streaming: 1, InputTokens: 110, OutputTokens: 220,
+				CostSats: 0.3, BaselineCostSats: 0.5, SavedSats: 0.2, AvgLatencyMs: 112.5},
+			[]group{{"", 2, 0.2}, {"code", 2, 0.1}}},
+		{"until is inclusive", statsQuery{Since: t0.Add(-24 * time.Hour), Until: t0.Add(-time.Hour), GroupBy: "model"},
+			statsTotals{Requests: 2, Success: 2, Streaming: 1, InputTokens: 110, OutputTokens: 220,
+				CostSats: 0.3, BaselineCostSats: 0.5, SavedSats: 0.2, AvgLatencyMs: 200},
+			[]group{{"m1", 2, 0.3}}},
+		{"since is inclusive", statsQuery{Since: t0.Add(-30 * time.Minute), Until: t0},
+			statsTotals{Requests: 2, Errors: 2, AvgLatencyMs: 25},
+			[]group{{"", 1, 0}, {"alpha", 1, 0}}},
+		{"provider filter by model", statsQuery{Provider: "alpha", GroupBy: "model", Until: t0},
+			statsTotals{Requests: 2, Success: 1, Errors: 1, InputTokens: 100, OutputTokens: 200,
+				CostSats: 0.1, BaselineCostSats: 0.3, SavedSats: 0.2, AvgLatencyMs: 75},
+			[]group{{"m1", 1, 0.1}, {"m2", 1, 0}}},
+		{"policy and model filter", statsQuery{Policy: "code", Model: "m1", Until: t0},
+			statsTotals{Requests: 1, Success: 1, InputTokens: 100, OutputTokens: 200,
+				CostSats: 0.1, BaselineCostSats: 0.3, SavedSats: 0.2, AvgLatencyMs: 100},
+			[]group{{"alpha", 1, 0.1}}},
+		{"empty window", statsQuery{Since: t0.Add(time.Hour), Until: t0.Add(2 * time.Hour)},
+			statsTotals{}, []group{}},
+		{"zero until is now", statsQuery{Since: t0.Add(-time.Minute)},
+			statsTotals{Requests: 1, Errors: 1}, []group{{"", 1, 0}}},
+	}
+	for _, tt := range tests {
+		res, err := s.Stats(context.Background(), tt.q)
+		if err != nil {
+			t.Fatalf("%s: Stats: %v", tt.name, err)
+		}
+		if res.Total != tt.total {
+			t.Errorf("%s: Stats(%+v).Total = %+v; want %+v", tt.name, tt.q, res.Total, tt.total)
+		}
+		var got []group
+		for _, g := range res.Groups {
+			got = append(got, group{g.Key, g.Requests, g.CostSats})
+		}
+		if len(got) != len(tt.groups) || (len(got) > 0 && !reflect.DeepEqual(got, tt.groups)) {
+			t.Errorf("%s: Stats(%+v).Groups = %+v; want %+v", tt.name, tt.q, got, tt.groups)
+		}
+		if res.Groups == nil {
+			t.Errorf("%s: Stats(%+v).Groups = nil; want []", tt.name, tt.q)
+		}
+	}
+	if _, err := s.Stats(context.Background(), statsQuery{GroupBy: "color"}); err == nil {
+		t.Errorf("Stats(group_by %q) = nil error; want an error", "color")
+	}
+}
+
+func TestStoreStatsJSON(t *testing.T) {
+	s := storeFixture(t)
+	tests := []struct {
+		q    statsQuery
+		want string
+	}{
+		{statsQuery{Since: storeFixtureT0.Add(time.Hour), Until: storeFixtureT0.Add(2 * time.Hour)},
+			`{"since":"2026-01-10T13:00:00.000Z","until":"2026-01-10T14:00:00.000Z","total":{"requests":0,"success":0,"errors":0,"streaming":0,"input_tokens":0,"output_tokens":0,"cost_sats":0,"baseline_cost_sats":0,"saved_sats":0,"avg_latency_ms":0},"groups":[]}`},
+		{statsQuery{Until: storeFixtureT0, Policy: "chat"},
+			`{"until":"2026-01-10T12:00:00.000Z","total":{"requests":1,"success":1,"errors":0,"streaming":0,"input_tokens":1,"output_tokens":1,"cost_sats":1.234,"baseline_cost_sats":2,"saved_sats":0.766,"avg_latency_ms":10},"groups":[{"key":"beta","requests":1,"success":1,"errors":0,"streaming":0,"input_tokens":1,"output_tokens":1,"cost_sats":1.234,"baseline_cost_sats":2,"saved_sats":0.766,"avg_latency_ms":10}]}`},
+	}
+	for _, tt := range tests {
+		res, err := s.Stats(context.Background(), tt.q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := json.Marshal(res)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(b) != tt.want {
+			t.Errorf("json(Stats(%+v)) = %s; want %s", tt.q, b, tt.want)
+		}
+	}
+}
+
+func TestStoreRequests(t *testing.T) {
+	s := storeFixture(t)
+	yes, no := true, false
+	tests := []struct {
+		q    requestsQuery
+		want string
+	}{
+		{requestsQuery{}, "r5 r3 r2 r1 r4"},
+		{requestsQuery{Limit: 2}, "r5 r3"},
+		{requestsQuery{Limit: 2, Offset: 2}, "r2 r1"},
+		{requestsQuery{Offset: 10}, ""},
+		{requestsQuery{Offset: 3}, "r1 r4"},
+		{requestsQuery{Limit: 1 << 20}, "r5 r3 r2 r1 r4"},
+		{requestsQuery{Provider: "alpha"}, "r3 r1"},
+		{requestsQuery{Model: "m2"}, "r3 r4"},
+		{requestsQuery{Policy: "code"}, "r3 r1"},
+		{requestsQuery{Success: &yes}, "r2 r1 r4"},
+		{requestsQuery{Success: &no}, "r5 r3"},
+		{requestsQuery{Model: "m1", Success: &no}, "r5"},
+		{requestsQuery{Provider: "nobody"}, ""},
+	}
+	for _, tt := range tests {
+		list, err := s.Requests(context.Background(), tt.q)
+		if err != nil {
+			t.Fatalf("Requests(%+v): %v", tt.q, err)
+		}
+		if list == nil {
+			t.Errorf("Requests(%+v) = nil; want []", tt.q)
+		}
+		var ids []string
+		for _, r := range list {
+			ids = append(ids, r.RequestID)
+		}
+		if got := strings.Join(ids, " "); got != tt.want {
+			t.Errorf("Requests(%+v) = %q; want %q", tt.q, got, tt.want)
+		}
+	}
+
+	// Rows of the same millisecond come newest-written first.
+	s2 := newTestStore(t, ":memory:")
+	for _, id := range []string{"x", "y", "z"} {
+		s2.Record(storeTestRow(id, storeFixtureT0))
+	}
+	syncTestStore(t, s2)
+	list, err := s2.Requests(context.Background(), requestsQuery{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, r := range list {
+		ids = append(ids, r.RequestID)
+	}
+	if got := strings.Join(ids, " "); got != "z y x" {
+		t.Errorf("Requests(same millisecond) = %q; want %q", got, "z y x")
+	}
+}
+
+func TestLedgerRowJSON(t *testing.T) {
+	at := time.Date(2026, 1, 2, 3, 4, 5, 6000000, time.UTC)
+	full := storeTestRow("req-1", at)
+	full.Policy, full.Streaming, full.TTFTMs = "code", true, 15
+	tests := []struct {
+		row  ledgerRow
+		want string
+	}{
+		{full, `{"request_id":"req-1","timestamp":"2026-01-02T03:04:05.006Z","policy":"code","model":"gpt-4o-mini","provider":"alpha","streaming":true,"input_tokens":120,"output_tokens":80,"usage_estimated":false,"cost_sats":1.234,"baseline_cost_sats":2.345,"latency_ms":321,"ttft_ms":15,"attempts":1,"success":true,"status":200,"error":null}`},
+		{ledgerRow{RequestID: "req-2", Time: at, Model: "m", Status: 502, Attempts: 3, LatencyMs: 7, Error: "boom"},
+			`{"request_id":"req-2","timestamp":"2026-01-02T03:04:05.006Z","policy":null,"model":"m","provider":"","streaming":false,"input_tokens":null,"output_tokens":null,"usage_estimated":false,"cost_sats":null,"baseline_cost_sats":null,"latency_ms":7,"ttft_ms":null,"attempts":3,"success":false,"status":502,"error":"boom"}`},
+	}
+	for _, tt := range tests {
+		b, err := json.Marshal(tt.row)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(b) != tt.want {
+			t.Errorf("json(%q) = %s; want %s", tt.row.RequestID, b, tt.want)
+		}
+		var back ledgerRow
+		if err := json.Unmarshal(b, &back); err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(back, tt.row) {
+			t.Errorf("unjson(json(%q)) = %+v; want %+v", tt.row.RequestID, back, tt.row)
+		}
+	}
+	// A slice of rows, as /v1/requests writes it, uses the same form.
+	b, _ := json.Marshal([]ledgerRow{full})
+	if !strings.HasPrefix(string(b), `[{"request_id":"req-1",`) {
+		t.Errorf("json([]ledgerRow) = %s", b)
+	}
+}
+
+func TestStoreRatio(t *testing.T) {
+	s, path := newTestStoreFile(t)
+	row := func(id, policy string, in, out int64, mod func(*ledgerRow)) ledgerRow {
+		r := storeTestRow(id, time.Now())
+		r.Policy, r.InputTokens, r.OutputTokens = policy, in, out
+		if mod != nil {
+			mod(&r)
+		}
+		return r
+	}
+	// Two batches, so that the second starts from the first's cache.
+	s.Record(row("c1", "code", 100, 50, nil))                                              // 0.5
+	s.Record(row("c2", "code", 100, 150, nil))                                             // 1.5
+	s.Record(row("x1", "code", 100, 1000, func(r *ledgerRow) { r.UsageEstimated = true })) // estimated: ignored
+	s.Record(row("x2", "code", 100, 1000, func(r *ledgerRow) { r.Success = false }))       // failed: ignored
+	s.Record(row("x3", "code", 100, 1000, func(r *ledgerRow) { r.HasUsage = false }))      // no usage: ignored
+	s.Record(row("x4", "code", 0, 1000, nil))                                              // no input: ignored
+	syncTestStore(t, s)
+	s.Record(row("c3", "code", 200, 100, nil)) // 0.5
+	s.Record(row("n1", "", 10, 30, nil))       // 3.0
+	syncTestStore(t, s)
+
+	tests := []struct {
+		policy string
+		avg    float64
+		n      int64
+	}{
+		{"code", 2.5 / 3, 3},
+		{"", 3, 1},
+		{"unseen", 0, 0},
+	}
+	for _, tt := range tests {
+		avg, n := s.Ratio(tt.policy)
+		if n != tt.n || math.Abs(avg-tt.avg) > 1e-12 {
+			t.Errorf("Ratio(%q) = %v, %d; want %v, %d", tt.policy, avg, n, tt.avg, tt.n)
+		}
+	}
+	// The table holds exactly what the cache holds.
+	want := map[string][2]float64{}
+	for _, policy := range []string{"code", ""} {
+		avg, n := s.Ratio(policy)
+		want[policy] = [2]float64{avg, float64(n)}
+		var dbAvg float64
+		var dbN int64
+		if err := s.db.QueryRow("SELECT avg_ratio, sample_count FROM token_ratios WHERE policy = ?", policy).Scan(&dbAvg, &dbN); err != nil {
+			t.Fatal(err)
+		}
+		if dbAvg != avg || dbN != n {
+			t.Errorf("token_ratios(%q) = %v, %d; want %v, %d", policy, dbAvg, dbN, avg, n)
+		}
+	}
+	// And it survives a restart.
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = newTestStore(t, path)
+	for policy, w := range want {
+		avg, n := s.Ratio(policy)
+		if avg != w[0] || float64(n) != w[1] {
+			t.Errorf("Ratio(%q) after reopen = %v, %d; want %v, %v", policy, avg, n, w[0], w[1])
+		}
+	}
+}
+
+// storeV1Schema is the §8.1 schema as a first release wrote it, kept here
+// verbatim rather than taken from ledgerMigrations, so that the fixture stays
+// what old files hold even if the code changes.
+const storeV1Schema = `CREATE TABLE requests (
+  id INTEGER PRIMARY KEY,
+  request_id TEXT NOT NULL UNIQUE,
+  timestamp TEXT NOT NULL,
+  policy TEXT,
+  model TEXT NOT NULL,
+  provider TEXT NOT NULL,
+  streaming BOOLEAN NOT NULL,
+  input_tokens INTEGER,
+  output_tokens INTEGER,
+  usage_estimated BOOLEAN NOT NULL,
+  cost_sats REAL,
+  baseline_cost_sats REAL,
+  latency_ms INTEGER,
+  ttft_ms INTEGER,
+  attempts INTEGER NOT NULL,
+  success BOOLEAN NOT NULL,
+  status INTEGER NOT NULL,
+  error TEXT
+);
+CREATE TABLE token_ratios (
+  policy TEXT PRIMARY KEY,
+  avg_ratio REAL,
+  sample_count INTEGER
+);`
+
+func TestStoreMigrate(t *testing.T) {
+	tests := []struct {
+		name        string
+		userVersion int // 0: an original-arbstr file; 1: this arbstr before indexes
+	}{
+		{"original arbstr, user_version 0", 0},
+		{"version 1", 1},
+	}
+	for _, tt := range tests {
+		path := filepath.Join(t.TempDir(), "old.db")
+		old, err := sql.Open("sqlite", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, stmt := range []string{
+			storeV1Schema,
+			fmt.Sprintf("PRAGMA user_version = %d", tt.userVersion),
+			`INSERT INTO requests (request_id, timestamp, policy, model, provider, streaming, input_tokens, output_tokens,
+				usage_estimated, cost_sats, baseline_cost_sats, latency_ms, ttft_ms, attempts, success, status, error) VALUES
+				('old-1', '2025-12-01T10:00:00.000Z', 'code', 'm1', 'alpha', 0, 100, 50, 0, 0.5, 0.75, 120, NULL, 1, 1, 200, NULL),
+				('old-2', '2025-12-01T10:00:01.250000+00:00', NULL, 'm1', 'beta', 1, 10, 5, 1, 0.01, 0.02, 80, 20, 2, 1, 200, NULL),
+				('old-3', '2025-12-01T10:00:02.000Z', NULL, 'm2', '', 0, NULL, NULL, 0, NULL, NULL, 1, NULL, 0, 0, 400, 'no provider')`,
+			`INSERT INTO token_ratios VALUES ('code', 0.75, 12)`,
+		} {
+			if _, err := old.Exec(stmt); err != nil {
+				t.Fatalf("%s: fixture: %v", tt.name, err)
+			}
+		}
+		old.Close()
+
+		s := newTestStore(t, path)
+		if got := queryTestInt(t, s.db, "PRAGMA user_version"); got != int64(len(ledgerMigrations)) {
+			t.Errorf("%s: user_version = %d; want %d", tt.name, got, len(ledgerMigrations))
+		}
+		if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'requests_timestamp'"); got != 1 {
+			t.Errorf("%s: index(%q) = %d; want 1", tt.name, "requests_timestamp", got)
+		}
+		list, err := s.Requests(context.Background(), requestsQuery{})
+		if err != nil {
+			t.Fatalf("%s: Requests: %v", tt.name, err)
+		}
+		var ids []string
+		for _, r := range list {
+			ids = append(ids, r.RequestID)
+		}
+		if got := strings.Join(ids, " "); got != "old-3 old-2 old-1" {
+			t.Errorf("%s: Requests() = %q; want %q", tt.name, got, "old-3 old-2 old-1")
+		}
+		r, ok, err := s.Request(context.Background(), "old-2")
+		if err != nil || !ok {
+			t.Fatalf("%s: Request(old-2) = %v, %v", tt.name, ok, err)
+		}
+		if want := time.Date(2025, 12, 1, 10, 0, 1, 250000000, time.UTC); !r.Time.Equal(want) || r.CostMsat != 10 || !r.UsageEstimated {
+			t.Errorf("%s: Request(%q) = %+v; want time %v, 10 msat, estimated", tt.name, "old-2", r, want)
+		}
+		if avg, n := s.Ratio("code"); avg != 0.75 || n != 12 {
+			t.Errorf("%s: Ratio(%q) = %v, %d; want 0.75, 12", tt.name, "code", avg, n)
+		}
+		// The migrated file takes new rows.
+		s.Record(storeTestRow("new-1", time.Now()))
+		syncTestStore(t, s)
+		if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"); got != 4 {
+			t.Errorf("%s: rows = %d; want 4", tt.name, got)
+		}
+	}
+}
+
+func TestStoreNewerSchema(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "future.db")
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec("PRAGMA user_version = 99"); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	s, err := openStore(path, storeTestLogger)
+	if err == nil {
+		s.Close()
+		t.Fatalf("openStore(%q) with user_version 99 = nil error; want an error", path)
+	}
+	if !strings.HasPrefix(err.Error(), "open ledger: ") {
+		t.Errorf("openStore error = %q; want it to start %q", err, "open ledger: ")
+	}
+}
+
+func TestStoreOpenError(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "no", "such", "dir", "arbstr.db")
+	if s, err := openStore(path, storeTestLogger); err == nil {
+		s.Close()
+		t.Errorf("openStore(%q) = nil error; want an error", path)
+	}
+}
+
+// BenchmarkLedgerWriter measures the rows per second the writer commits to a
+// file: each iteration records one row, and the clock stops once the last
+// is committed.
+func BenchmarkLedgerWriter(b *testing.B) {
+	s, _ := newTestStoreFile(b)
+	row := storeTestRow("", time.Now())
+	row.Policy = "code"
+	b.ReportAllocs()
+	start := time.Now()
+	n := 0
+	for b.Loop() {
+		row.RequestID = "bench-" + strconv.Itoa(n)
+		s.Record(row)
+		n++
+	}
+	syncTestStore(b, s)
+	b.ReportMetric(float64(n)/time.Since(start).Seconds(), "rows/s")
+}
+
+// BenchmarkStoreRatio is the routing path's read of the learned ratio.
+func BenchmarkStoreRatio(b *testing.B) {
+	s := newTestStore(b, ":memory:")
+	b.ReportAllocs()
+	for b.Loop() {
+		s.Ratio("code")
+	}
+}
+
+// ---- Benchmarks (§10, issue 5) ----
+//
+// Each arbstr benchmark stands beside the same work done by a bare
+// httputil.ReverseProxy, so the ratio is the figure to read:
+//
+//	go test -run '^$' -bench . -benchmem
+
+// benchBody is a ~1 KB chat request.
+var benchBody = `{"model":"m","max_tokens":200,"messages":[{"role":"system","content":"You are a helpful assistant that answers briefly."},` +
+	`{"role":"user","content":"` + strings.Repeat("Tell me about sats and routing. ", 28) + `"}]}`
+
+// staticTransport answers every request with the same body, without a
+// socket, as in net/http/httputil's BenchmarkServeHTTP.
+type staticTransport struct {
+	body  []byte
+	ctype string
+}
+
+func (s staticTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.Body != nil {
+		io.Copy(io.Discard, r.Body)
+		r.Body.Close()
+	}
+	return &http.Response{
+		StatusCode:    200,
+		Header:        http.Header{"Content-Type": {s.ctype}},
+		Body:          io.NopCloser(bytes.NewReader(s.body)),
+		ContentLength: int64(len(s.body)),
+		Request:       r,
+	}, nil
+}
+
+// discardWriter is a ResponseWriter that keeps nothing, so that benchmarks
+// measure the handler and not a recorder.
+type discardWriter struct{ h http.Header }
+
+func (d *discardWriter) Header() http.Header         { return d.h }
+func (d *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
+func (d *discardWriter) WriteHeader(int)             {}
+func (d *discardWriter) Flush()                      {}
+
+// streamPayload is a provider stream of n content events, a finish chunk,
+// a usage chunk and [DONE].
+func streamPayload(n int) []byte {
+	var b bytes.Buffer
+	for i := range n {
+		fmt.Fprintf(&b, "data: %s\n\n", chunkJSON(fmt.Sprint(" token", i)))
+	}
+	fmt.Fprintf(&b, "data: %s\n\ndata: %s\n\ndata: [DONE]\n\n", finishChunk, usageChunk(250, n))
+	return b.Bytes()
+}
+
+// benchHandlers returns arbstr's handler and a bare reverse proxy, both
+// calling rt, with arbstr's ledger on (or off) in a file.
+func benchHandlers(b *testing.B, rt http.RoundTripper, logRequests bool) (arbstr, bare http.Handler) {
+	cfg := testConfig(prov("p1", "http://provider.invalid", 1, 2), prov("p2", "http://provider.invalid", 2, 3))
+	cfg.Logging.LogRequests = logRequests
+	ta := newArbstr(b, cfg)
+	ta.srv.transport = rt
+	ta.srv.log = slog.New(slog.DiscardHandler)
+	target := &url.URL{Scheme: "http", Host: "provider.invalid"}
+	rp := &httputil.ReverseProxy{
+		Rewrite:       func(pr *httputil.ProxyRequest) { pr.SetURL(target) },
+		Transport:     rt,
+		FlushInterval: -1,
+	}
+	return ta.srv, rp
+}
+
+func runHandler(b *testing.B, h http.Handler, body string) {
+	b.ReportAllocs()
+	w := &discardWriter{h: make(http.Header)}
+	for b.Loop() {
+		clear(w.h)
+		r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", strings.NewReader(body))
+		r.Header.Set("Content-Type", "application/json")
+		h.ServeHTTP(w, r)
+	}
+}
+
+// BenchmarkHandler is the handler's own cost for a ~1 KB non-streaming
+// completion with usage, against a stub provider: routing, body handling,
+// splicing, headers and the ledger, with no network noise.
+func BenchmarkHandler(b *testing.B) {
+	rt := staticTransport{[]byte(completionJSON("Sats are the smallest unit of bitcoin.", 250, 12)), "application/json"}
+	b.Run("reverseproxy", func(b *testing.B) {
+		_, bare := benchHandlers(b, rt, true)
+		runHandler(b, bare, benchBody)
+	})
+	b.Run("arbstr", func(b *testing.B) {
+		h, _ := benchHandlers(b, rt, true)
+		runHandler(b, h, benchBody)
+	})
+	b.Run("arbstr-nolog", func(b *testing.B) {
+		h, _ := benchHandlers(b, rt, false)
+		runHandler(b, h, benchBody)
+	})
+}
+
+// BenchmarkStreamHandler is a 20-event stream through the handler, and a
+// 1,000-event one for the SSE reader over a long stream.
+func BenchmarkStreamHandler(b *testing.B) {
+	body := strings.Replace(benchBody, `"max_tokens"`, `"stream":true,"max_tokens"`, 1)
+	for _, events := range []int{20, 1000} {
+		rt := staticTransport{streamPayload(events), "text/event-stream"}
+		b.Run(fmt.Sprintf("events=%d/reverseproxy", events), func(b *testing.B) {
+			_, bare := benchHandlers(b, rt, true)
+			b.SetBytes(int64(len(rt.body)))
+			runHandler(b, bare, body)
+		})
+		b.Run(fmt.Sprintf("events=%d/arbstr", events), func(b *testing.B) {
+			h, _ := benchHandlers(b, rt, true)
+			b.SetBytes(int64(len(rt.body)))
+			runHandler(b, h, body)
+		})
+	}
+}
+
+// BenchmarkProxy measures over real loopback sockets: the client calls the
+// provider directly, through a bare reverse proxy, or through arbstr. The
+// latency a proxy adds is its time minus direct's.
+func BenchmarkProxy(b *testing.B) {
+	for _, tc := range []struct {
+		name string
+		body string
+		h    http.HandlerFunc
+	}{
+		{"completion", benchBody, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			io.WriteString(w, completionJSON("Sats are the smallest unit of bitcoin.", 250, 12))
+		}},
+		{"stream20", strings.Replace(benchBody, `"max_tokens"`, `"stream":true,"max_tokens"`, 1), func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			payload := streamPayload(20)
+			for len(payload) > 0 { // one write and flush per event
+				k := nextEvent(payload)
+				w.Write(payload[:k])
+				w.(http.Flusher).Flush()
+				payload = payload[k:]
+			}
+		}},
+	} {
+		up := newUpstream(b, tc.h)
+		target, _ := url.Parse(up.URL)
+		upTransport := &http.Transport{MaxIdleConnsPerHost: 64, DisableCompression: true}
+		rp := httptest.NewServer(&httputil.ReverseProxy{
+			Rewrite:       func(pr *httputil.ProxyRequest) { pr.SetURL(target) },
+			Transport:     upTransport,
+			FlushInterval: -1,
+		})
+		b.Cleanup(rp.Close)
+		ta := newArbstr(b, testConfig(prov("p1", up.URL, 1, 2)))
+		ta.srv.log = slog.New(slog.DiscardHandler)
+		client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, DisableCompression: true}}
+		for _, target := range []struct{ name, url string }{
+			{"direct", up.URL + "/v1/chat/completions"},
+			{"reverseproxy", rp.URL + "/v1/chat/completions"},
+			{"arbstr", ta.URL + "/v1/chat/completions"},
+		} {
+			b.Run(tc.name+"/"+target.name, func(b *testing.B) {
+				b.ReportAllocs()
+				for b.Loop() {
+					resp, err := client.Post(target.url, "application/json", strings.NewReader(tc.body))
+					if err != nil {
+						b.Fatal(err)
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != 200 {
+						b.Fatalf("status %d", resp.StatusCode)
+					}
+				}
+			})
+		}
+	}
+}
+
+// BenchmarkResidentMemory runs 10,000 requests through arbstr over sockets
+// and reports resident memory before and after (VmRSS of this process,
+// which includes the test binary and the fake provider).
+func BenchmarkResidentMemory(b *testing.B) {
+	if _, err := os.Stat("/proc/self/status"); err != nil {
+		b.Skip("no /proc/self/status")
+	}
+	up := newUpstream(b, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, completionJSON("ok", 250, 12))
+	})
+	ta := newArbstr(b, testConfig(prov("p1", up.URL, 1, 2)))
+	ta.srv.log = slog.New(slog.DiscardHandler)
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8}}
+	for b.Loop() {
+		before := residentMB(b)
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Go(func() {
+				for range 10000 / 8 {
+					resp, err := client.Post(ta.URL+"/v1/chat/completions", "application/json", strings.NewReader(benchBody))
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+			})
+		}
+		wg.Wait()
+		ta.rows(b)
+		b.ReportMetric(before, "rss-before-MB")
+		b.ReportMetric(residentMB(b), "rss-after-MB")
+	}
+}
+
+func residentMB(b *testing.B) float64 {
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		b.Fatal(err)
+	}
+	for line := range strings.SplitSeq(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			var kb float64
+			fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), &kb)
+			return kb / 1024
+		}
+	}
+	b.Fatal("no VmRSS")
+	return 0
+}
