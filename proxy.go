@@ -219,22 +219,22 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 		}
 		return nil, badRequest("invalid_json", "request body must be a JSON object")
 	}
-	var raw struct {
-		Model               json.RawMessage `json:"model"`
-		Messages            []chatMessage   `json:"messages"`
-		Stream              json.RawMessage `json:"stream"`
-		MaxTokens           json.RawMessage `json:"max_tokens"`
-		MaxCompletionTokens json.RawMessage `json:"max_completion_tokens"`
-		StreamOptions       json.RawMessage `json:"stream_options"`
-	}
-	// One pass over the body: the messages decode into their final shape,
-	// and text is only measured, not copied, until the last user message is
-	// known.
-	if err := json.Unmarshal(body, &raw); err != nil {
-		if te, ok := errors.AsType[*json.UnmarshalTypeError](err); ok && strings.HasPrefix(te.Field, "messages") {
-			return nil, badRequest("invalid_messages", "messages must be a non-empty array of objects with a string role")
-		}
+	// The top level decodes into a map, not a struct: encoding/json matches
+	// struct fields case-insensitively, and a provider would not read
+	// "STREAM":true as a stream, so neither may arbstr.
+	var top map[string]json.RawMessage
+	if err := json.Unmarshal(body, &top); err != nil {
 		return nil, badRequest("invalid_json", "request body is not valid JSON: %v", err)
+	}
+	raw := struct {
+		Model, Stream, MaxTokens, MaxCompletionTokens, StreamOptions json.RawMessage
+		Messages                                                     []chatMessage
+	}{
+		Model: top["model"], Stream: top["stream"], StreamOptions: top["stream_options"],
+		MaxTokens: top["max_tokens"], MaxCompletionTokens: top["max_completion_tokens"],
+	}
+	if m := top["messages"]; len(m) > 0 && json.Unmarshal(m, &raw.Messages) != nil {
+		return nil, badRequest("invalid_messages", "messages must be a non-empty array of objects with a string role")
 	}
 	req := &chatRequest{StreamOptions: raw.StreamOptions}
 	if len(raw.Model) == 0 || string(raw.Model) == "null" {
@@ -257,7 +257,8 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 	default:
 		return nil, badRequest("invalid_stream", "stream must be a boolean")
 	}
-	for _, mt := range [][]byte{raw.MaxCompletionTokens, raw.MaxTokens} {
+	// max_completion_tokens, OpenAI's newer name, wins over max_tokens.
+	for _, mt := range [][]byte{raw.MaxTokens, raw.MaxCompletionTokens} {
 		var n int64
 		if len(mt) > 0 && json.Unmarshal(mt, &n) == nil && n > 0 {
 			req.MaxTokens = n
@@ -332,48 +333,50 @@ func withIncludeUsage(body []byte, opts json.RawMessage) ([]byte, bool) {
 	if len(opts) == 0 {
 		return appendStreamOptions(body)
 	}
+	var fields map[string]json.RawMessage
+	if string(opts) != "null" {
+		if json.Unmarshal(opts, &fields) != nil {
+			return body, false // not an object: the provider will say so
+		}
+		if _, ok := fields["include_usage"]; ok {
+			return body, false // the client's choice, true or false, stands
+		}
+	}
+	start, end := lastMember(body, "stream_options")
+	switch {
+	case start < 0:
+		return body, false
+	case fields == nil: // null: as if absent
+		return splice(body, start, end, []byte(`{"include_usage":true}`)), true
+	case len(fields) == 0:
+		return splice(body, start+1, start+1, []byte(`"include_usage":true`)), true
+	}
+	return splice(body, start+1, start+1, []byte(`"include_usage":true,`)), true
+}
+
+// lastMember returns where the value of the last top-level member named key
+// lies in body, the one a JSON decoder keeps, or -1 when there is none.
+func lastMember(body []byte, key string) (start, end int) {
+	start, end = -1, -1
 	dec := json.NewDecoder(bytes.NewReader(body))
 	if _, err := dec.Token(); err != nil { // the opening '{'
-		return body, false
+		return -1, -1
 	}
 	for dec.More() {
-		key, err := dec.Token()
+		k, err := dec.Token()
 		if err != nil {
-			return body, false
+			return -1, -1
 		}
-		afterKey := dec.InputOffset()
 		var v json.RawMessage
 		if err := dec.Decode(&v); err != nil {
-			return body, false
+			return -1, -1
 		}
-		if key != "stream_options" {
-			continue
+		if k == key {
+			end = int(dec.InputOffset())
+			start = end - len(v)
 		}
-		end := int(dec.InputOffset())
-		start := end - len(v)
-		if int64(start) < afterKey || !bytes.Equal(body[start:end], v) {
-			return body, false // not where we expect it; leave the body alone
-		}
-		switch v[0] {
-		case 'n': // null: as if absent
-			return splice(body, start, end, []byte(`{"include_usage":true}`)), true
-		case '{':
-			var opts map[string]json.RawMessage
-			if json.Unmarshal(v, &opts) != nil {
-				return body, false
-			}
-			if _, ok := opts["include_usage"]; ok {
-				return body, false // the client's choice, true or false, stands
-			}
-			field := `"include_usage":true`
-			if len(opts) > 0 {
-				field += ","
-			}
-			return splice(body, start+1, start+1, []byte(field)), true
-		}
-		return body, false
 	}
-	return appendStreamOptions(body)
+	return start, end
 }
 
 // appendStreamOptions adds the option as the last member of the body.

@@ -356,6 +356,10 @@ func TestWithIncludeUsage(t *testing.T) {
 		{`{"model":"m","stream_options":{"include_usage":true}}`, `{"model":"m","stream_options":{"include_usage":true}}`, false},
 		{`{"model":"m","nested":{"stream_options":{}}}`, `{"model":"m","nested":{"stream_options":{}},"stream_options":{"include_usage":true}}`, true},
 		{`{"model":"m","s":"}","stream":true}`, `{"model":"m","s":"}","stream":true,"stream_options":{"include_usage":true}}`, true},
+		// Keys are exact, as providers read them; a duplicate's last value counts.
+		{`{"model":"m","Stream_Options":{"include_usage":false}}`, `{"model":"m","Stream_Options":{"include_usage":false},"stream_options":{"include_usage":true}}`, true},
+		{`{"model":"m","stream_options":{"include_usage":false},"stream_options":null}`, `{"model":"m","stream_options":{"include_usage":false},"stream_options":{"include_usage":true}}`, true},
+		{`{"model":"m","stream_options":"yes"}`, `{"model":"m","stream_options":"yes"}`, false},
 	} {
 		req, aerr := parseChat([]byte(strings.Replace(tc.in, "{", `{"messages":[{}],`, 1)))
 		if aerr != nil {
@@ -940,6 +944,7 @@ func TestBadInput(t *testing.T) {
 		{"messages object", "POST", "/v1/chat/completions", "application/json", `{"model":"m","messages":{"a":1}}`, 400, "invalid_messages"},
 		{"message not object", "POST", "/v1/chat/completions", "application/json", `{"model":"m","messages":[1]}`, 400, "invalid_messages"},
 		{"stream string", "POST", "/v1/chat/completions", "application/json", `{"model":"m","stream":"yes","messages":[{"role":"user","content":"x"}]}`, 400, "invalid_stream"},
+		{"keys are case-sensitive", "POST", "/v1/chat/completions", "application/json", `{"Model":"m","messages":[{"role":"user","content":"x"}]}`, 400, "missing_model"},
 		{"form content type", "POST", "/v1/chat/completions", "application/x-www-form-urlencoded", chatBody, 400, "invalid_content_type"},
 		{"text content type", "POST", "/v1/chat/completions", "text/plain", chatBody, 400, "invalid_content_type"},
 		{"too large", "POST", "/v1/chat/completions", "application/json", big, 413, "body_too_large"},
