@@ -35,7 +35,12 @@ import (
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
+	go func() {
+		// After the first signal, the default handling returns, so that a
+		// second Ctrl-C ends arbstr without waiting out the grace period.
+		<-ctx.Done()
+		stop()
+	}()
 	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintf(os.Stderr, "arbstr: %v\n", err)
 		os.Exit(1)
@@ -86,7 +91,7 @@ func check(args []string, stdout io.Writer) error {
 	fmt.Fprintf(stdout, "  auth       %v\n", cfg.Server.AuthToken != "")
 	fmt.Fprintf(stdout, "  providers  %d\n", len(cfg.Providers))
 	for _, p := range cfg.Providers {
-		fmt.Fprintf(stdout, "    %-20s %s\n", p.Name, p.URL)
+		fmt.Fprintf(stdout, "    %-20s %s\n", p.Name, redactURL(p.URL))
 	}
 	fmt.Fprintf(stdout, "  policies   %d (default strategy %s)\n", len(cfg.Policies.Rules), cfg.Policies.DefaultStrategy)
 	for _, r := range cfg.Policies.Rules {
@@ -123,7 +128,7 @@ func listProviders(args []string, stdout io.Writer) error {
 		if p.APIKey != "" {
 			key = "set (" + p.KeySource + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%g\t%g\t%g\t%s\n", p.Name, p.URL, models, p.InputRate, p.OutputRate, p.BaseFee, key)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%g\t%g\t%g\t%s\n", p.Name, redactURL(p.URL), models, p.InputRate, p.OutputRate, p.BaseFee, key)
 	}
 	return tw.Flush()
 }
@@ -152,6 +157,9 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	if *listen != "" {
 		cfg.Server.Listen = *listen
+		if !isLoopbackListen(*listen) && cfg.Server.AuthToken == "" {
+			warnings = append(warnings, fmt.Sprintf("-listen %s is not a loopback address and server.auth_token is not set: anyone who can reach it can spend your sats", *listen))
+		}
 	}
 	if v := os.Getenv("ARBSTR_LOG_LEVEL"); v != "" {
 		cfg.Logging.Level = v

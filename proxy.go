@@ -15,6 +15,7 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"net/url"
 	"slices"
 	"sort"
 	"strconv"
@@ -196,7 +197,9 @@ func (s *server) readChat(w http.ResponseWriter, r *http.Request) ([]byte, *chat
 	}
 	var buf bytes.Buffer
 	if r.ContentLength > 0 {
-		buf.Grow(int(r.ContentLength) + 1) // one allocation, and ReadFrom's final EOF read fits
+		// One allocation, and ReadFrom's final EOF read fits; no more than
+		// 1 MiB up front for a client that only claims a large body.
+		buf.Grow(int(min(r.ContentLength, 1<<20)) + 1)
 	}
 	if _, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, limit)); err != nil {
 		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
@@ -560,11 +563,20 @@ func (s *server) forward(w http.ResponseWriter, r *http.Request, ex *exchange) {
 			tried = true
 			ex.attempts++
 			ex.provider, ex.price = c.p, c.price
-			res := s.attempt(w, r, ex, c.p)
-			c.p.release(time.Now(), probe, res.outcome, res.retryAfter)
+			res := attemptResult{outcome: outcomeNeutral}
+			func() {
+				// Released however the attempt ends, a panic included, so
+				// that a probe always frees its slot (§6.3).
+				defer func() { c.p.release(time.Now(), probe, res.outcome, res.retryAfter) }()
+				res = s.attempt(w, r, ex, c.p)
+			}()
 			if res.done {
 				return
 			}
+			// What a failed attempt learned dies with it: usage seen in a
+			// stream that then failed is not charged to this request.
+			ex.hasUsage, ex.estimated, ex.in, ex.out, ex.ttft, ex.errMsg = false, false, 0, 0, 0, ""
+			s.log.Debug("attempt failed", "id", ex.id, "provider", c.p.Name, "err", res.fail)
 			fails = append(fails, c.p.Name+": "+res.fail)
 			lastTimeout = res.timeout
 		}
@@ -586,29 +598,35 @@ func (s *server) forward(w http.ResponseWriter, r *http.Request, ex *exchange) {
 }
 
 // isFailure says whether an upstream status is a failure that moves the
-// request to the next provider (§6.1). Other non-2xx statuses (400, 413, 422
-// and the rest of 4xx) are the client's to see.
+// request to the next provider (§6.1). The other 4xx (400, 413, 422, and
+// 405, 409, 415, ...) are about the request, the client's to see. A 1xx or
+// 3xx is no answer to a chat completion: a failure.
 func isFailure(status int) bool {
 	switch status {
 	case 401, 402, 403, 404, 429:
 		return true
 	}
-	return status >= 500
+	return status >= 500 || status < 400
 }
 
-// retryAfter parses a Retry-After header: delay-seconds or an HTTP date.
-func retryAfter(h http.Header) time.Duration {
-	v := h.Get("Retry-After")
-	if v == "" {
+// maxRetryAfter bounds how long a 429's Retry-After may keep a circuit
+// open, so that a provider cannot switch itself off for a year.
+const maxRetryAfter = time.Hour
+
+// retryAfter returns how long a 429 asks to wait (§6.3): its Retry-After
+// header, in delay-seconds or as an HTTP date.
+func retryAfter(resp *http.Response) time.Duration {
+	v := resp.Header.Get("Retry-After")
+	if resp.StatusCode != http.StatusTooManyRequests || v == "" {
 		return 0
 	}
-	if secs, err := strconv.Atoi(strings.TrimSpace(v)); err == nil && secs > 0 {
-		return time.Duration(secs) * time.Second
+	var d time.Duration
+	if secs, err := strconv.Atoi(strings.TrimSpace(v)); err == nil {
+		d = time.Duration(secs) * time.Second
+	} else if t, err := http.ParseTime(v); err == nil {
+		d = time.Until(t)
 	}
-	if t, err := http.ParseTime(v); err == nil {
-		return max(time.Until(t), 0)
-	}
-	return 0
+	return min(max(d, 0), maxRetryAfter)
 }
 
 // attempt sends the request to one provider. Nothing reaches the client
@@ -649,21 +667,20 @@ func (s *server) attempt(w http.ResponseWriter, r *http.Request, ex *exchange, p
 	sent := time.Now()
 	resp, err := s.transport.RoundTrip(up)
 	if err != nil {
-		return s.transportFailure(w, r, ex, err, timedOut.Load())
+		return s.transportFailure(r, ex, err, timedOut.Load())
 	}
 	defer resp.Body.Close()
-	p.observe(time.Since(sent))
 
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
 		b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 		if err != nil {
-			return s.transportFailure(w, r, ex, err, timedOut.Load())
+			return s.transportFailure(r, ex, err, timedOut.Load())
 		}
 		if isFailure(resp.StatusCode) {
 			return attemptResult{
 				fail:       fmt.Sprintf("HTTP %d %s", resp.StatusCode, http.StatusText(resp.StatusCode)),
 				outcome:    outcomeFailure,
-				retryAfter: retryAfter(resp.Header),
+				retryAfter: retryAfter(resp),
 			}
 		}
 		// The client's own fault (400, 413, 422, ...): its status and body,
@@ -677,6 +694,9 @@ func (s *server) attempt(w http.ResponseWriter, r *http.Request, ex *exchange, p
 		w.Write(b)
 		return attemptResult{done: true, outcome: outcomeNeutral}
 	}
+	// Only answers count for lowest_latency: a provider that fails fast is
+	// not fast.
+	p.observe(time.Since(sent))
 	if ex.req.Stream {
 		return s.stream(w, r, ex, resp, idle, &timedOut)
 	}
@@ -684,7 +704,7 @@ func (s *server) attempt(w http.ResponseWriter, r *http.Request, ex *exchange, p
 }
 
 // transportFailure classifies an error before the answer started.
-func (s *server) transportFailure(w http.ResponseWriter, r *http.Request, ex *exchange, err error, timedOut bool) attemptResult {
+func (s *server) transportFailure(r *http.Request, ex *exchange, err error, timedOut bool) attemptResult {
 	if r.Context().Err() != nil {
 		ex.status, ex.errMsg = statusClientClosed, "client disconnected"
 		s.finish(ex)
@@ -734,7 +754,7 @@ func (u *usage) tokens() (in, out int64) {
 func (s *server) complete(w http.ResponseWriter, r *http.Request, ex *exchange, resp *http.Response) attemptResult {
 	body, err := readAll(resp)
 	if err != nil {
-		return s.transportFailure(w, r, ex, err, false)
+		return s.transportFailure(r, ex, err, false)
 	}
 	var parsed struct {
 		Usage   *usage `json:"usage"`
@@ -749,8 +769,8 @@ func (s *server) complete(w http.ResponseWriter, r *http.Request, ex *exchange, 
 			return attemptResult{fail: "invalid JSON in a 2xx answer", outcome: outcomeFailure}
 		}
 	}
-	open := bytes.IndexByte(body, '{')
-	if open < 0 {
+	open := len(body) - len(bytes.TrimLeft(body, " \t\r\n"))
+	if open == len(body) || body[open] != '{' {
 		return attemptResult{fail: "answer is not a JSON object", outcome: outcomeFailure}
 	}
 	if parsed.Usage != nil {
@@ -790,14 +810,25 @@ func (s *server) complete(w http.ResponseWriter, r *http.Request, ex *exchange, 
 	return attemptResult{done: true, outcome: outcomeSuccess}
 }
 
+// maxAnswerBytes bounds what arbstr holds of one provider answer: a whole
+// non-streaming body, or one stream event. A chat completion is far smaller;
+// a provider that sends more is broken or hostile, and must not exhaust a
+// small machine's memory.
+const maxAnswerBytes = 32 << 20
+
+var errAnswerTooLarge = errors.New("answer larger than 32 MiB")
+
 // readAll reads a response body into one buffer sized by Content-Length when
-// the provider sent one.
+// the provider sent a plausible one.
 func readAll(resp *http.Response) ([]byte, error) {
 	var buf bytes.Buffer
-	if resp.ContentLength > 0 && resp.ContentLength < 64<<20 {
-		buf.Grow(int(resp.ContentLength) + 1)
+	if resp.ContentLength > 0 {
+		buf.Grow(int(min(resp.ContentLength, 1<<20)) + 1)
 	}
-	_, err := buf.ReadFrom(io.LimitReader(resp.Body, 256<<20))
+	n, err := buf.ReadFrom(io.LimitReader(resp.Body, maxAnswerBytes+1))
+	if err == nil && n > maxAnswerBytes {
+		err = errAnswerTooLarge
+	}
 	return buf.Bytes(), err
 }
 
@@ -815,11 +846,12 @@ var hopHeaders = []string{
 }
 
 // copyHeaders copies the provider's end-to-end response headers: not the
-// hop-by-hop ones, not those named in its Connection header, and not
-// Content-Length, which arbstr sets for the body it writes.
+// hop-by-hop ones, not those named in its Connection header, not
+// Content-Length, which arbstr sets for the body it writes, and not x-arbstr-*.
 func copyHeaders(dst, src http.Header) {
 	for k, vv := range src {
-		if k == "Content-Length" || slices.Contains(hopHeaders, k) {
+		// arbstr's own headers are arbstr's to set, never a provider's.
+		if k == "Content-Length" || slices.Contains(hopHeaders, k) || strings.HasPrefix(k, "X-Arbstr-") {
 			continue
 		}
 		dst[k] = vv
@@ -961,7 +993,14 @@ func (s *server) stream(w http.ResponseWriter, r *http.Request, ex *exchange, re
 
 	for {
 		if n == len(buf) {
-			// One event is larger than the buffer: grow it for this stream.
+			// One event is larger than the buffer: grow it for this stream,
+			// up to a bound.
+			if len(buf) >= maxAnswerBytes {
+				if !started {
+					return attemptResult{fail: "stream event larger than 32 MiB", outcome: outcomeFailure}
+				}
+				return interrupted("stream event larger than 32 MiB")
+			}
 			buf = append(buf, make([]byte, len(buf))...)
 		}
 		m, rerr := resp.Body.Read(buf[n:])
@@ -983,8 +1022,8 @@ func (s *server) stream(w http.ResponseWriter, r *http.Request, ex *exchange, re
 				if started {
 					write(ev)
 					wrote = true
-				} else {
-					pending = append(pending, ev...)
+				} else if pending = append(pending, ev...); len(pending) > maxAnswerBytes {
+					return attemptResult{fail: "no data event in 32 MiB", outcome: outcomeFailure}
 				}
 				continue
 			}
@@ -996,18 +1035,21 @@ func (s *server) stream(w http.ResponseWriter, r *http.Request, ex *exchange, re
 				if !started {
 					return attemptResult{fail: "stream ended before its first event", outcome: outcomeFailure}
 				}
-				end(ex.errMsg == "", ex.errMsg)
+				end(true, "")
 				write(summary())
 				write(ev)
 				rc.Flush()
 				return attemptResult{done: true, outcome: outcomeSuccess}
 			}
 			content, finish, hasUsage, hasError := scanChunk(data)
+			if hasError && !started {
+				return attemptResult{fail: "error event before the first chunk", outcome: outcomeFailure}
+			}
 			if hasError {
-				if !started {
-					return attemptResult{fail: "error event before the first chunk", outcome: outcomeFailure}
-				}
-				ex.errMsg = "provider sent an error event"
+				// The provider's error reaches the client as it was sent;
+				// then the stream ends as an interrupted one (§5.3).
+				write(ev)
+				return interrupted("the provider sent an error event")
 			}
 			if content > 0 && firstContent.IsZero() {
 				firstContent = now
@@ -1071,7 +1113,7 @@ func (s *server) stream(w http.ResponseWriter, r *http.Request, ex *exchange, re
 			return attemptResult{fail: "timeout", timeout: true, outcome: outcomeFailure}
 		case !started:
 			return attemptResult{fail: "stream ended before its first event", outcome: outcomeFailure}
-		case rerr == io.EOF && (finished || usageSeen) && ex.errMsg == "":
+		case rerr == io.EOF && (finished || usageSeen):
 			// A provider that ends a complete answer without [DONE]: end it
 			// for the client as OpenAI would.
 			end(true, "")
@@ -1079,9 +1121,6 @@ func (s *server) stream(w http.ResponseWriter, r *http.Request, ex *exchange, re
 			write([]byte("data: [DONE]\n\n"))
 			rc.Flush()
 			return attemptResult{done: true, outcome: outcomeSuccess}
-		case rerr == io.EOF && ex.errMsg != "":
-			end(false, ex.errMsg)
-			return attemptResult{done: true, outcome: outcomeFailure}
 		case rerr == io.EOF:
 			reason = "the provider closed the stream before the answer was complete"
 		}
@@ -1164,10 +1203,11 @@ func (s *server) handleCost(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rt, aerr := s.router.Route(req, r.Header.Get("X-Arbstr-Policy"), time.Now(), 0)
-	if aerr != nil {
-		writeError(w, aerr)
+	if aerr != nil && aerr.Status != http.StatusServiceUnavailable {
+		writeError(w, aerr) // a refusal: the same 400 the chat request gets
 		return
 	}
+	// With every circuit open, the dry run still shows who was set aside.
 	type costCandidate struct {
 		Provider        string  `json:"provider"`
 		InputRate       float64 `json:"input_rate"`
@@ -1239,11 +1279,14 @@ func (s *server) handleModels(w http.ResponseWriter, r *http.Request) {
 func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	now := time.Now()
 	states := map[string]map[string]string{}
-	open := 0
+	open, notClosed := 0, 0
 	for _, p := range s.router.providers {
 		st := p.state(now)
 		if st == stateOpen {
 			open++
+		}
+		if st != stateClosed {
+			notClosed++
 		}
 		states[p.Name] = map[string]string{"state": st}
 	}
@@ -1251,7 +1294,7 @@ func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case len(s.router.providers) == 0 || open == len(s.router.providers):
 		status, code = "unhealthy", http.StatusServiceUnavailable
-	case open > 0:
+	case notClosed > 0:
 		status = "degraded"
 	}
 	writeJSON(w, code, map[string]any{"status": status, "providers": states})
@@ -1274,7 +1317,7 @@ func (s *server) handleProviders(w http.ResponseWriter, r *http.Request) {
 	list := make([]providerInfo, 0, len(s.router.providers))
 	for _, p := range s.router.providers {
 		pi := providerInfo{
-			Name: p.Name, URL: p.URL, Models: p.Models, InputRate: p.InputRate, OutputRate: p.OutputRate,
+			Name: p.Name, URL: redactURL(p.URL), Models: p.Models, InputRate: p.InputRate, OutputRate: p.OutputRate,
 			BaseFee: p.BaseFee, ModelRates: p.ModelRates, HasAPIKey: p.APIKey != "", Circuit: p.state(now),
 		}
 		if pi.Models == nil {
@@ -1308,17 +1351,20 @@ func (s *server) handleStats(w http.ResponseWriter, r *http.Request) {
 		writeError(w, badRequest("invalid_group_by", "group_by must be provider, model or policy, got %q", sq.GroupBy))
 		return
 	}
+	// The default window, 24h, applies only when no bound is given.
 	rng := strings.TrimPrefix(q.Get("range"), "last_")
-	if rng == "" {
+	if rng == "" && q.Get("since") == "" && q.Get("until") == "" {
 		rng = "24h"
 	}
-	d, ok := statsRanges[rng]
-	if !ok {
-		writeError(w, badRequest("invalid_range", "range must be one of 1h, 24h, 7d, 30d, all, got %q", q.Get("range")))
-		return
-	}
-	if d > 0 {
-		sq.Since = now.Add(-d)
+	if rng != "" {
+		d, ok := statsRanges[rng]
+		if !ok {
+			writeError(w, badRequest("invalid_range", "range must be one of 1h, 24h, 7d, 30d, all, got %q", q.Get("range")))
+			return
+		}
+		if d > 0 {
+			sq.Since = now.Add(-d)
+		}
 	}
 	for _, p := range []struct {
 		name string
@@ -1403,6 +1449,22 @@ func (s *server) handleRequest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, row)
+}
+
+// redactURL shows a provider URL without what may be a credential: the
+// user information and the query (§9).
+func redactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable url)"
+	}
+	if u.User != nil {
+		u.User = url.User("redacted")
+	}
+	if u.RawQuery != "" {
+		u.RawQuery = "redacted"
+	}
+	return u.String()
 }
 
 func (s *server) ledgerError(w http.ResponseWriter, r *http.Request, err error) {

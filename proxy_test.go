@@ -2799,3 +2799,412 @@ func residentMB(b *testing.B) float64 {
 	b.Fatal("no VmRSS")
 	return 0
 }
+
+// ---- Regressions and the corners of §5–§9 ----
+
+// TestStreamErrorEventMidway: an error event after the first chunk reaches
+// the client, then the stream ends as interrupted, never with [DONE], and
+// the provider's breaker counts a failure.
+func TestStreamErrorEventMidway(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		sse(w, chunkJSON("partial"), `{"error":{"message":"overloaded","type":"server_error"}}`, finishChunk, "[DONE]")
+	})
+	ta := newArbstr(t, testConfig(prov("p1", up.URL, 1, 1)))
+	out := readBody(t, ta.post(t, "/v1/chat/completions", streamBody))
+	if !strings.Contains(out, "overloaded") {
+		t.Errorf("the provider's error event did not reach the client:\n%s", out)
+	}
+	assertInterrupted(t, out)
+	if rows := ta.rows(t); len(rows) != 1 || rows[0].Success {
+		t.Errorf("rows = %+v", rows)
+	}
+	if p := ta.srv.router.byName["p1"]; p.failures != 1 {
+		t.Errorf("breaker failures = %d; want 1", p.failures)
+	}
+}
+
+// TestFailedAttemptUsageNotCharged: usage seen in a stream that then failed
+// before its first data event is not charged to the request.
+func TestFailedAttemptUsageNotCharged(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		// A usage-only chunk (withheld from the client), then nothing.
+		sse(w, usageChunk(1000, 1000))
+	})
+	ta := newArbstr(t, testConfig(prov("a", up.URL, 10, 10), prov("b", up.URL, 20, 20)))
+	resp := ta.post(t, "/v1/chat/completions", streamBody)
+	out := readBody(t, resp)
+	if resp.StatusCode != 502 {
+		t.Fatalf("status = %d: %s", resp.StatusCode, out)
+	}
+	rows := ta.rows(t)
+	if len(rows) != 1 || rows[0].HasUsage || rows[0].CostMsat != 0 || rows[0].InputTokens != 0 {
+		t.Errorf("a failed request was charged: %+v", rows)
+	}
+}
+
+// TestProviderCannotForgeHeaders: x-arbstr-* headers are arbstr's alone,
+// on both paths, and hop-by-hop headers from a stream do not cross.
+func TestProviderCannotForgeHeaders(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		h.Set("X-Arbstr-Cost-Sats", "0.000001")
+		h.Set("X-Arbstr-Policy", "forged")
+		h.Set("Connection", "X-Hop")
+		h.Set("X-Hop", "1")
+		h.Set("X-Request-Id", "up-1")
+		if bytes.Contains(mustRead(r), []byte(`"stream":true`)) {
+			sse(w, chunkJSON("x"), finishChunk, "[DONE]")
+			return
+		}
+		io.WriteString(w, completionJSON("x", 1000, 1000))
+	})
+	ta := newArbstr(t, testConfig(prov("p1", up.URL, 1, 1)))
+	for _, body := range []string{chatBody, streamBody} {
+		resp := ta.post(t, "/v1/chat/completions", body)
+		readBody(t, resp)
+		if got := resp.Header.Get("X-Arbstr-Policy"); got != "" {
+			t.Errorf("x-arbstr-policy = %q; want none", got)
+		}
+		if got := resp.Header.Get("X-Arbstr-Cost-Sats"); got == "0.000001" {
+			t.Errorf("the provider set x-arbstr-cost-sats")
+		}
+		if resp.Header.Get("X-Hop") != "" || resp.Header.Get("X-Request-Id") != "up-1" {
+			t.Errorf("headers = %v", resp.Header)
+		}
+	}
+}
+
+func mustRead(r *http.Request) []byte {
+	b, _ := io.ReadAll(r.Body)
+	return b
+}
+
+// TestHostileProviders: answers too large to hold fail over instead of
+// eating memory; a redirect is a failure, not an answer.
+func TestHostileProviders(t *testing.T) {
+	huge := strings.Repeat("x", maxAnswerBytes+1)
+	for _, tc := range []struct {
+		name   string
+		stream bool
+		h      http.HandlerFunc
+	}{
+		{"huge body", false, func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, `{"choices":[],"pad":"`+huge+`"}`)
+		}},
+		{"huge event", true, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			io.WriteString(w, "data: "+huge)
+		}},
+		{"endless comments", true, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			for i := 0; i < (maxAnswerBytes/1000)+10; i++ {
+				if _, err := io.WriteString(w, ": "+strings.Repeat("c", 996)+"\n\n"); err != nil {
+					return
+				}
+			}
+		}},
+		{"redirect", false, func(w http.ResponseWriter, r *http.Request) {
+			http.Redirect(w, r, "http://127.0.0.1:1/elsewhere", http.StatusFound)
+		}},
+		{"array body", false, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, `[{"a":1}]`) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			bad := newUpstream(t, tc.h)
+			good := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+				if tc.stream {
+					streamOK(w, r)
+				} else {
+					jsonOK(w, r)
+				}
+			})
+			ta := newArbstr(t, testConfig(prov("bad", bad.URL, 1, 1), prov("good", good.URL, 2, 2)))
+			body := chatBody
+			if tc.stream {
+				body = streamBody
+			}
+			resp := ta.post(t, "/v1/chat/completions", body)
+			out := readBody(t, resp)
+			if resp.StatusCode != 200 || resp.Header.Get("X-Arbstr-Provider") != "good" || len(out) > 10000 {
+				t.Errorf("status %d provider %q, %d bytes", resp.StatusCode, resp.Header.Get("X-Arbstr-Provider"), len(out))
+			}
+		})
+	}
+}
+
+// TestRetryAfter: a 429's Retry-After, in seconds or as a date, keeps the
+// circuit open for longer than 30 s; other statuses' is ignored.
+func TestRetryAfter(t *testing.T) {
+	for _, tc := range []struct {
+		status int
+		value  string
+		want   time.Duration
+	}{
+		{429, "120", 2 * time.Minute},
+		{429, "", 0},
+		{429, "-5", 0},
+		{429, "soon", 0},
+		{429, "31536000", maxRetryAfter},
+		{503, "120", 0},
+		{429, time.Now().Add(10 * time.Minute).UTC().Format(http.TimeFormat), 10 * time.Minute},
+	} {
+		resp := &http.Response{StatusCode: tc.status, Header: http.Header{"Retry-After": {tc.value}}}
+		if got := retryAfter(resp); got < tc.want-2*time.Second || got > tc.want {
+			t.Errorf("retryAfter(%d, %q) = %v; want %v", tc.status, tc.value, got, tc.want)
+		}
+	}
+
+	// Through the proxy: three 429s asking for 2 minutes open the circuit
+	// for 2 minutes.
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Retry-After", "120")
+		statusHandler(429)(w, r)
+	})
+	cfg := testConfig(prov("p1", up.URL, 1, 1))
+	cfg.Server.MaxAttempts = 1
+	ta := newArbstr(t, cfg)
+	for range 3 {
+		readBody(t, ta.post(t, "/v1/chat/completions", chatBody))
+	}
+	p := ta.srv.router.byName["p1"]
+	p.mu.Lock()
+	until := time.Until(p.openUntil)
+	p.mu.Unlock()
+	if until < 110*time.Second || until > 120*time.Second {
+		t.Errorf("circuit open for %v; want Retry-After's 2m", until)
+	}
+}
+
+// TestBreakerProbeAfterSuccess: a request admitted before the circuit
+// opened succeeds while the probe is out; the probe then fails, and the
+// circuit must still reopen for at least the base time.
+func TestBreakerProbeAfterSuccess(t *testing.T) {
+	now := time.Now()
+	p := newProvider(ProviderConfig{Name: "p", URL: "http://x"})
+	_, early := p.acquire(now) // admitted while closed
+	for range 3 {
+		ok, probe := p.acquire(now)
+		if !ok {
+			t.Fatal("refused while closed")
+		}
+		p.release(now, probe, outcomeFailure, 0)
+	}
+	now = now.Add(time.Minute)
+	ok, probe := p.acquire(now)
+	if !ok || !probe {
+		t.Fatal("no probe")
+	}
+	p.release(now, early, outcomeSuccess, 0) // the early request succeeds
+	p.release(now, probe, outcomeFailure, 0) // the probe fails
+	if st := p.state(now.Add(time.Second)); st != stateOpen {
+		t.Errorf("state = %s; want open", st)
+	}
+}
+
+// TestLatencyCountsAnswersOnly: an instant 503 does not make a provider the
+// fastest for lowest_latency.
+func TestLatencyCountsAnswersOnly(t *testing.T) {
+	fails := newUpstream(t, statusHandler(503))
+	ta := newArbstr(t, testConfig(prov("fails", fails.URL, 1, 1)))
+	readBody(t, ta.post(t, "/v1/chat/completions", chatBody))
+	if _, seen := ta.srv.router.byName["fails"].observedLatency(); seen {
+		t.Error("a failure was observed as latency")
+	}
+}
+
+// TestChunkedBodyTooLarge: a body without Content-Length is cut at
+// max_body_bytes and refused with 413.
+func TestChunkedBodyTooLarge(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	cfg := testConfig(prov("p1", up.URL, 1, 1))
+	cfg.Server.MaxBodyBytes = 1000
+	ta := newArbstr(t, cfg)
+	pr, pw := io.Pipe()
+	go func() {
+		pw.Write([]byte(`{"model":"m","messages":[{"role":"user","content":"`))
+		for range 100 {
+			if _, err := pw.Write(bytes.Repeat([]byte("x"), 100)); err != nil {
+				return
+			}
+		}
+		pw.Close()
+	}()
+	req, _ := http.NewRequest("POST", ta.URL+"/v1/chat/completions", pr)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := readBody(t, resp)
+	if _, code, _ := apiErr(t, out); resp.StatusCode != 413 || code != "body_too_large" {
+		t.Errorf("status %d code %s", resp.StatusCode, code)
+	}
+	pr.Close()
+}
+
+func TestStatsParameters(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	cfg := testConfig(prov("a", up.URL, 1, 1), prov("b", up.URL, 2, 2))
+	cfg.Policies.Rules = []PolicyRule{{Name: "greet", Keywords: []string{"hello"}}}
+	ta := newArbstr(t, cfg)
+	readBody(t, ta.post(t, "/v1/chat/completions", chatBody))
+	readBody(t, ta.post(t, "/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":"x"}]}`))
+	future := time.Now().Add(time.Hour).UTC().Format(time.RFC3339)
+	past := time.Now().Add(-time.Hour).UTC().Format(time.RFC3339)
+	for _, tc := range []struct {
+		query    string
+		requests int64
+		groups   string
+	}{
+		{"", 2, "a"},
+		{"?range=1h", 2, "a"},
+		{"?range=last_7d", 2, "a"},
+		{"?range=all&group_by=policy", 2, ",greet"},
+		{"?group_by=model", 2, "m"},
+		{"?policy=greet", 1, "a"},
+		{"?provider=b", 0, ""},
+		{"?until=" + past, 0, ""},
+		{"?since=" + past + "&until=" + future, 2, "a"},
+		{"?since=" + future, 0, ""},
+	} {
+		resp, out := ta.get(t, "/v1/stats"+tc.query)
+		var st statsResult
+		if err := json.Unmarshal(out, &st); err != nil || resp.StatusCode != 200 {
+			t.Fatalf("stats%s = %d %s", tc.query, resp.StatusCode, out)
+		}
+		var keys []string
+		for _, g := range st.Groups {
+			keys = append(keys, g.Key)
+		}
+		if st.Total.Requests != tc.requests || strings.Join(keys, ",") != tc.groups {
+			t.Errorf("stats%s = %d requests, groups %q; want %d, %q", tc.query, st.Total.Requests, keys, tc.requests, tc.groups)
+		}
+	}
+}
+
+func TestCostWithCircuitsOpen(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	ta := newArbstr(t, testConfig(prov("a", up.URL, 1, 1)))
+	openCircuitUntil(ta.srv.router.byName["a"], time.Now().Add(time.Minute))
+	resp := ta.post(t, "/v1/cost", chatBody)
+	out := readBody(t, resp)
+	if resp.StatusCode != 200 || !strings.Contains(out, `"candidates":[]`) || !strings.Contains(out, `{"provider":"a","reason":"circuit open"}`) {
+		t.Errorf("cost with every circuit open = %d %s", resp.StatusCode, out)
+	}
+	_, health := ta.get(t, "/health")
+	openCircuitUntil(ta.srv.router.byName["a"], time.Now().Add(-time.Second)) // half-open
+	_, health2 := ta.get(t, "/health")
+	if !strings.Contains(string(health), "unhealthy") || !strings.Contains(string(health2), `"degraded"`) {
+		t.Errorf("health open = %s, half-open = %s", health, health2)
+	}
+}
+
+func TestMaxCompletionTokensWins(t *testing.T) {
+	for _, tc := range []struct {
+		body string
+		want int64
+	}{
+		{`{"model":"m","max_tokens":10,"messages":[{}]}`, 10},
+		{`{"model":"m","max_completion_tokens":20,"messages":[{}]}`, 20},
+		{`{"model":"m","max_tokens":10,"max_completion_tokens":20,"messages":[{}]}`, 20},
+		{`{"model":"m","max_tokens":"many","messages":[{}]}`, 0},
+	} {
+		req, aerr := parseChat([]byte(tc.body))
+		if aerr != nil || req.MaxTokens != tc.want {
+			t.Errorf("parseChat(%s).MaxTokens = %v, %v; want %d", tc.body, req, aerr, tc.want)
+		}
+	}
+}
+
+// TestSubcommands runs check and providers as a user would, with a key in
+// the environment that must never be printed.
+func TestSubcommands(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "config.toml")
+	os.WriteFile(path, []byte(`
+[[providers]]
+name = "alpha"
+url = "https://user:pass@alpha.example/v1?key=q"
+api_key = "${ALPHA_TEST_KEY}"
+input_rate = 1.5
+output_rate = 3
+
+[[providers]]
+name = "beta"
+url = "https://beta.example"
+`), 0o600)
+	t.Setenv("ALPHA_TEST_KEY", "sk-SUBCOMMAND-SECRET")
+	t.Setenv("ARBSTR_BETA_API_KEY", "sk-BETA-SECRET")
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"check", "-config", path}, &out, io.Discard); err != nil {
+		t.Fatalf("check: %v", err)
+	}
+	if err := run(context.Background(), []string{"providers", "-config", path}, &out, io.Discard); err != nil {
+		t.Fatalf("providers: %v", err)
+	}
+	text := out.String()
+	for _, want := range []string{"config.toml: ok", "providers  2", "alpha", "set (config)", "set (env ARBSTR_BETA_API_KEY)", "1.5"} {
+		if !strings.Contains(text, want) {
+			t.Errorf("output lacks %q:\n%s", want, text)
+		}
+	}
+	for _, secret := range []string{"SECRET", "pass@", "key=q"} {
+		if strings.Contains(text, secret) {
+			t.Errorf("output shows %q:\n%s", secret, text)
+		}
+	}
+	os.WriteFile(path, []byte("[[providers]]\nname = \"x\"\nurl = \"ftp://x\"\n"), 0o600)
+	if err := run(context.Background(), []string{"check", "-config", path}, io.Discard, io.Discard); err == nil || !strings.Contains(err.Error(), "config.toml:3") {
+		t.Errorf("check of a bad config = %v; want an error at config.toml:3", err)
+	}
+}
+
+func TestDatabasePath(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"./arbstr.db", "./arbstr.db"},
+		{"sqlite:./x.db", "./x.db"},
+		{"sqlite:///var/lib/arbstr.db", "/var/lib/arbstr.db"},
+		{"sqlite://rel.db", "rel.db"},
+		{"file:/tmp/a.db", "/tmp/a.db"},
+		{":memory:", ":memory:"},
+	} {
+		if got := databasePath(tc.in); got != tc.want {
+			t.Errorf("databasePath(%q) = %q; want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
+// TestRunEnvironment: DATABASE_URL and ARBSTR_LOG_LEVEL apply, and -listen
+// off loopback without auth_token warns.
+func TestRunEnvironment(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	t.Setenv("ARBSTR_CONFIG", "")
+	db := filepath.Join(dir, "env.db")
+	t.Setenv("DATABASE_URL", "sqlite://"+db)
+	t.Setenv("ARBSTR_LOG_LEVEL", "debug")
+	up := newUpstream(t, jsonOK)
+	bad := newUpstream(t, statusHandler(503))
+	os.WriteFile("config.json", []byte(fmt.Sprintf(`{"providers":[{"name":"bad","url":%q,"input_rate":1},{"name":"p","url":%q,"input_rate":2}]}`, bad.URL, up.URL)), 0o600)
+	ctx, cancel := context.WithCancel(context.Background())
+	logs := &syncBuffer{}
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, []string{"-listen", "0.0.0.0:0"}, io.Discard, logs) }()
+	addr := waitListening(t, logs)
+	_, port, _ := net.SplitHostPort(addr)
+	resp, err := http.Post("http://127.0.0.1:"+port+"/v1/chat/completions", "application/json", strings.NewReader(chatBody))
+	if err != nil {
+		t.Fatal(err)
+	}
+	readBody(t, resp)
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	text := logs.String()
+	if !strings.Contains(text, "database="+db) || !strings.Contains(text, `level=DEBUG msg="attempt failed"`) || !strings.Contains(text, "not a loopback address") {
+		t.Errorf("logs:\n%s", text)
+	}
+	if _, err := os.Stat(db); err != nil {
+		t.Errorf("DATABASE_URL's file: %v", err)
+	}
+}

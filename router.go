@@ -203,7 +203,9 @@ func (p *provider) release(now time.Time, probe bool, o outcome, retryAfter time
 		p.failures++
 		switch {
 		case probe:
-			p.openFor = min(2*p.openFor, breakerMaxOpen)
+			// Doubled from at least the base: a request admitted before the
+			// circuit opened may have succeeded meanwhile and reset openFor.
+			p.openFor = min(max(2*p.openFor, breakerOpenFor), breakerMaxOpen)
 			p.openUntil = now.Add(max(p.openFor, retryAfter))
 		case p.openUntil.IsZero() && p.failures >= breakerThreshold:
 			p.openFor = breakerOpenFor
