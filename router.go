@@ -518,7 +518,7 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 			"every provider that serves model %q has an open circuit; retry later", req.Model)
 	}
 	if limit <= 0 && compare != nil {
-		slices.SortStableFunc(r.ordered, func(a, b candidate) int { return compare(&a, &b) })
+		slices.SortStableFunc(r.ordered, compare)
 	}
 	if compare == nil {
 		counter := &rt.defaultRR
@@ -538,9 +538,9 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 // first limit candidates; ties keep arrival order. Insertion into a short
 // list is what makes limit pay: a request needs a few providers out of
 // possibly a thousand, and most are turned away by one comparison.
-func insertOrdered(list []candidate, c candidate, compare func(a, b *candidate) int, limit int) []candidate {
+func insertOrdered(list []candidate, c candidate, compare func(a, b candidate) int, limit int) []candidate {
 	i := len(list)
-	for i > 0 && compare(&c, &list[i-1]) < 0 {
+	for i > 0 && compare(c, list[i-1]) < 0 {
 		i--
 	}
 	if i >= limit {
@@ -556,7 +556,7 @@ func insertOrdered(list []candidate, c candidate, compare func(a, b *candidate) 
 
 // compareCheapest orders by estimated cost, then by lower observed latency
 // (an unobserved provider counts as 0), then by name (§4 step 6).
-func compareCheapest(a, b *candidate) int {
+func compareCheapest(a, b candidate) int {
 	if a.estMsat != b.estMsat {
 		return cmp.Compare(a.estMsat, b.estMsat)
 	}
@@ -568,7 +568,7 @@ func compareCheapest(a, b *candidate) int {
 
 // compareLatency puts providers without observations first, so that they
 // get observed, then orders by latency and cost; ties keep config order.
-func compareLatency(a, b *candidate) int {
+func compareLatency(a, b candidate) int {
 	if a.seen != b.seen {
 		if !a.seen {
 			return -1
