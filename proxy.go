@@ -222,22 +222,27 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 		}
 		return nil, badRequest("invalid_json", "request body must be a JSON object")
 	}
-	// The top level decodes into a map, not a struct: encoding/json matches
-	// struct fields case-insensitively, and a provider would not read
-	// "STREAM":true as a stream, so neither may arbstr.
-	var top map[string]json.RawMessage
-	if err := json.Unmarshal(body, &top); err != nil {
+	var raw chatFields
+	if err := json.Unmarshal(body, &raw); err != nil {
+		if te, ok := errors.AsType[*json.UnmarshalTypeError](err); ok && strings.HasPrefix(te.Field, "messages") {
+			return nil, badRequest("invalid_messages", "messages must be a non-empty array of objects with a string role")
+		}
 		return nil, badRequest("invalid_json", "request body is not valid JSON: %v", err)
 	}
-	raw := struct {
-		Model, Stream, MaxTokens, MaxCompletionTokens, StreamOptions json.RawMessage
-		Messages                                                     []chatMessage
-	}{
-		Model: top["model"], Stream: top["stream"], StreamOptions: top["stream_options"],
-		MaxTokens: top["max_tokens"], MaxCompletionTokens: top["max_completion_tokens"],
-	}
-	if m := top["messages"]; len(m) > 0 && json.Unmarshal(m, &raw.Messages) != nil {
-		return nil, badRequest("invalid_messages", "messages must be a non-empty array of objects with a string role")
+	if hasMiscasedKey(body) {
+		// encoding/json fills struct fields case-insensitively, but a
+		// provider would not read "STREAM":true as a stream, so neither
+		// may arbstr: this rare body is read again through a map, whose
+		// keys are exact.
+		var top map[string]json.RawMessage
+		json.Unmarshal(body, &top)
+		raw = chatFields{
+			Model: top["model"], Stream: top["stream"], StreamOptions: top["stream_options"],
+			MaxTokens: top["max_tokens"], MaxCompletionTokens: top["max_completion_tokens"],
+		}
+		if m := top["messages"]; len(m) > 0 && json.Unmarshal(m, &raw.Messages) != nil {
+			return nil, badRequest("invalid_messages", "messages must be a non-empty array of objects with a string role")
+		}
 	}
 	req := &chatRequest{StreamOptions: raw.StreamOptions}
 	if len(raw.Model) == 0 || string(raw.Model) == "null" {
@@ -282,6 +287,65 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 		req.LastUser = messageText(raw.Messages[lastUser].Content)
 	}
 	return req, nil
+}
+
+// chatFields are the members of a chat body that arbstr reads.
+type chatFields struct {
+	Model               json.RawMessage `json:"model"`
+	Messages            []chatMessage   `json:"messages"`
+	Stream              json.RawMessage `json:"stream"`
+	StreamOptions       json.RawMessage `json:"stream_options"`
+	MaxTokens           json.RawMessage `json:"max_tokens"`
+	MaxCompletionTokens json.RawMessage `json:"max_completion_tokens"`
+}
+
+// hasMiscasedKey reports whether the JSON object in body, already known to be
+// valid, has a top-level key that encoding/json would take for one of
+// chatFields' though it differs in case (or hides behind an escape).
+func hasMiscasedKey(body []byte) bool {
+	depth, inString, isKey, expectKey, start := 0, false, false, false, 0
+	for i := 0; i < len(body); i++ {
+		c := body[i]
+		if inString {
+			switch c {
+			case '\\':
+				if isKey {
+					return true // an escaped key: let the exact path decide
+				}
+				i++
+			case '"':
+				inString = false
+				if isKey && miscased(body[start:i]) {
+					return true
+				}
+			}
+			continue
+		}
+		switch c {
+		case '"':
+			inString, isKey, start = true, depth == 1 && expectKey, i+1
+			expectKey = false
+		case '{', '[':
+			depth++
+			expectKey = depth == 1
+		case '}', ']':
+			depth--
+		case ',':
+			expectKey = depth == 1
+		}
+	}
+	return false
+}
+
+var chatKeys = []string{"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens"}
+
+func miscased(key []byte) bool {
+	for _, k := range chatKeys {
+		if len(key) == len(k) && string(key) != k && strings.EqualFold(string(key), k) {
+			return true
+		}
+	}
+	return false
 }
 
 // chatMessage is a message of a chat body, as far as arbstr reads it.

@@ -945,6 +945,8 @@ func TestBadInput(t *testing.T) {
 		{"message not object", "POST", "/v1/chat/completions", "application/json", `{"model":"m","messages":[1]}`, 400, "invalid_messages"},
 		{"stream string", "POST", "/v1/chat/completions", "application/json", `{"model":"m","stream":"yes","messages":[{"role":"user","content":"x"}]}`, 400, "invalid_stream"},
 		{"keys are case-sensitive", "POST", "/v1/chat/completions", "application/json", `{"Model":"m","messages":[{"role":"user","content":"x"}]}`, 400, "missing_model"},
+		{"escaped miscased key", "POST", "/v1/chat/completions", "application/json", `{"\u004dodel":"m","messages":[{"role":"user","content":"x"}]}`, 400, "missing_model"},
+		{"miscased messages", "POST", "/v1/chat/completions", "application/json", `{"model":"m","MESSAGES":[{"role":"user","content":"x"}]}`, 400, "invalid_messages"},
 		{"form content type", "POST", "/v1/chat/completions", "application/x-www-form-urlencoded", chatBody, 400, "invalid_content_type"},
 		{"text content type", "POST", "/v1/chat/completions", "text/plain", chatBody, 400, "invalid_content_type"},
 		{"too large", "POST", "/v1/chat/completions", "application/json", big, 413, "body_too_large"},
@@ -1679,6 +1681,12 @@ func FuzzParseChat(f *testing.F) {
 		}
 		if req.Model == "" || !json.Valid(body) {
 			t.Fatalf("accepted %q", body)
+		}
+		// The model is the one a provider reads: the exact "model" key.
+		var top map[string]json.RawMessage
+		json.Unmarshal(body, &top)
+		if model, _ := jsonString(top["model"]); model != req.Model || (string(top["stream"]) == "true") != req.Stream {
+			t.Fatalf("parseChat(%q) = model %q, stream %v; a provider reads %q, %s", body, req.Model, req.Stream, model, top["stream"])
 		}
 		out, _ := withIncludeUsage(body, req.StreamOptions)
 		if !json.Valid(out) {
@@ -2724,11 +2732,16 @@ func BenchmarkProxy(b *testing.B) {
 		b.Cleanup(rp.Close)
 		ta := newArbstr(b, testConfig(prov("p1", up.URL, 1, 2)))
 		ta.srv.log = slog.New(slog.DiscardHandler)
+		noLog := testConfig(prov("p1", up.URL, 1, 2))
+		noLog.Logging.LogRequests = false
+		tn := newArbstr(b, noLog)
+		tn.srv.log = slog.New(slog.DiscardHandler)
 		client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, DisableCompression: true}}
 		for _, target := range []struct{ name, url string }{
 			{"direct", up.URL + "/v1/chat/completions"},
 			{"reverseproxy", rp.URL + "/v1/chat/completions"},
 			{"arbstr", ta.URL + "/v1/chat/completions"},
+			{"arbstr-nolog", tn.URL + "/v1/chat/completions"},
 		} {
 			b.Run(tc.name+"/"+target.name, func(b *testing.B) {
 				b.ReportAllocs()
@@ -3095,6 +3108,26 @@ func TestCostWithCircuitsOpen(t *testing.T) {
 	_, health2 := ta.get(t, "/health")
 	if !strings.Contains(string(health), "unhealthy") || !strings.Contains(string(health2), `"degraded"`) {
 		t.Errorf("health open = %s, half-open = %s", health, health2)
+	}
+}
+
+func TestHasMiscasedKey(t *testing.T) {
+	for _, tc := range []struct {
+		body string
+		want bool
+	}{
+		{chatBody, false},
+		{`{"model":"m","STREAM":true}`, true},
+		{`{"Stream_Options":{}}`, true},
+		{`{"model":"m","messages":[{"Model":"x","MESSAGES":1}]}`, false},
+		{`{"model":"m","x":{"Stream":true},"y":["Model"]}`, false},
+		{`{"model":"m","note":"\"Stream\": true"}`, false},
+		{`{"\u0073tream":true}`, true},
+		{`{"streamer":true,"modeL2":1}`, false},
+	} {
+		if got := hasMiscasedKey([]byte(tc.body)); got != tc.want {
+			t.Errorf("hasMiscasedKey(%s) = %v; want %v", tc.body, got, tc.want)
+		}
 	}
 }
 

@@ -40,6 +40,12 @@ const (
 	// ledgerBatchSize caps the rows committed in one transaction, so that a
 	// burst does not hold the write lock for long.
 	ledgerBatchSize = 512
+	// ledgerLinger is how long the writer waits for more rows before it
+	// commits a batch. A commit costs far more than a row; on a small
+	// machine, committing each row alone took CPU from the requests
+	// themselves (issue 3 asks that logging cost no measurable latency).
+	// Readers do not wait it out: Sync asks for the commit at once.
+	ledgerLinger = 20 * time.Millisecond
 	// ledgerBusyTimeoutMs is how long a statement waits for a lock held by
 	// another connection (a backup, the sqlite3 shell) before failing.
 	ledgerBusyTimeoutMs = 5000
@@ -314,6 +320,7 @@ type Store struct {
 	progress   chan struct{} // closed, and replaced, whenever handled grows
 
 	writerDone  chan struct{}   // closed when the writer has drained the queue and exited
+	flushNow    chan struct{}   // Sync's request to commit without lingering
 	retryDelays []time.Duration // ledgerRetryDelays; shortened by tests
 
 	ratiosMu sync.RWMutex // guards ratios
@@ -393,6 +400,7 @@ func newStore(db *sql.DB, memory bool, logger *slog.Logger) (*Store, error) {
 		db:          db,
 		logger:      logger,
 		queue:       make(chan ledgerRow, ledgerQueueSize),
+		flushNow:    make(chan struct{}, 1),
 		progress:    make(chan struct{}),
 		writerDone:  make(chan struct{}),
 		ratios:      ratios,
@@ -505,6 +513,10 @@ func (s *Store) Record(row ledgerRow) {
 // writer takes the queue in order.
 func (s *Store) Sync(ctx context.Context) error {
 	target := s.enqueued.Load()
+	select {
+	case s.flushNow <- struct{}{}:
+	default: // a request is already pending
+	}
 	for {
 		s.progressMu.Lock()
 		handled, progress := s.handled, s.progress
@@ -550,14 +562,16 @@ func (s *Store) Ratio(policy string) (avg float64, n int64) {
 	return r.avg, r.n
 }
 
-// write is the writer goroutine: it takes what is queued, up to a batch,
-// commits it in one transaction, and repeats until Close closes the queue
-// and it is drained.
+// write is the writer goroutine: it takes what is queued, lingering a
+// moment for more, up to a batch; commits it in one transaction; and repeats
+// until Close closes the queue and it is drained.
 func (s *Store) write() {
 	defer close(s.writerDone)
 	batch := make([]ledgerRow, 0, ledgerBatchSize)
+	linger := time.NewTimer(ledgerLinger)
 	for row := range s.queue {
 		batch = append(batch[:0], row)
+		linger.Reset(ledgerLinger)
 	fill:
 		for len(batch) < ledgerBatchSize {
 			select {
@@ -566,10 +580,24 @@ func (s *Store) write() {
 					break fill
 				}
 				batch = append(batch, row)
-			default:
+			case <-s.flushNow:
+				// Take what is queued now, then commit.
+				for len(batch) < ledgerBatchSize {
+					select {
+					case row, ok := <-s.queue:
+						if !ok {
+							break fill
+						}
+						batch = append(batch, row)
+					default:
+						break fill
+					}
+				}
+			case <-linger.C:
 				break fill
 			}
 		}
+		linger.Stop()
 		s.writeBatch(batch)
 		clear(batch) // drop the strings for the collector
 		s.progressMu.Lock()
