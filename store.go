@@ -581,19 +581,10 @@ func (s *Store) write() {
 				}
 				batch = append(batch, row)
 			case <-s.flushNow:
-				// Take what is queued now, then commit.
-				for len(batch) < ledgerBatchSize {
-					select {
-					case row, ok := <-s.queue:
-						if !ok {
-							break fill
-						}
-						batch = append(batch, row)
-					default:
-						break fill
-					}
-				}
+				batch = s.takeQueued(batch)
+				break fill
 			case <-linger.C:
+				batch = s.takeQueued(batch)
 				break fill
 			}
 		}
@@ -606,6 +597,23 @@ func (s *Store) write() {
 		s.progress = make(chan struct{})
 		s.progressMu.Unlock()
 	}
+}
+
+// takeQueued adds to batch what is queued now, without waiting, up to a
+// full batch.
+func (s *Store) takeQueued(batch []ledgerRow) []ledgerRow {
+	for len(batch) < ledgerBatchSize {
+		select {
+		case row, ok := <-s.queue:
+			if !ok {
+				return batch
+			}
+			batch = append(batch, row)
+		default:
+			return batch
+		}
+	}
+	return batch
 }
 
 // writeBatch commits rows, retrying rather than losing them (§8.2: none is
