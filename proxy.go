@@ -133,6 +133,7 @@ func (s *server) routes() *http.ServeMux {
 
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if s.cfg.Server.AuthToken != "" && r.URL.Path != "/health" && !s.authorized(r) {
+		refusedHeaders(w, r)
 		writeError(w, errorf(http.StatusUnauthorized, "authentication_error", "invalid_api_key",
 			"missing or invalid bearer token; send Authorization: Bearer <server.auth_token>"))
 		return
@@ -143,6 +144,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// The mux's own answer: 404, or 405 with an Allow header.
+	refusedHeaders(w, r)
 	rec := &headerRecorder{header: make(http.Header)}
 	h.ServeHTTP(rec, r)
 	if rec.status == http.StatusMethodNotAllowed {
@@ -154,6 +156,14 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	writeError(w, errorf(http.StatusNotFound, "invalid_request_error", "not_found",
 		"no such endpoint: %s %s", r.Method, r.URL.Path))
+}
+
+// refusedHeaders gives a chat request refused before its handler runs the
+// x-arbstr headers that every response of that endpoint carries (§5.2).
+func refusedHeaders(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/v1/chat/completions" {
+		(&exchange{id: newRequestID(), start: time.Now()}).setHeaders(w.Header())
+	}
 }
 
 // headerRecorder captures the status and headers of the mux's error

@@ -981,6 +981,9 @@ func TestBadInput(t *testing.T) {
 			if code != tc.code || typ != "invalid_request_error" {
 				t.Errorf("error = %s/%s; want invalid_request_error/%s", typ, code, tc.code)
 			}
+			if tc.path == "/v1/chat/completions" && resp.Header.Get("X-Arbstr-Request-Id") == "" {
+				t.Errorf("no x-arbstr-request-id on a refused chat request")
+			}
 		})
 	}
 	if rows := ta.rows(t); len(rows) != 0 {
@@ -1031,6 +1034,9 @@ func TestAuth(t *testing.T) {
 			if typ, code, _ := apiErr(t, out); typ != "authentication_error" || code != "invalid_api_key" {
 				t.Errorf("401 error = %s/%s", typ, code)
 			}
+		}
+		if hasID := resp.Header.Get("X-Arbstr-Request-Id") != ""; hasID != (tc.path == "/v1/chat/completions") {
+			t.Errorf("%s %s: x-arbstr-request-id present = %v", tc.method, tc.path, hasID)
 		}
 	}
 	if rows := ta.rows(t); len(rows) != 1 {
