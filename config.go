@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -111,17 +110,21 @@ func defaultConfig() *Config {
 // mode. A file named by the flag or the variable must exist: a typo there
 // should stop arbstr, not quietly start it with mock providers.
 func findConfig(flagPath string) (string, error) {
-	if flagPath != "" {
-		if err := configMustExist("-config", flagPath); err != nil {
-			return "", err
-		}
-		return flagPath, nil
+	from, path := "-config", flagPath
+	if path == "" {
+		from, path = "ARBSTR_CONFIG", os.Getenv("ARBSTR_CONFIG")
 	}
-	if p := os.Getenv("ARBSTR_CONFIG"); p != "" {
-		if err := configMustExist("ARBSTR_CONFIG", p); err != nil {
-			return "", err
+	if path != "" {
+		fi, err := os.Stat(path)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			return "", fmt.Errorf("%s %s: no such file", from, path)
+		case err != nil:
+			return "", fmt.Errorf("%s: %w", from, err)
+		case fi.IsDir():
+			return "", fmt.Errorf("%s %s: is a directory", from, path)
 		}
-		return p, nil
+		return path, nil
 	}
 	for _, p := range []string{"config.json", "config.toml"} {
 		_, err := os.Stat(p)
@@ -137,72 +140,41 @@ func findConfig(flagPath string) (string, error) {
 	return "", nil
 }
 
-// configMustExist checks a config file named by the user; from says where
-// the name came from.
-func configMustExist(from, path string) error {
-	fi, err := os.Stat(path)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		return fmt.Errorf("%s %s: no such file", from, path)
-	case err != nil:
-		return fmt.Errorf("%s: %w", from, err)
-	case fi.IsDir():
-		return fmt.Errorf("%s %s: is a directory", from, path)
-	}
-	return nil
-}
-
 // loadConfig reads, decodes and validates the config file at path (SPEC §3).
-// The format follows the extension. Errors name the file and, when the
-// parser knows it, the line ("config.toml:12: providers[1].input_rate: want
-// a number, got string"). Warnings are returned for the caller to show, each
-// in the same "file:line: " form. With an error from the walker, the
-// warnings found before it come too. No message ever holds an API key.
-func loadConfig(path string) (cfg *Config, warnings []string, err error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, nil, fmt.Errorf("read config: %w", err)
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, nil, fmt.Errorf("read config: %w", err)
-	}
-	data, err := io.ReadAll(f)
+// The format follows the extension. Errors name the file and, for TOML, the
+// line ("config.toml:12: providers[1].input_rate: want a number, got
+// string"). Warnings are returned for the caller to show, in the same form.
+// No message ever holds an API key.
+func loadConfig(path string) (*Config, []string, error) {
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, nil, fmt.Errorf("read config: %w", err)
 	}
 	// Editors on Windows may start a UTF-8 file with a byte order mark, which
 	// neither parser expects.
 	data = bytes.TrimPrefix(data, []byte("\xef\xbb\xbf"))
-
-	var (
-		tree  map[string]any
-		lines map[string]int
-	)
+	var tree map[string]any
+	d := &configDecoder{file: path}
 	switch ext := strings.ToLower(filepath.Ext(path)); ext {
 	case ".json":
-		tree, lines, err = parseJSON(data)
+		tree, err = parseJSON(data)
 	case ".toml":
-		tree, lines, err = parseTOML(data)
+		tree, d.lines, err = parseTOML(data)
 	default:
 		return nil, nil, fmt.Errorf("%s: unknown config format %q: want .json or .toml", path, ext)
 	}
-	if err != nil {
-		var se *configSyntaxError
-		if errors.As(err, &se) {
-			return nil, nil, fmt.Errorf("%s:%d: %s", path, se.line, se.msg)
-		}
+	var se *configSyntaxError
+	if errors.As(err, &se) {
+		return nil, nil, fmt.Errorf("%s:%d: %s", path, se.line, se.msg)
+	} else if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", path, err)
 	}
-
-	d := &configDecoder{file: path, lines: lines}
 	// Mode bits mean little on Windows, where every file would look open to
 	// everyone.
-	if perm := fi.Mode().Perm(); perm&0o077 != 0 && runtime.GOOS != "windows" {
-		d.warnf("", "file is readable by group or others (mode %04o); it may hold API keys: chmod 600 %s", perm, path)
+	if fi, err := os.Stat(path); err == nil && fi.Mode().Perm()&0o077 != 0 && runtime.GOOS != "windows" {
+		d.warnf("", "file is readable by group or others (mode %04o); it may hold API keys: chmod 600 %s", fi.Mode().Perm(), path)
 	}
-	cfg, err = d.decode(tree)
+	cfg, err := d.decode(tree)
 	return cfg, d.warnings, err
 }
 
@@ -211,14 +183,7 @@ func loadConfig(path string) (cfg *Config, warnings []string, err error) {
 // empty host and 0.0.0.0 listen on every interface.
 func isLoopbackListen(addr string) bool {
 	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return false
-	}
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
+	return err == nil && (strings.EqualFold(host, "localhost") || net.ParseIP(host).IsLoopback())
 }
 
 // providerKeyEnv is the environment variable that holds the key of a provider
@@ -226,25 +191,21 @@ func isLoopbackListen(addr string) bool {
 // character outside A-Z and 0-9 made "_". Only ASCII letters are upper-cased,
 // so that the name of the variable never depends on Unicode case tables.
 func providerKeyEnv(name string) string {
-	var b strings.Builder
-	b.WriteString("ARBSTR_")
-	for _, r := range name {
+	return "ARBSTR_" + strings.Map(func(r rune) rune {
 		switch {
 		case 'a' <= r && r <= 'z':
-			b.WriteRune(r - 'a' + 'A')
+			return r - 'a' + 'A'
 		case 'A' <= r && r <= 'Z', '0' <= r && r <= '9':
-			b.WriteRune(r)
-		default:
-			b.WriteByte('_')
+			return r
 		}
-	}
-	b.WriteString("_API_KEY")
-	return b.String()
+		return '_'
+	}, name) + "_API_KEY"
 }
 
 // configSyntaxError is a parse error at a line of the file. loadConfig turns
 // it into "config.toml:12: msg". Its message never quotes the text it failed
-// on: that text may be an API key pasted in the wrong place (SPEC §9).
+// on (but for the one character encoding/json quotes): that text may be an
+// API key pasted in the wrong place (SPEC §9).
 type configSyntaxError struct {
 	line int
 	msg  string
@@ -253,11 +214,11 @@ type configSyntaxError struct {
 func (e *configSyntaxError) Error() string { return fmt.Sprintf("line %d: %s", e.line, e.msg) }
 
 // configPath appends key to the path of its parent table, the way errors and
-// the parsers' line tables spell keys: server.listen, providers[1].url,
+// the TOML line table spell keys: server.listen, providers[1].url,
 // providers[0].model_rates."claude-3.5-sonnet". Keys that are not bare TOML
 // keys are quoted, so that a dot inside a model name reads as one key.
 func configPath(parent, key string) string {
-	if !isBareKey(key) {
+	if key == "" || strings.Trim(key, bareKeyChars) != "" {
 		key = strconv.Quote(key)
 	}
 	if parent == "" {
@@ -266,42 +227,11 @@ func configPath(parent, key string) string {
 	return parent + "." + key
 }
 
-// parentPath drops the last key or index of a configPath: providers[1].url
-// gives providers[1], which gives providers.
-func parentPath(p string) string {
-	last, quoted := 0, false
-	for i := 0; i < len(p); i++ {
-		switch c := p[i]; {
-		case quoted && c == '\\':
-			i++
-		case c == '"':
-			quoted = !quoted
-		case !quoted && (c == '.' || c == '['):
-			last = i
-		}
-	}
-	return p[:last]
-}
+const bareKeyChars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
 
-func isBareKey(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		if !isBareKeyByte(s[i]) {
-			return false
-		}
-	}
-	return true
-}
-
-func isBareKeyByte(c byte) bool {
-	return 'A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '_' || c == '-'
-}
-
-// maxNesting bounds how deep arrays and tables may nest in either format. A
-// config needs four levels; the bound keeps a hostile file from exhausting
-// the stack.
+// maxNesting bounds how deep TOML arrays and tables may nest. A config needs
+// four levels; the bound keeps a hostile file from exhausting the stack.
+// encoding/json has its own bound.
 const maxNesting = 64
 
 // maxRate bounds every price (sats per 1000 tokens, or per request). The
@@ -313,183 +243,65 @@ const maxRate = 1e6
 
 // ---- JSON ----
 
-// parseJSON reads a JSON config into the tree the walker expects. It goes
-// token by token instead of through json.Unmarshal to keep what Unmarshal
-// throws away: the line of each key, for error messages, and duplicate keys,
-// which Unmarshal silently resolves to the last one where TOML rejects them.
-// Keys starting with "//" are comments (config.example.json annotates
-// itself with them) and are dropped here, at any depth and as often as
-// wanted.
-func parseJSON(data []byte) (tree map[string]any, lines map[string]int, err error) {
-	p := &jsonParser{data: data, line: 1, lines: make(map[string]int)}
-	p.dec = json.NewDecoder(bytes.NewReader(data))
-	p.dec.UseNumber()
-	tok, err := p.dec.Token()
-	if err == io.EOF {
-		return nil, nil, &configSyntaxError{1, "empty file: want a JSON object"}
-	}
-	if err != nil {
-		return nil, nil, p.syntaxError(err)
-	}
-	if tok != json.Delim('{') {
-		return nil, nil, p.errorf("the top level must be a JSON object")
-	}
-	tree, err = p.object("", 1)
-	if err != nil {
-		return nil, nil, err
-	}
-	if _, err := p.dec.Token(); err != io.EOF {
-		return nil, nil, p.errorf("unexpected text after the top-level object")
-	}
-	return tree, p.lines, nil
-}
-
-type jsonParser struct {
-	data  []byte
-	dec   *json.Decoder
-	lines map[string]int
-
-	// lineAt counts newlines incrementally: offset, line is the last answer.
-	offset int64
-	line   int
-}
-
-// lineAt returns the line of the byte at off.
-func (p *jsonParser) lineAt(off int64) int {
-	off = min(max(off, 0), int64(len(p.data)))
-	if off < p.offset {
-		p.offset, p.line = 0, 1
-	}
-	p.line += bytes.Count(p.data[p.offset:off], []byte("\n"))
-	p.offset = off
-	return p.line
-}
-
-// nextLine returns the line where the next value starts: the decoder's
-// offset is the end of the previous token, which may be lines above.
-func (p *jsonParser) nextLine() int {
-	off := p.dec.InputOffset()
-	for off < int64(len(p.data)) && strings.IndexByte(" \t\r\n,:", p.data[off]) >= 0 {
-		off++
-	}
-	return p.lineAt(off)
-}
-
-func (p *jsonParser) errorf(format string, args ...any) error {
-	return &configSyntaxError{p.lineAt(p.dec.InputOffset()), fmt.Sprintf(format, args...)}
-}
-
-// jsonQuotedChar matches the character that encoding/json quotes in its
-// syntax errors ("invalid character 's' looking for beginning of value").
-var jsonQuotedChar = regexp.MustCompile(` '(?:[^'\\]|\\.)*'`)
-
-// syntaxError places an error of the JSON decoder on its line. The decoder
-// quotes the offending character; it is kept only when it is JSON
-// punctuation, since a letter or digit may belong to a key pasted unquoted.
-func (p *jsonParser) syntaxError(err error) error {
+// parseJSON reads a JSON config into the tree the walker expects. Only
+// syntax errors get a line: SPEC §3 asks for lines in TOML files only.
+func parseJSON(data []byte) (map[string]any, error) {
+	lineAt := func(off int64) int { return 1 + bytes.Count(data[:min(off, int64(len(data)))], []byte("\n")) }
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	var v any
 	var se *json.SyntaxError
-	switch {
+	switch err := dec.Decode(&v); {
 	case errors.As(err, &se):
-		msg := jsonQuotedChar.ReplaceAllStringFunc(se.Error(), func(q string) string {
-			if len(q) == 4 && strings.IndexByte("{}[]:,", q[2]) >= 0 {
-				return q
-			}
-			return ""
-		})
-		return &configSyntaxError{p.lineAt(se.Offset), msg}
+		return nil, &configSyntaxError{lineAt(se.Offset), se.Error()}
 	case err == io.EOF || errors.Is(err, io.ErrUnexpectedEOF):
-		return &configSyntaxError{p.lineAt(int64(len(p.data))), "unexpected end of file"}
+		return nil, &configSyntaxError{lineAt(int64(len(data))), "unexpected end of file"}
+	case err != nil:
+		return nil, err
 	}
-	return p.errorf("%v", err)
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, &configSyntaxError{lineAt(dec.InputOffset()), "unexpected text after the top-level object"}
+	}
+	tree, ok := v.(map[string]any)
+	if !ok {
+		return nil, &configSyntaxError{1, "the top level must be a JSON object"}
+	}
+	_, err := jsonTree("", tree)
+	return tree, err
 }
 
-func (p *jsonParser) object(path string, depth int) (map[string]any, error) {
-	m := make(map[string]any)
-	for p.dec.More() {
-		tok, err := p.dec.Token()
-		if err != nil {
-			return nil, p.syntaxError(err)
+// jsonTree makes, in place, what encoding/json decoded into the tree the
+// walker expects. Numbers become int64 when they are integers that fit and
+// float64 otherwise, as TOML has them, so that 3.0 is a float to the walker
+// in both formats. Keys starting with "//" are comments
+// (config.example.json annotates itself with them) and are dropped.
+func jsonTree(path string, v any) (_ any, err error) {
+	switch x := v.(type) {
+	case map[string]any:
+		for _, k := range slices.Sorted(maps.Keys(x)) {
+			if strings.HasPrefix(k, "//") {
+				delete(x, k)
+			} else if x[k], err = jsonTree(configPath(path, k), x[k]); err != nil {
+				return nil, err
+			}
 		}
-		key, ok := tok.(string)
-		if !ok {
-			return nil, p.errorf("want an object key")
-		}
-		kp := configPath(path, key)
-		line := p.lineAt(p.dec.InputOffset())
-		comment := strings.HasPrefix(key, "//")
-		if _, dup := m[key]; dup && !comment {
-			return nil, &configSyntaxError{line, fmt.Sprintf("key %q is defined twice", kp)}
-		}
-		if !comment {
-			p.lines[kp] = line
-		}
-		v, err := p.value(kp, depth)
-		if err != nil {
-			return nil, err
-		}
-		if !comment {
-			m[key] = v
-		}
-	}
-	if _, err := p.dec.Token(); err != nil { // the closing '}'
-		return nil, p.syntaxError(err)
-	}
-	return m, nil
-}
-
-func (p *jsonParser) array(path string, depth int) ([]any, error) {
-	a := []any{}
-	for p.dec.More() {
-		ep := fmt.Sprintf("%s[%d]", path, len(a))
-		p.lines[ep] = p.nextLine()
-		v, err := p.value(ep, depth)
-		if err != nil {
-			return nil, err
-		}
-		a = append(a, v)
-	}
-	if _, err := p.dec.Token(); err != nil { // the closing ']'
-		return nil, p.syntaxError(err)
-	}
-	return a, nil
-}
-
-// value reads the next value. Numbers become int64 when written without a
-// fraction or exponent and float64 otherwise, as TOML has them, so that
-// "3.0" is a float to the walker in both formats.
-func (p *jsonParser) value(path string, depth int) (any, error) {
-	if depth > maxNesting {
-		return nil, p.errorf("nested too deeply")
-	}
-	tok, err := p.dec.Token()
-	if err != nil {
-		return nil, p.syntaxError(err)
-	}
-	switch t := tok.(type) {
-	case json.Delim:
-		switch t {
-		case '{':
-			return p.object(path, depth+1)
-		case '[':
-			return p.array(path, depth+1)
+	case []any:
+		for i := range x {
+			if x[i], err = jsonTree(fmt.Sprintf("%s[%d]", path, i), x[i]); err != nil {
+				return nil, err
+			}
 		}
 	case json.Number:
-		if !strings.ContainsAny(string(t), ".eE") {
-			n, err := strconv.ParseInt(string(t), 10, 64)
-			if err != nil {
-				return nil, p.errorf("integer out of range")
-			}
+		if n, err := x.Int64(); err == nil {
 			return n, nil
 		}
-		f, err := strconv.ParseFloat(string(t), 64)
+		f, err := x.Float64()
 		if err != nil {
-			return nil, p.errorf("number out of range")
+			return nil, fmt.Errorf("%s: number out of range", path)
 		}
 		return f, nil
-	case string, bool, nil:
-		return t, nil
 	}
-	return nil, p.errorf("want a value")
+	return v, nil
 }
 
 // ---- TOML ----
@@ -502,24 +314,26 @@ func (p *jsonParser) value(path string, depth int) (any, error) {
 // redefinitions, so that no file is ever misread. lines maps the
 // configPath of every key, table header and array element to its line.
 func parseTOML(data []byte) (tree map[string]any, lines map[string]int, err error) {
-	p := &tomlParser{data: data, line: 1, lines: make(map[string]int)}
-	if err := p.checkUTF8(); err != nil {
-		return nil, nil, err
+	src := string(data)
+	for i, r := range src {
+		if r == utf8.RuneError && !strings.HasPrefix(src[i:], "\uFFFD") {
+			return nil, nil, &configSyntaxError{1 + strings.Count(src[:i], "\n"), "invalid UTF-8"}
+		}
 	}
-	root := &tomlTable{values: make(map[string]any)}
+	p := &tomlParser{src: src, line: 1, lines: make(map[string]int), kinds: make(map[string]tableKind)}
+	root := make(map[string]any)
 	cur, curPath := root, ""
 	for {
-		p.skipSpace()
-		if p.eof() {
-			return root.tree(), p.lines, nil
+		if err := p.skipBlank(); err != nil {
+			return nil, nil, err
 		}
-		switch p.peek() {
-		case '#', '\n', '\r':
-			err = p.endOfLine("")
-		case '[':
+		if p.eof() {
+			return root, p.lines, nil
+		}
+		if p.peek() == '[' {
 			cur, curPath, err = p.header(root)
-		default:
-			err = p.keyValue(cur, curPath)
+		} else if err = p.keyValue(cur, curPath, 0); err == nil {
+			err = p.endOfLine("value")
 		}
 		if err != nil {
 			return nil, nil, err
@@ -527,151 +341,72 @@ func parseTOML(data []byte) (tree map[string]any, lines map[string]int, err erro
 	}
 }
 
-// tomlTable is a table while the file is read; tree turns it into a map.
-// The flags carry the TOML 1.0 rules on defining a table only once.
-type tomlTable struct {
-	values  map[string]any // leaves, []any, *tomlTable and *tomlArray
-	defined bool           // by a [header]: another [header] is an error
-	dotted  bool           // created by a dotted key: no [header] may define it
-	inline  bool           // an inline table: nothing may be added to it
-}
+// tableKind says how a table came to be, for the TOML 1.0 rules on defining
+// a table only once.
+type tableKind int
 
-// tomlArray is an [[array of tables]]; a static array is an []any and cannot
-// be appended to by a header.
-type tomlArray struct {
-	tables []*tomlTable
-}
-
-func (t *tomlTable) tree() map[string]any {
-	m := make(map[string]any, len(t.values))
-	for k, v := range t.values {
-		m[k] = tomlTreeValue(v)
-	}
-	return m
-}
-
-func tomlTreeValue(v any) any {
-	switch x := v.(type) {
-	case *tomlTable:
-		return x.tree()
-	case *tomlArray:
-		a := make([]any, len(x.tables))
-		for i, t := range x.tables {
-			a[i] = t.tree()
-		}
-		return a
-	case []any:
-		a := make([]any, len(x))
-		for i, e := range x {
-			a[i] = tomlTreeValue(e)
-		}
-		return a
-	}
-	return v
-}
+const (
+	implicitTable tableKind = iota // made on the way to [a.b]: one [a] may still define it
+	headerTable                    // defined by a [header]: another [header] is an error
+	dottedTable                    // made by a dotted key: no [header] may define it
+	inlineTable                    // nothing may be added to it
+	tableArray                     // an [[array of tables]], not a static array
+)
 
 type tomlParser struct {
-	data  []byte
-	pos   int
-	line  int
-	lines map[string]int
+	src       string
+	pos, line int
+	lines     map[string]int
+	kinds     map[string]tableKind // by configPath, for every table and array of tables
 }
 
 func (p *tomlParser) errorf(line int, format string, args ...any) error {
 	return &configSyntaxError{line, fmt.Sprintf(format, args...)}
 }
 
-func (p *tomlParser) eof() bool { return p.pos >= len(p.data) }
+func (p *tomlParser) eof() bool { return p.pos >= len(p.src) }
 
 // peek returns the byte at the cursor, or 0 at the end of the file.
 func (p *tomlParser) peek() byte {
 	if p.eof() {
 		return 0
 	}
-	return p.data[p.pos]
-}
-
-// checkUTF8 rejects a file that is not UTF-8, as TOML requires.
-func (p *tomlParser) checkUTF8() error {
-	line := 1
-	for i := 0; i < len(p.data); {
-		r, n := utf8.DecodeRune(p.data[i:])
-		if r == utf8.RuneError && n == 1 {
-			return p.errorf(line, "invalid UTF-8")
-		}
-		if r == '\n' {
-			line++
-		}
-		i += n
-	}
-	return nil
+	return p.src[p.pos]
 }
 
 // isControl reports the ASCII control characters that TOML allows neither
 // in strings nor in comments: all but tab.
 func isControl(c byte) bool { return c < 0x20 && c != '\t' || c == 0x7f }
 
-func (p *tomlParser) skipSpace() {
-	for !p.eof() && (p.data[p.pos] == ' ' || p.data[p.pos] == '\t') {
+// run consumes and returns the bytes at the cursor that are in chars.
+func (p *tomlParser) run(chars string) string {
+	start := p.pos
+	for !p.eof() && strings.IndexByte(chars, p.src[p.pos]) >= 0 {
 		p.pos++
 	}
+	return p.src[start:p.pos]
 }
 
-// newline consumes "\n" or "\r\n" and reports whether there was one.
-func (p *tomlParser) newline() bool {
-	switch {
-	case p.peek() == '\n':
-		p.pos++
-	case p.peek() == '\r' && p.pos+1 < len(p.data) && p.data[p.pos+1] == '\n':
-		p.pos += 2
-	default:
-		return false
-	}
-	p.line++
-	return true
-}
+func (p *tomlParser) skipSpace() { p.run(" \t") }
 
-// comment consumes a comment up to, not including, its newline.
-func (p *tomlParser) comment() error {
-	for !p.eof() && p.data[p.pos] != '\n' && p.data[p.pos] != '\r' {
-		if isControl(p.data[p.pos]) {
-			return p.errorf(p.line, "control character in comment")
-		}
-		p.pos++
-	}
-	return nil
-}
-
-// endOfLine consumes what may follow a statement: spaces, a comment, and
-// the newline or the end of the file. Anything else is an error, so that
-// `a = 1 2` or `a = "x"y` is not read as something it is not.
-func (p *tomlParser) endOfLine(after string) error {
-	p.skipSpace()
-	if p.peek() == '#' {
-		if err := p.comment(); err != nil {
-			return err
-		}
-	}
-	if p.eof() || p.newline() {
-		return nil
-	}
-	if p.peek() == '\r' {
-		return p.errorf(p.line, "carriage return without a newline")
-	}
-	return p.errorf(p.line, "unexpected text after the %s", after)
-}
-
-// skipBlank skips spaces, newlines and comments, as allowed between the
-// elements of an array.
+// skipBlank skips spaces, comments and newlines.
 func (p *tomlParser) skipBlank() error {
 	for {
 		p.skipSpace()
 		switch {
 		case p.peek() == '#':
-			if err := p.comment(); err != nil {
-				return err
+			for !p.eof() && p.src[p.pos] != '\n' && p.src[p.pos] != '\r' {
+				if isControl(p.src[p.pos]) {
+					return p.errorf(p.line, "control character in comment")
+				}
+				p.pos++
 			}
-		case p.newline():
+		case p.peek() == '\n':
+			p.pos++
+			p.line++
+		case strings.HasPrefix(p.src[p.pos:], "\r\n"):
+			p.pos += 2
+			p.line++
 		case p.peek() == '\r':
 			return p.errorf(p.line, "carriage return without a newline")
 		default:
@@ -680,30 +415,30 @@ func (p *tomlParser) skipBlank() error {
 	}
 }
 
+// endOfLine consumes what may follow a statement: spaces, a comment, and
+// the newline or the end of the file. Anything else is an error, so that
+// `a = 1 2` or `a = "x"y` is not read as something it is not.
+func (p *tomlParser) endOfLine(after string) error {
+	line := p.line
+	if err := p.skipBlank(); err != nil || p.line > line || p.eof() {
+		return err
+	}
+	return p.errorf(p.line, "unexpected text after the %s", after)
+}
+
 // key reads a possibly dotted key: a.b, "a.b".c, 'x' . y.
 func (p *tomlParser) key() ([]string, error) {
 	var keys []string
 	for {
 		p.skipSpace()
-		var k string
-		var err error
-		switch p.peek() {
-		case '"':
-			k, err = p.basicString()
-		case '\'':
-			k, err = p.literalString()
-		default:
-			start := p.pos
-			for !p.eof() && isBareKeyByte(p.data[p.pos]) {
-				p.pos++
+		k := p.run(bareKeyChars)
+		if c := p.peek(); k == "" && (c == '"' || c == '\'') {
+			var err error
+			if k, err = p.quoted(); err != nil {
+				return nil, err
 			}
-			if p.pos == start {
-				return nil, p.errorf(p.line, "want a key")
-			}
-			k = string(p.data[start:p.pos])
-		}
-		if err != nil {
-			return nil, err
+		} else if k == "" {
+			return nil, p.errorf(p.line, "want a key")
 		}
 		keys = append(keys, k)
 		p.skipSpace()
@@ -715,97 +450,61 @@ func (p *tomlParser) key() ([]string, error) {
 }
 
 // header reads [a.b] or [[a.b]] and returns the table that the following
-// keys go into.
-func (p *tomlParser) header(root *tomlTable) (*tomlTable, string, error) {
+// keys go into, and its path.
+func (p *tomlParser) header(root map[string]any) (map[string]any, string, error) {
 	line := p.line
 	p.pos++ // [
-	array := p.peek() == '['
-	if array {
+	closing := "]"
+	if p.peek() == '[' {
 		p.pos++
+		closing = "]]"
 	}
 	keys, err := p.key()
 	if err != nil {
 		return nil, "", err
 	}
-	if p.peek() != ']' {
-		return nil, "", p.errorf(line, "want ] at the end of the table header")
+	if !strings.HasPrefix(p.src[p.pos:], closing) {
+		return nil, "", p.errorf(line, "want %s at the end of the table header", closing)
 	}
-	p.pos++
-	if array {
-		if p.peek() != ']' {
-			return nil, "", p.errorf(line, "want ]] at the end of the array-of-tables header")
-		}
-		p.pos++
-	}
-
-	// Every key but the last names a table on the way, created if need be;
-	// through an array of tables, the way goes on in its last table, as in
-	// [[providers]] followed by [providers.model_rates].
+	p.pos += len(closing)
 	t, path := root, ""
 	for _, k := range keys[:len(keys)-1] {
-		path = configPath(path, k)
-		switch x := t.values[k].(type) {
-		case nil:
-			next := &tomlTable{values: make(map[string]any)}
-			t.values[k] = next
-			p.lines[path] = line
-			t = next
-		case *tomlTable:
-			if x.inline {
-				return nil, "", p.errorf(line, "cannot add to inline table %s", path)
-			}
-			t = x
-		case *tomlArray:
-			path = fmt.Sprintf("%s[%d]", path, len(x.tables)-1)
-			t = x.tables[len(x.tables)-1]
-		default:
-			return nil, "", p.errorf(line, "%s is not a table", path)
+		if t, path, err = p.table(t, path, k, line, implicitTable); err != nil {
+			return nil, "", err
 		}
 	}
 
 	k := keys[len(keys)-1]
 	path = configPath(path, k)
-	if array {
-		arr, ok := t.values[k].(*tomlArray)
-		if !ok && t.values[k] != nil {
-			return nil, "", p.errorf(line, "cannot define [[%s]]: %s is already defined as something else", path, path)
-		}
-		if arr == nil {
-			arr = &tomlArray{}
-			t.values[k] = arr
-			p.lines[path] = line
-		}
-		next := &tomlTable{values: make(map[string]any), defined: true}
-		arr.tables = append(arr.tables, next)
-		path = fmt.Sprintf("%s[%d]", path, len(arr.tables)-1)
-		p.lines[path] = line
-		return next, path, p.endOfLine("table header")
+	next := make(map[string]any)
+	arr, isArray := t[k].([]any)
+	m, isTable := t[k].(map[string]any)
+	switch kind := p.kinds[path]; {
+	case t[k] == nil && closing == "]":
+		t[k] = next
+	case t[k] == nil:
+		t[k], p.kinds[path], p.lines[path] = []any{next}, tableArray, line
+		path += "[0]"
+	case isArray && closing == "]]" && kind == tableArray:
+		t[k] = append(arr, next)
+		path = fmt.Sprintf("%s[%d]", path, len(arr))
+	case isTable && closing == "]" && kind == implicitTable:
+		next = m // made on the way to [a.b]: [a] may define it once
+	case isTable && kind == dottedTable:
+		return nil, "", p.errorf(line, "table [%s] is already defined by dotted keys", path)
+	case isTable && kind == inlineTable:
+		return nil, "", p.errorf(line, "table [%s] is already defined as an inline table", path)
+	case isTable && closing == "]":
+		return nil, "", p.errorf(line, "table [%s] is defined twice", path)
+	default:
+		return nil, "", p.errorf(line, "%s is already defined as something else", path)
 	}
-	switch x := t.values[k].(type) {
-	case nil:
-		next := &tomlTable{values: make(map[string]any), defined: true}
-		t.values[k] = next
-		p.lines[path] = line
-		return next, path, p.endOfLine("table header")
-	case *tomlTable:
-		switch {
-		case x.defined:
-			return nil, "", p.errorf(line, "table [%s] is defined twice", path)
-		case x.dotted:
-			return nil, "", p.errorf(line, "table [%s] is already defined by dotted keys", path)
-		case x.inline:
-			return nil, "", p.errorf(line, "table [%s] is already defined as an inline table", path)
-		}
-		// A table created on the way to [a.b] may be defined once by [a].
-		x.defined = true
-		p.lines[path] = line
-		return x, path, p.endOfLine("table header")
-	}
-	return nil, "", p.errorf(line, "cannot define table [%s]: %s is already defined as something else", path, path)
+	p.kinds[path], p.lines[path] = headerTable, line
+	return next, path, p.endOfLine("table header")
 }
 
 // keyValue reads `key = value` into table t, whose path is path.
-func (p *tomlParser) keyValue(t *tomlTable, path string) error {
+func (p *tomlParser) keyValue(t map[string]any, path string, depth int) error {
 	line := p.line
 	keys, err := p.key()
 	if err != nil {
@@ -816,45 +515,48 @@ func (p *tomlParser) keyValue(t *tomlTable, path string) error {
 	}
 	p.pos++
 	p.skipSpace()
-	if err := p.assign(t, path, keys, line, 0); err != nil {
-		return err
-	}
-	return p.endOfLine("value")
-}
-
-// assign reads the value at the cursor into the dotted key keys of table t.
-// The keys before the last name tables, created as dotted tables; TOML 1.0
-// lets dotted keys add only to tables that dotted keys created.
-func (p *tomlParser) assign(t *tomlTable, path string, keys []string, line, depth int) error {
 	for _, k := range keys[:len(keys)-1] {
-		path = configPath(path, k)
-		switch x := t.values[k].(type) {
-		case nil:
-			next := &tomlTable{values: make(map[string]any), dotted: true}
-			t.values[k] = next
-			p.lines[path] = line
-			t = next
-		case *tomlTable:
-			if !x.dotted {
-				return p.errorf(line, "cannot add to table %s with a dotted key: it is defined elsewhere", path)
-			}
-			t = x
-		default:
-			return p.errorf(line, "%s is not a table", path)
+		if t, path, err = p.table(t, path, k, line, dottedTable); err != nil {
+			return err
 		}
 	}
 	k := keys[len(keys)-1]
 	path = configPath(path, k)
-	if _, dup := t.values[k]; dup {
+	if _, dup := t[k]; dup {
 		return p.errorf(line, "key %s is defined twice", path)
 	}
 	p.lines[path] = line
 	v, err := p.value(path, depth)
-	if err != nil {
-		return err
+	t[k] = v
+	return err
+}
+
+// table returns the table t[k], on the way to a key, and its path. A table
+// made here is of kind via: dottedTable for a dotted key, implicitTable for
+// a [header]. TOML 1.0 lets dotted keys add only to tables that dotted keys
+// made, and a header go on through the last table of an array of tables,
+// as in [[providers]] followed by [providers.model_rates].
+func (p *tomlParser) table(t map[string]any, path, k string, line int, via tableKind) (map[string]any, string, error) {
+	path = configPath(path, k)
+	switch x := t[k].(type) {
+	case nil:
+		next := make(map[string]any)
+		t[k], p.lines[path], p.kinds[path] = next, line, via
+		return next, path, nil
+	case map[string]any:
+		switch {
+		case via == dottedTable && p.kinds[path] != dottedTable:
+			return nil, "", p.errorf(line, "cannot add to table %s with a dotted key: it is defined elsewhere", path)
+		case p.kinds[path] == inlineTable:
+			return nil, "", p.errorf(line, "cannot add to inline table %s", path)
+		}
+		return x, path, nil
+	case []any:
+		if via == implicitTable && p.kinds[path] == tableArray {
+			return x[len(x)-1].(map[string]any), fmt.Sprintf("%s[%d]", path, len(x)-1), nil
+		}
 	}
-	t.values[k] = v
-	return nil
+	return nil, "", p.errorf(line, "%s is not a table", path)
 }
 
 func (p *tomlParser) value(path string, depth int) (any, error) {
@@ -862,10 +564,8 @@ func (p *tomlParser) value(path string, depth int) (any, error) {
 		return nil, p.errorf(p.line, "nested too deeply")
 	}
 	switch p.peek() {
-	case '"':
-		return p.basicString()
-	case '\'':
-		return p.literalString()
+	case '"', '\'':
+		return p.quoted()
 	case '[':
 		return p.array(path, depth)
 	case '{':
@@ -874,96 +574,42 @@ func (p *tomlParser) value(path string, depth int) (any, error) {
 	return p.scalar()
 }
 
-func (p *tomlParser) basicString() (string, error) {
-	if bytes.HasPrefix(p.data[p.pos:], []byte(`"""`)) {
-		return "", p.errorf(p.line, `multi-line strings (""") are not supported`)
+// quoted reads a basic string ("...", with escapes) or a literal string
+// ('...', without).
+func (p *tomlParser) quoted() (string, error) {
+	q := p.src[p.pos]
+	if strings.HasPrefix(p.src[p.pos:], strings.Repeat(string(q), 3)) {
+		return "", p.errorf(p.line, "multi-line strings (%c%c%c) are not supported", q, q, q)
 	}
 	p.pos++
 	var b strings.Builder
 	for !p.eof() {
-		c := p.data[p.pos]
-		switch {
-		case c == '"':
+		switch c := p.src[p.pos]; {
+		case c == q:
 			p.pos++
 			return b.String(), nil
-		case c == '\\':
-			r, err := p.escape()
-			if err != nil {
-				return "", err
+		case c == '\\' && q == '"':
+			// TOML's escapes are some of Go's. The errors do not quote the
+			// sequence: the string may be a key.
+			r, _, rest, err := strconv.UnquoteChar(p.src[p.pos:], '"')
+			switch {
+			case p.pos+1 == len(p.src):
+				return "", p.errorf(p.line, "unterminated string")
+			case !strings.ContainsRune(`btnfr"\\uU`, rune(p.src[p.pos+1])):
+				return "", p.errorf(p.line, `invalid escape sequence: TOML allows \b \t \n \f \r \" \\ \uXXXX \UXXXXXXXX`)
+			case err != nil:
+				return "", p.errorf(p.line, "invalid unicode escape")
 			}
 			b.WriteRune(r)
-		case c == '\n' || c == '\r':
-			return "", p.errorf(p.line, "unterminated string")
-		case isControl(c):
-			return "", p.errorf(p.line, "control character in string: write it as an escape")
-		default:
-			b.WriteByte(c)
-			p.pos++
-		}
-	}
-	return "", p.errorf(p.line, "unterminated string")
-}
-
-// escape reads one escape sequence of a basic string. The error messages
-// do not quote the sequence: the string may be a key.
-func (p *tomlParser) escape() (rune, error) {
-	if p.pos+1 >= len(p.data) {
-		return 0, p.errorf(p.line, "unterminated string")
-	}
-	c := p.data[p.pos+1]
-	p.pos += 2
-	switch c {
-	case 'b':
-		return '\b', nil
-	case 't':
-		return '\t', nil
-	case 'n':
-		return '\n', nil
-	case 'f':
-		return '\f', nil
-	case 'r':
-		return '\r', nil
-	case '"':
-		return '"', nil
-	case '\\':
-		return '\\', nil
-	case 'u', 'U':
-		n := 4
-		if c == 'U' {
-			n = 8
-		}
-		if p.pos+n > len(p.data) {
-			return 0, p.errorf(p.line, "invalid unicode escape")
-		}
-		hex := string(p.data[p.pos : p.pos+n])
-		v, err := strconv.ParseUint(hex, 16, 32)
-		if err != nil || strings.ContainsAny(hex, "+-_") || !utf8.ValidRune(rune(v)) {
-			return 0, p.errorf(p.line, "invalid unicode escape")
-		}
-		p.pos += n
-		return rune(v), nil
-	}
-	return 0, p.errorf(p.line, `invalid escape sequence: TOML allows \b \t \n \f \r \" \\ \uXXXX \UXXXXXXXX`)
-}
-
-func (p *tomlParser) literalString() (string, error) {
-	if bytes.HasPrefix(p.data[p.pos:], []byte(`'''`)) {
-		return "", p.errorf(p.line, "multi-line strings (''') are not supported")
-	}
-	p.pos++
-	start := p.pos
-	for !p.eof() {
-		c := p.data[p.pos]
-		switch {
-		case c == '\'':
-			p.pos++
-			return string(p.data[start : p.pos-1]), nil
+			p.pos = len(p.src) - len(rest)
 		case c == '\n' || c == '\r':
 			return "", p.errorf(p.line, "unterminated string")
 		case isControl(c):
 			return "", p.errorf(p.line, "control character in string")
+		default:
+			b.WriteByte(c)
+			p.pos++
 		}
-		p.pos++
 	}
 	return "", p.errorf(p.line, "unterminated string")
 }
@@ -976,10 +622,10 @@ func (p *tomlParser) array(path string, depth int) ([]any, error) {
 		if err := p.skipBlank(); err != nil {
 			return nil, err
 		}
-		if p.eof() {
+		switch {
+		case p.eof():
 			return nil, p.errorf(start, "unterminated array")
-		}
-		if p.peek() == ']' {
+		case p.peek() == ']':
 			p.pos++
 			return a, nil
 		}
@@ -993,15 +639,9 @@ func (p *tomlParser) array(path string, depth int) ([]any, error) {
 		if err := p.skipBlank(); err != nil {
 			return nil, err
 		}
-		switch {
-		case p.eof():
-			return nil, p.errorf(start, "unterminated array")
-		case p.peek() == ',':
+		if p.peek() == ',' {
 			p.pos++
-		case p.peek() == ']':
-			p.pos++
-			return a, nil
-		default:
+		} else if p.peek() != ']' && !p.eof() {
 			return nil, p.errorf(p.line, "want , or ] after an array element")
 		}
 	}
@@ -1009,45 +649,35 @@ func (p *tomlParser) array(path string, depth int) ([]any, error) {
 
 // inlineTable reads { k = v, ... }. As in TOML 1.0 it must fit on one line
 // and has no trailing comma.
-func (p *tomlParser) inlineTable(path string, depth int) (*tomlTable, error) {
+func (p *tomlParser) inlineTable(path string, depth int) (map[string]any, error) {
 	line := p.line
 	p.pos++ // {
-	t := &tomlTable{values: make(map[string]any), inline: true}
+	t := make(map[string]any)
+	p.kinds[path] = inlineTable
 	p.skipSpace()
 	if p.peek() == '}' {
 		p.pos++
 		return t, nil
 	}
 	for {
-		keys, err := p.key()
-		if err != nil {
-			return nil, err
-		}
-		if p.peek() != '=' {
-			return nil, p.errorf(line, "want = after a key")
-		}
-		p.pos++
-		p.skipSpace()
-		if err := p.assign(t, path, keys, line, depth+1); err != nil {
+		if err := p.keyValue(t, path, depth+1); err != nil {
 			return nil, err
 		}
 		p.skipSpace()
-		switch p.peek() {
-		case ',':
+		comma := p.peek() == ','
+		if comma {
 			p.pos++
 			p.skipSpace()
-			switch p.peek() {
-			case '}':
-				return nil, p.errorf(line, "trailing comma in inline table")
-			case '\n', '\r', 0:
-				return nil, p.errorf(line, "unterminated inline table: it must close on the line it opens")
-			}
-		case '}':
+		}
+		switch c := p.peek(); {
+		case c == '\n' || c == '\r' || c == 0:
+			return nil, p.errorf(line, "unterminated inline table: it must close on the line it opens")
+		case c == '}' && comma:
+			return nil, p.errorf(line, "trailing comma in inline table")
+		case c == '}':
 			p.pos++
 			return t, nil
-		case '\n', '\r', 0:
-			return nil, p.errorf(line, "unterminated inline table: it must close on the line it opens")
-		default:
+		case !comma:
 			return nil, p.errorf(line, "want , or } in inline table")
 		}
 	}
@@ -1056,44 +686,29 @@ func (p *tomlParser) inlineTable(path string, depth int) (*tomlTable, error) {
 var (
 	tomlInteger = regexp.MustCompile(`^[+-]?(?:0|[1-9](?:_?[0-9])*)$`)
 	tomlFloat   = regexp.MustCompile(`^[+-]?(?:0|[1-9](?:_?[0-9])*)(?:\.[0-9](?:_?[0-9])*)?(?:[eE][+-]?[0-9](?:_?[0-9])*)?$`)
-	tomlDate    = regexp.MustCompile(`^[0-9]{4}-[0-9]{2}-[0-9]{2}|^[0-9]{2}:[0-9]{2}`)
 )
 
 // scalar reads a bare value: a boolean, an integer or a float. The token
-// runs over every character any TOML bare value may hold, so that a date or
-// a hex number is recognised whole and refused, never read in part.
+// runs over every character any TOML bare value may hold, so that a date, a
+// hex number, inf or nan is refused whole, never read in part.
 func (p *tomlParser) scalar() (any, error) {
-	start := p.pos
-	for !p.eof() && (isBareKeyByte(p.data[p.pos]) || strings.IndexByte("+.:", p.data[p.pos]) >= 0) {
-		p.pos++
-	}
-	tok := string(p.data[start:p.pos])
-	lower := strings.ToLower(strings.TrimLeft(tok, "+-"))
+	tok := p.run(bareKeyChars + "+.:")
+	digits := strings.ReplaceAll(tok, "_", "")
 	switch {
 	case tok == "":
 		return nil, p.errorf(p.line, "want a value")
-	case tok == "true":
-		return true, nil
-	case tok == "false":
-		return false, nil
+	case tok == "true" || tok == "false":
+		return tok == "true", nil
 	case tomlInteger.MatchString(tok):
-		n, err := strconv.ParseInt(strings.ReplaceAll(tok, "_", ""), 10, 64)
-		if err != nil {
-			return nil, p.errorf(p.line, "integer out of range")
+		if n, err := strconv.ParseInt(digits, 10, 64); err == nil {
+			return n, nil
 		}
-		return n, nil
+		return nil, p.errorf(p.line, "integer out of range")
 	case tomlFloat.MatchString(tok):
-		f, err := strconv.ParseFloat(strings.ReplaceAll(tok, "_", ""), 64)
-		if err != nil {
-			return nil, p.errorf(p.line, "float out of range")
+		if f, err := strconv.ParseFloat(digits, 64); err == nil {
+			return f, nil
 		}
-		return f, nil
-	case tomlDate.MatchString(tok):
-		return nil, p.errorf(p.line, "dates and times are not supported")
-	case strings.HasPrefix(lower, "0x"), strings.HasPrefix(lower, "0o"), strings.HasPrefix(lower, "0b"):
-		return nil, p.errorf(p.line, "hexadecimal, octal and binary integers are not supported")
-	case lower == "inf" || lower == "nan":
-		return nil, p.errorf(p.line, "inf and nan are not supported")
+		return nil, p.errorf(p.line, "float out of range")
 	}
 	return nil, p.errorf(p.line, "invalid value (strings need quotes)")
 }
@@ -1101,22 +716,20 @@ func (p *tomlParser) scalar() (any, error) {
 // ---- The walker ----
 
 // configDecoder walks the tree of either format into a Config (SPEC §3).
-// Single values are checked where they are read, so their errors carry
-// their own line; what involves several (required keys, unique names, keys
-// from the environment) is checked once all is read.
+// Types and ranges are checked where a value is read, and the rest (names,
+// urls, strategies) by check once all is read; either way the error names
+// the key, and its line when the parser gave one.
 type configDecoder struct {
 	file     string
-	lines    map[string]int // configPath → line, from the parser
+	lines    map[string]int // configPath → line; nil for JSON
 	warnings []string
 }
 
-// configField decodes the value v of the key at path.
-type configField func(path string, v any) error
-
-// at returns the "file:line: " prefix for path: the line of the key or,
-// for a key that is missing, of the nearest table around it.
+// at returns the "file:line: " prefix for path: the line of the key or, for
+// a key that is missing, of the nearest table around it (path cut at its last
+// "." or "[").
 func (d *configDecoder) at(path string) string {
-	for p := path; p != ""; p = parentPath(p) {
+	for p := path; p != ""; p = p[:max(strings.LastIndexAny(p, ".["), 0)] {
 		if line, ok := d.lines[p]; ok {
 			return fmt.Sprintf("%s:%d: ", d.file, line)
 		}
@@ -1125,225 +738,89 @@ func (d *configDecoder) at(path string) string {
 }
 
 func (d *configDecoder) errorf(path, format string, args ...any) error {
-	msg := fmt.Sprintf(format, args...)
-	if path != "" {
-		msg = path + ": " + msg
-	}
-	return errors.New(d.at(path) + msg)
+	return errors.New(d.at(path) + path + ": " + fmt.Sprintf(format, args...))
 }
 
 func (d *configDecoder) warnf(path, format string, args ...any) {
 	d.warnings = append(d.warnings, d.at(path)+fmt.Sprintf(format, args...))
 }
 
-func typeName(v any) string {
-	switch v.(type) {
-	case string:
-		return "string"
-	case int64:
-		return "integer"
-	case float64:
-		return "float"
-	case bool:
-		return "boolean"
-	case []any:
-		return "array"
-	case map[string]any:
-		return "table"
-	case nil:
-		return "null"
-	}
-	return fmt.Sprintf("%T", v)
-}
+// typeNames names the types of the tree in errors, as TOML names them.
+var typeNames = map[string]string{"string": "string", "int64": "integer", "float64": "float",
+	"bool": "boolean", "[]interface {}": "array", "map[string]interface {}": "table", "<nil>": "null"}
 
 func (d *configDecoder) typeError(path, want string, v any) error {
-	return d.errorf(path, "want %s, got %s", want, typeName(v))
+	return d.errorf(path, "want %s, got %s", want, typeNames[fmt.Sprintf("%T", v)])
 }
 
-// object decodes the table v with one field per known key. Keys are visited
-// in the order of the file, so that the first error reported is the first
-// in the file; unknown keys are warnings, so that configs written for other
-// arbstr versions still load (SPEC §3).
-func (d *configDecoder) object(path string, v any, fields map[string]configField) error {
-	m, ok := v.(map[string]any)
-	if !ok {
-		return d.typeError(path, "a table", v)
-	}
-	keys := slices.Collect(maps.Keys(m))
-	slices.SortFunc(keys, func(a, b string) int {
-		return cmp.Or(cmp.Compare(d.lines[configPath(path, a)], d.lines[configPath(path, b)]), strings.Compare(a, b))
-	})
-	for _, k := range keys {
-		kp := configPath(path, k)
-		f, ok := fields[k]
-		if !ok {
-			d.warnf(kp, "unknown key %q", kp)
-			continue
-		}
-		if err := f(kp, m[k]); err != nil {
-			return err
-		}
-	}
-	return nil
-}
+// fields maps the keys of a table to where their values go: a *string,
+// *[]string, *bool, *int, *int64 or *float64, a nested fields, or a func
+// that decodes the value itself.
+type fields map[string]any
 
-// array decodes the array v, one element at a time.
-func (d *configDecoder) array(path string, v any, each configField) error {
-	a, ok := v.([]any)
-	if !ok {
-		return d.typeError(path, "an array", v)
-	}
-	for i, e := range a {
-		if err := each(fmt.Sprintf("%s[%d]", path, i), e); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// expand replaces each ${VAR} in s by the environment variable VAR (SPEC §3).
-// $VAR without braces is left alone. An unset variable is an error naming it
-// and the key; the message never holds the value, which may be a key.
-func (d *configDecoder) expand(path, s string) (string, error) {
-	var b strings.Builder
-	for {
-		i := strings.Index(s, "${")
-		if i < 0 {
-			b.WriteString(s)
-			return b.String(), nil
-		}
-		b.WriteString(s[:i])
-		end := strings.IndexByte(s[i:], '}')
-		if end < 0 {
-			return "", d.errorf(path, "${ without a closing }")
-		}
-		name := s[i+2 : i+end]
-		if !isEnvName(name) {
-			return "", d.errorf(path, "invalid ${...}: want ${NAME}, NAME of letters, digits and _")
-		}
-		v, ok := os.LookupEnv(name)
-		if !ok {
-			return "", d.errorf(path, "environment variable %s is not set", name)
-		}
-		b.WriteString(v)
-		s = s[i+end+1:]
-	}
-}
-
-func isEnvName(s string) bool {
-	if s == "" || '0' <= s[0] && s[0] <= '9' {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; !isBareKeyByte(c) || c == '-' {
-			return false
-		}
-	}
-	return true
-}
-
-// str decodes a string, with ${VAR} expanded.
-func (d *configDecoder) str(dst *string) configField {
-	return func(path string, v any) error {
+// value decodes v, the value of the key at path, into dst, one of the kinds
+// of fields. Strings get ${VAR} expanded. Integers are counts, from 1 up;
+// int is 32 bits on linux/arm (SPEC §1), so an int is bounded by MaxInt32 on
+// every platform: a config means the same on a Raspberry Pi as on a server,
+// and a number of seconds times time.Second cannot overflow. Floats are
+// prices, from 0 to maxRate, and may be written as integers.
+func (d *configDecoder) value(path string, v any, dst any) error {
+	switch dst := dst.(type) {
+	case fields:
+		return d.table(path, v, dst)
+	case func(path string, v any) error:
+		return dst(path, v)
+	case *string:
 		s, ok := v.(string)
 		if !ok {
 			return d.typeError(path, "a string", v)
 		}
-		s, err := d.expand(path, s)
-		if err != nil {
-			return err
-		}
-		*dst = s
-		return nil
-	}
-}
-
-// nonEmpty decodes a string that may not be empty.
-func (d *configDecoder) nonEmpty(dst *string) configField {
-	return func(path string, v any) error {
-		if err := d.str(dst)(path, v); err != nil {
-			return err
-		}
-		if *dst == "" {
-			return d.errorf(path, "must not be empty")
-		}
-		return nil
-	}
-}
-
-// name decodes the name of a provider or a rule. Names travel in response
-// headers (x-arbstr-provider, x-arbstr-policy, SPEC §5.2), where a control
-// character would break the response.
-func (d *configDecoder) name(dst *string) configField {
-	return func(path string, v any) error {
-		if err := d.nonEmpty(dst)(path, v); err != nil {
-			return err
-		}
-		if strings.ContainsFunc(*dst, unicode.IsControl) {
-			return d.errorf(path, "must not contain control characters")
-		}
-		return nil
-	}
-}
-
-// strs decodes an array of strings, each with ${VAR} expanded.
-func (d *configDecoder) strs(dst *[]string) configField {
-	return func(path string, v any) error {
-		out := []string{}
-		err := d.array(path, v, func(p string, e any) error {
+		var err error
+		*dst, err = d.expand(path, s)
+		return err
+	case *[]string:
+		*dst = []string{}
+		return d.array(path, v, func(path string, v any) error {
 			var s string
-			if err := d.str(&s)(p, e); err != nil {
-				return err
-			}
-			out = append(out, s)
-			return nil
-		})
-		if err != nil {
+			err := d.value(path, v, &s)
+			*dst = append(*dst, s)
 			return err
-		}
-		*dst = out
-		return nil
-	}
-}
-
-func (d *configDecoder) boolean(dst *bool) configField {
-	return func(path string, v any) error {
+		})
+	case *bool:
 		b, ok := v.(bool)
 		if !ok {
 			return d.typeError(path, "a boolean", v)
 		}
 		*dst = b
-		return nil
-	}
-}
-
-// positive decodes an integer of at least 1. int is 32 bits on linux/arm
-// (SPEC §1), so the bound is the same on every platform: a config means the
-// same on a Raspberry Pi as on a server, and a number of seconds times
-// time.Second cannot overflow.
-func (d *configDecoder) positive(dst *int) configField {
-	return func(path string, v any) error {
-		n, err := d.integer(path, v, math.MaxInt32)
-		if err != nil {
-			return err
-		}
+	case *int:
+		n, err := d.count(path, v, math.MaxInt32)
 		*dst = int(n)
-		return nil
-	}
-}
-
-func (d *configDecoder) positive64(dst *int64) configField {
-	return func(path string, v any) error {
-		n, err := d.integer(path, v, math.MaxInt64)
-		if err != nil {
-			return err
-		}
+		return err
+	case *int64:
+		n, err := d.count(path, v, math.MaxInt64)
 		*dst = n
-		return nil
+		return err
+	case *float64:
+		f, ok := v.(float64)
+		if n, isInt := v.(int64); isInt {
+			f, ok = float64(n), true
+		}
+		switch {
+		case !ok:
+			return d.typeError(path, "a number", v)
+		case f < 0:
+			return d.errorf(path, "must not be negative, got %g", f)
+		case f > maxRate:
+			return d.errorf(path, "must be at most %g, got %g", maxRate, f)
+		}
+		*dst = f
+	default:
+		panic(fmt.Sprintf("config: no decoder for %T", dst))
 	}
+	return nil
 }
 
-func (d *configDecoder) integer(path string, v any, limit int64) (int64, error) {
+func (d *configDecoder) count(path string, v any, limit int64) (int64, error) {
 	n, ok := v.(int64)
 	switch {
 	case !ok:
@@ -1356,46 +833,63 @@ func (d *configDecoder) integer(path string, v any, limit int64) (int64, error) 
 	return n, nil
 }
 
-// rate decodes a price: a number, integer or float, from 0 to maxRate.
-func (d *configDecoder) rate(dst *float64) configField {
-	return func(path string, v any) error {
-		var f float64
-		switch n := v.(type) {
-		case int64:
-			f = float64(n)
-		case float64:
-			f = n
-		default:
-			return d.typeError(path, "a number", v)
-		}
-		switch {
-		case f < 0:
-			return d.errorf(path, "must not be negative, got %g", f)
-		case f > maxRate:
-			return d.errorf(path, "must be at most %g, got %g", maxRate, f)
-		}
-		*dst = f
-		return nil
+// table decodes the table v. Unknown keys are warnings, so that configs
+// written for other arbstr versions still load (SPEC §3).
+func (d *configDecoder) table(path string, v any, fs fields) error {
+	m, ok := v.(map[string]any)
+	if !ok {
+		return d.typeError(path, "a table", v)
 	}
-}
-
-// strategy decodes a routing strategy of SPEC §4, with the alias lowest_cost
-// (the name early arbstr configs use) folded into cheapest.
-func (d *configDecoder) strategy(dst *string) configField {
-	return func(path string, v any) error {
-		var s string
-		if err := d.str(&s)(path, v); err != nil {
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		kp := configPath(path, k)
+		if dst, ok := fs[k]; !ok {
+			d.warnf(kp, "unknown key %q", kp)
+		} else if err := d.value(kp, m[k], dst); err != nil {
 			return err
 		}
-		switch s {
-		case "cheapest", "lowest_cost":
-			*dst = "cheapest"
-		case "lowest_latency", "round_robin":
-			*dst = s
-		default:
-			return d.errorf(path, "unknown strategy %q: want cheapest, lowest_cost, lowest_latency or round_robin", s)
+	}
+	return nil
+}
+
+func (d *configDecoder) array(path string, v any, each func(path string, v any) error) error {
+	a, ok := v.([]any)
+	if !ok {
+		return d.typeError(path, "an array", v)
+	}
+	for i, e := range a {
+		if err := each(fmt.Sprintf("%s[%d]", path, i), e); err != nil {
+			return err
 		}
-		return nil
+	}
+	return nil
+}
+
+var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+// expand replaces each ${VAR} in s by the environment variable VAR (SPEC §3).
+// $VAR without braces is left alone. An unset variable is an error naming it
+// and the key; the message never holds the value, which may be a key.
+func (d *configDecoder) expand(path, s string) (string, error) {
+	var b strings.Builder
+	for {
+		before, after, found := strings.Cut(s, "${")
+		b.WriteString(before)
+		if !found {
+			return b.String(), nil
+		}
+		name, rest, found := strings.Cut(after, "}")
+		if !found {
+			return "", d.errorf(path, "${ without a closing }")
+		}
+		if !envName.MatchString(name) {
+			return "", d.errorf(path, "invalid ${...}: want ${NAME}, NAME of letters, digits and _")
+		}
+		v, ok := os.LookupEnv(name)
+		if !ok {
+			return "", d.errorf(path, "environment variable %s is not set", name)
+		}
+		b.WriteString(v)
+		s = rest
 	}
 }
 
@@ -1403,60 +897,42 @@ func (d *configDecoder) strategy(dst *string) configField {
 // SPEC §3 table.
 func (d *configDecoder) decode(tree map[string]any) (*Config, error) {
 	cfg := defaultConfig()
-	// rawKeys holds each provider's api_key as written, before ${VAR}
-	// expansion, to tell a literal key from a reference.
-	var rawKeys []string
-	s, l := &cfg.Server, &cfg.Logging
-	err := d.object("", tree, map[string]configField{
-		"server": func(path string, v any) error {
-			return d.object(path, v, map[string]configField{
-				"listen":                d.listen(&s.Listen),
-				"auth_token":            d.str(&s.AuthToken),
-				"max_body_bytes":        d.positive64(&s.MaxBodyBytes),
-				"upstream_timeout_secs": d.positive(&s.UpstreamTimeoutSecs),
-				"max_attempts":          d.positive(&s.MaxAttempts),
-				"shutdown_timeout_secs": d.positive(&s.ShutdownTimeoutSecs),
-			})
+	s, pol, l := &cfg.Server, &cfg.Policies, &cfg.Logging
+	err := d.table("", tree, fields{
+		"server": fields{
+			"listen":                &s.Listen,
+			"auth_token":            &s.AuthToken,
+			"max_body_bytes":        &s.MaxBodyBytes,
+			"upstream_timeout_secs": &s.UpstreamTimeoutSecs,
+			"max_attempts":          &s.MaxAttempts,
+			"shutdown_timeout_secs": &s.ShutdownTimeoutSecs,
 		},
-		"database": func(path string, v any) error {
-			return d.object(path, v, map[string]configField{
-				"path": d.nonEmpty(&cfg.Database.Path),
-			})
-		},
+		"database": fields{"path": &cfg.Database.Path},
 		"providers": func(path string, v any) error {
 			return d.array(path, v, func(path string, v any) error {
-				pc, raw, err := d.provider(path, v)
+				pc, err := d.provider(path, v)
 				cfg.Providers = append(cfg.Providers, pc)
-				rawKeys = append(rawKeys, raw)
 				return err
 			})
 		},
-		"policies": func(path string, v any) error {
-			return d.object(path, v, map[string]configField{
-				"default_strategy": d.strategy(&cfg.Policies.DefaultStrategy),
-				"rules": func(path string, v any) error {
-					return d.array(path, v, func(path string, v any) error {
-						r, err := d.rule(path, v)
-						cfg.Policies.Rules = append(cfg.Policies.Rules, r)
-						return err
-					})
-				},
-			})
+		"policies": fields{
+			"default_strategy": &pol.DefaultStrategy,
+			"rules": func(path string, v any) error {
+				return d.array(path, v, func(path string, v any) error {
+					r, err := d.rule(path, v)
+					pol.Rules = append(pol.Rules, r)
+					return err
+				})
+			},
 		},
-		"logging": func(path string, v any) error {
-			return d.object(path, v, map[string]configField{
-				"level":        d.level(&l.Level),
-				"log_requests": d.boolean(&l.LogRequests),
-			})
-		},
+		"logging": fields{"level": &l.Level, "log_requests": &l.LogRequests},
 	})
+	if err == nil {
+		err = d.check(cfg)
+	}
 	if err != nil {
 		return nil, err
 	}
-	if err := d.check(cfg); err != nil {
-		return nil, err
-	}
-	d.resolveKeys(cfg, rawKeys)
 	if len(cfg.Providers) == 0 {
 		d.warnf("", "no providers configured: every chat request will fail")
 	}
@@ -1466,98 +942,61 @@ func (d *configDecoder) decode(tree map[string]any) (*Config, error) {
 	return cfg, nil
 }
 
-// listen decodes server.listen, which must be a host:port that net.Listen
-// accepts; a mistake here is better told with its line than at start.
-func (d *configDecoder) listen(dst *string) configField {
-	return func(path string, v any) error {
-		if err := d.str(dst)(path, v); err != nil {
-			return err
-		}
-		if _, _, err := net.SplitHostPort(*dst); err != nil {
-			return d.errorf(path, "want host:port, such as 127.0.0.1:8080, got %q", *dst)
-		}
-		return nil
-	}
-}
-
-// level decodes logging.level: debug, info, warn or error, in any case,
-// kept in lower case.
-func (d *configDecoder) level(dst *string) configField {
-	return func(path string, v any) error {
-		var s string
-		if err := d.str(&s)(path, v); err != nil {
-			return err
-		}
-		switch lower := strings.ToLower(s); lower {
-		case "debug", "info", "warn", "error":
-			*dst = lower
-			return nil
-		}
-		return d.errorf(path, "unknown level %q: want debug, info, warn or error", s)
-	}
-}
-
-// provider decodes one providers[] entry. It also returns the api_key as
-// written, for resolveKeys.
-func (d *configDecoder) provider(path string, v any) (ProviderConfig, string, error) {
-	var (
-		pc         ProviderConfig
-		rawKey     string
-		rates      any
-		ratesPath  string
-		hasRates   bool
-		apiKeyText = d.str(&pc.APIKey)
-	)
-	err := d.object(path, v, map[string]configField{
-		"name": d.name(&pc.Name),
-		"url":  d.url(&pc.URL),
+// provider decodes one providers[] entry and gives it its key (SPEC §3):
+// api_key when set, else ARBSTR_<NAME>_API_KEY, else none. An api_key that
+// expands to "" counts as unset. The warnings name the provider, never the
+// key.
+func (d *configDecoder) provider(path string, v any) (ProviderConfig, error) {
+	var pc ProviderConfig
+	literal := false // api_key is written out in the file, not a ${VAR}
+	err := d.table(path, v, fields{
+		"name": &pc.Name,
+		"url":  &pc.URL,
 		"api_key": func(path string, v any) error {
-			rawKey, _ = v.(string)
-			return apiKeyText(path, v)
+			s, _ := v.(string)
+			literal = !strings.Contains(s, "${")
+			return d.value(path, v, &pc.APIKey)
 		},
-		"models":      d.strs(&pc.Models),
-		"input_rate":  d.rate(&pc.InputRate),
-		"output_rate": d.rate(&pc.OutputRate),
-		"base_fee":    d.rate(&pc.BaseFee),
+		"models":      &pc.Models,
+		"input_rate":  &pc.InputRate,
+		"output_rate": &pc.OutputRate,
+		"base_fee":    &pc.BaseFee,
 		// model_rates is read last, below, because a model's entry may
 		// leave out a rate that the provider's own rate then fills.
-		"model_rates": func(path string, v any) error {
-			rates, ratesPath, hasRates = v, path, true
-			return nil
-		},
+		"model_rates": func(string, any) error { return nil },
 	})
-	if err == nil && hasRates {
-		pc.ModelRates, err = d.modelRates(ratesPath, rates, &pc)
+	if m, _ := v.(map[string]any); err == nil && m["model_rates"] != nil {
+		pc.ModelRates, err = d.modelRates(configPath(path, "model_rates"), m["model_rates"], &pc)
 	}
-	return pc, rawKey, err
-}
-
-// url decodes a provider url: http or https, with a host (SPEC §3). The
-// message does not repeat the URL, which may carry credentials.
-func (d *configDecoder) url(dst *string) configField {
-	return func(path string, v any) error {
-		if err := d.nonEmpty(dst)(path, v); err != nil {
-			return err
-		}
-		u, err := url.Parse(*dst)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			return d.errorf(path, "want an http:// or https:// URL with a host")
-		}
-		return nil
+	if err != nil {
+		return pc, err
 	}
+	env := providerKeyEnv(pc.Name)
+	switch {
+	case pc.APIKey != "":
+		pc.KeySource = "config"
+		if literal {
+			d.warnf(path+".api_key", "provider %q: api_key is written in the file; prefer \"${VAR}\" or the environment variable %s", pc.Name, env)
+		}
+	case os.Getenv(env) != "":
+		pc.APIKey, pc.KeySource = os.Getenv(env), "env "+env
+	default:
+		d.warnf(path, "provider %q has no API key (no api_key, %s not set): it is sent no Authorization header", pc.Name, env)
+	}
+	return pc, nil
 }
 
 // modelRates decodes model_rates: model → {input_rate, output_rate}. A rate
 // that an entry leaves out is the provider's, so that an entry overrides
-// only what it names. Model names get ${VAR} expanded like any string.
+// only what it names. Model names get ${VAR} expanded like the models list,
+// so that the two still match.
 func (d *configDecoder) modelRates(path string, v any, pc *ProviderConfig) (map[string]Rates, error) {
 	m, ok := v.(map[string]any)
 	if !ok {
 		return nil, d.typeError(path, "a table", v)
 	}
-	keys := slices.Sorted(maps.Keys(m))
 	rates := make(map[string]Rates, len(m))
-	for _, k := range keys {
+	for _, k := range slices.Sorted(maps.Keys(m)) {
 		kp := configPath(path, k)
 		model, err := d.expand(kp, k)
 		if err != nil {
@@ -1567,11 +1006,7 @@ func (d *configDecoder) modelRates(path string, v any, pc *ProviderConfig) (map[
 			return nil, d.errorf(kp, "model %q is listed twice", model)
 		}
 		r := Rates{InputRate: pc.InputRate, OutputRate: pc.OutputRate}
-		err = d.object(kp, m[k], map[string]configField{
-			"input_rate":  d.rate(&r.InputRate),
-			"output_rate": d.rate(&r.OutputRate),
-		})
-		if err != nil {
+		if err := d.table(kp, m[k], fields{"input_rate": &r.InputRate, "output_rate": &r.OutputRate}); err != nil {
 			return nil, err
 		}
 		rates[model] = r
@@ -1582,86 +1017,85 @@ func (d *configDecoder) modelRates(path string, v any, pc *ProviderConfig) (map[
 // rule decodes one policies.rules[] entry.
 func (d *configDecoder) rule(path string, v any) (PolicyRule, error) {
 	r := PolicyRule{Strategy: "cheapest"}
-	err := d.object(path, v, map[string]configField{
-		"name":           d.name(&r.Name),
-		"allowed_models": d.strs(&r.AllowedModels),
-		"strategy":       d.strategy(&r.Strategy),
+	err := d.table(path, v, fields{
+		"name":           &r.Name,
+		"allowed_models": &r.AllowedModels,
+		"strategy":       &r.Strategy,
 		"max_sats_per_1k_output": func(path string, v any) error {
-			var max float64
-			if err := d.rate(&max)(path, v); err != nil {
-				return err
-			}
-			r.MaxSatsPer1kOutput = &max
-			return nil
+			r.MaxSatsPer1kOutput = new(float64)
+			return d.value(path, v, r.MaxSatsPer1kOutput)
 		},
-		"keywords": func(path string, v any) error {
-			if err := d.strs(&r.Keywords)(path, v); err != nil {
-				return err
-			}
-			// An empty keyword matches nothing (SPEC §4 matches on word
-			// boundaries), which is surely not what was meant.
-			for i, k := range r.Keywords {
-				if strings.TrimSpace(k) == "" {
-					d.warnf(fmt.Sprintf("%s[%d]", path, i), "%s[%d]: empty keyword is ignored", path, i)
-				}
-			}
-			return nil
-		},
+		"keywords": &r.Keywords,
 	})
 	return r, err
 }
 
-// check enforces what no single value shows: required names and urls, and
-// unique names (SPEC §3).
+// check enforces the rules that the walker leaves (SPEC §3): listen and
+// database.path, provider and rule names, urls, strategies and the level.
+// It folds the strategy alias and the level's case.
 func (d *configDecoder) check(cfg *Config) error {
-	seen := make(map[string]int)
+	if _, _, err := net.SplitHostPort(cfg.Server.Listen); err != nil {
+		return d.errorf("server.listen", "want host:port, such as 127.0.0.1:8080, got %q", cfg.Server.Listen)
+	}
+	if cfg.Database.Path == "" {
+		return d.errorf("database.path", "must not be empty")
+	}
+	// Names travel in response headers (x-arbstr-provider, x-arbstr-policy,
+	// SPEC §5.2), where a control character would break the response.
+	seen := make(map[string]string) // kind and name → path
+	name := func(kind, path, name string) error {
+		other, dup := seen[kind+" "+name]
+		switch {
+		case name == "":
+			return d.errorf(path+".name", "missing or empty")
+		case strings.ContainsFunc(name, unicode.IsControl):
+			return d.errorf(path+".name", "must not contain control characters")
+		case dup:
+			return d.errorf(path+".name", "duplicate %s name %q (also %s)", kind, name, other)
+		}
+		seen[kind+" "+name] = path
+		return nil
+	}
 	for i, pc := range cfg.Providers {
 		path := fmt.Sprintf("providers[%d]", i)
-		if pc.Name == "" {
-			return d.errorf(path, "missing name")
+		if err := name("provider", path, pc.Name); err != nil {
+			return err
 		}
-		if j, dup := seen[pc.Name]; dup {
-			return d.errorf(path+".name", "duplicate provider name %q (also providers[%d])", pc.Name, j)
-		}
-		seen[pc.Name] = i
-		if pc.URL == "" {
-			return d.errorf(path, "missing url")
+		// The message does not repeat the URL, which may carry credentials.
+		if u, err := url.Parse(pc.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return d.errorf(path+".url", "want an http:// or https:// URL with a host")
 		}
 	}
-	clear(seen)
-	for i, r := range cfg.Policies.Rules {
+	if err := d.strategy("policies.default_strategy", &cfg.Policies.DefaultStrategy); err != nil {
+		return err
+	}
+	for i := range cfg.Policies.Rules {
+		r := &cfg.Policies.Rules[i]
 		path := fmt.Sprintf("policies.rules[%d]", i)
-		if r.Name == "" {
-			return d.errorf(path, "missing name")
+		if err := name("rule", path, r.Name); err != nil {
+			return err
 		}
-		if j, dup := seen[r.Name]; dup {
-			return d.errorf(path+".name", "duplicate rule name %q (also policies.rules[%d])", r.Name, j)
+		if err := d.strategy(path+".strategy", &r.Strategy); err != nil {
+			return err
 		}
-		seen[r.Name] = i
 	}
+	level := strings.ToLower(cfg.Logging.Level)
+	if !slices.Contains([]string{"debug", "info", "warn", "error"}, level) {
+		return d.errorf("logging.level", "unknown level %q: want debug, info, warn or error", cfg.Logging.Level)
+	}
+	cfg.Logging.Level = level
 	return nil
 }
 
-// resolveKeys gives each provider its key and KeySource (SPEC §3): api_key
-// when set, else ARBSTR_<NAME>_API_KEY, else none. An api_key that expands to
-// "" counts as unset. It warns of a key written literally in the file, and of
-// a provider left with no key; the warnings name the provider, never the key.
-func (d *configDecoder) resolveKeys(cfg *Config, rawKeys []string) {
-	for i := range cfg.Providers {
-		pc := &cfg.Providers[i]
-		path := fmt.Sprintf("providers[%d]", i)
-		env := providerKeyEnv(pc.Name)
-		switch {
-		case pc.APIKey != "":
-			pc.KeySource = "config"
-			if !strings.Contains(rawKeys[i], "${") {
-				d.warnf(path+".api_key", "provider %q: api_key is written in the file; prefer \"${VAR}\" or the environment variable %s", pc.Name, env)
-			}
-		case os.Getenv(env) != "":
-			pc.APIKey, pc.KeySource = os.Getenv(env), "env "+env
-		default:
-			pc.KeySource = ""
-			d.warnf(path, "provider %q has no API key (no api_key, %s not set): it is sent no Authorization header", pc.Name, env)
-		}
+// strategy checks a routing strategy of SPEC §4, and folds lowest_cost, the
+// name early arbstr configs use, into cheapest.
+func (d *configDecoder) strategy(path string, s *string) error {
+	switch *s {
+	case "lowest_cost":
+		*s = "cheapest"
+	case "cheapest", "lowest_latency", "round_robin":
+	default:
+		return d.errorf(path, "unknown strategy %q: want cheapest, lowest_cost, lowest_latency or round_robin", *s)
 	}
+	return nil
 }
