@@ -2178,3 +2178,34 @@ func TestRouteLimitIsPrefix(t *testing.T) {
 		t.Fatalf("only %d routes compared", checked)
 	}
 }
+
+// TestReadmeTOMLMatchesExample: the README shows config.example.json in
+// TOML (issue 2); both must decode to the same configuration.
+func TestReadmeTOMLMatchesExample(t *testing.T) {
+	t.Setenv("ROUTSTR_ALPHA_KEY", "alpha-key")
+	t.Setenv("ROUTSTR_BETA_KEY", "beta-key")
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(readme), "```toml\n")
+	block, _, ok2 := strings.Cut(rest, "```")
+	if !ok || !ok2 {
+		t.Fatal("README.md has no ```toml block")
+	}
+	path := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(path, []byte(block), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fromTOML, _, err := loadConfig(path)
+	if err != nil {
+		t.Fatalf("README's TOML: %v", err)
+	}
+	fromJSON, _, err := loadConfig("config.example.json")
+	if err != nil {
+		t.Fatalf("config.example.json: %v", err)
+	}
+	if !reflect.DeepEqual(fromTOML, fromJSON) {
+		t.Errorf("README's TOML = %+v\nconfig.example.json = %+v", fromTOML, fromJSON)
+	}
+}
