@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"mime"
 	"net"
 	"net/http"
@@ -1283,15 +1284,15 @@ func (s *server) handleCost(w http.ResponseWriter, r *http.Request) {
 	}
 	// With every circuit open, the dry run still shows who was set aside.
 	type costCandidate struct {
-		Provider        string  `json:"provider"`
-		InputRate       float64 `json:"input_rate"`
-		OutputRate      float64 `json:"output_rate"`
-		BaseFee         float64 `json:"base_fee"`
-		EstInputTokens  int64   `json:"estimated_input_tokens"`
-		EstOutputTokens int64   `json:"estimated_output_tokens"`
-		EstimatedCost   float64 `json:"estimated_cost_sats"`
-		ObservedLatency *int64  `json:"observed_latency_ms"`
-		Circuit         string  `json:"circuit"`
+		Provider        string   `json:"provider"`
+		InputRate       float64  `json:"input_rate"`
+		OutputRate      float64  `json:"output_rate"`
+		BaseFee         float64  `json:"base_fee"`
+		EstInputTokens  int64    `json:"estimated_input_tokens"`
+		EstOutputTokens int64    `json:"estimated_output_tokens"`
+		EstimatedCost   float64  `json:"estimated_cost_sats"`
+		ObservedLatency *float64 `json:"observed_latency_ms"`
+		Circuit         string   `json:"circuit"`
 	}
 	out := struct {
 		Model    string          `json:"model"`
@@ -1318,7 +1319,7 @@ func (s *server) handleCost(w http.ResponseWriter, r *http.Request) {
 			EstimatedCost: msatToSats(c.estMsat), Circuit: c.p.state(now),
 		}
 		if c.seen {
-			ms := int64(c.latency)
+			ms := math.Round(c.latency*10) / 10
 			cc.ObservedLatency = &ms
 		}
 		out.Cands = append(out.Cands, cc)
@@ -1398,7 +1399,7 @@ func (s *server) handleProviders(w http.ResponseWriter, r *http.Request) {
 			pi.Models = []string{}
 		}
 		if ms, ok := p.observedLatency(); ok {
-			ms = float64(int64(ms*10)) / 10
+			ms = math.Round(ms*10) / 10
 			pi.Latency = &ms
 		}
 		list = append(list, pi)
