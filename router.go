@@ -327,7 +327,7 @@ func newRouter(cfg *Config, ratio func(string) (float64, int64)) *Router {
 	for i, r := range cfg.Policies.Rules {
 		pol := &policy{PolicyRule: r, maxOut: -1}
 		for _, k := range r.Keywords {
-			k = strings.ToLower(strings.TrimSpace(k))
+			k = foldCase(strings.TrimSpace(k))
 			switch {
 			case k == "":
 			case isOneWord(k):
@@ -589,7 +589,7 @@ func (rt *Router) matchKeywords(text string) *policy {
 	if text == "" || len(rt.policies) == 0 {
 		return nil
 	}
-	lower := strings.ToLower(text)
+	lower := foldCase(text)
 	best := len(rt.policies)
 	for i := 0; i < len(lower); {
 		r, size := utf8.DecodeRuneInString(lower[i:])
@@ -657,6 +657,25 @@ func containsWord(text, word string) bool {
 	}
 }
 
+// isWordRune says what a word is made of: letters, digits, underscores, and
+// the combining marks that belong to the letter before them ("cafe" plus an
+// acute accent is "café", not "cafe"). Han, kana and Hangul letters count as
+// breaks: Chinese and Japanese put no spaces between words, so "debug" in
+// "请帮我debug这个" is a word of its own (as Unicode's UAX #29 has it).
 func isWordRune(r rune) bool {
-	return r != utf8.RuneError && (r == '_' || unicode.IsLetter(r) || unicode.IsDigit(r))
+	switch {
+	case r == utf8.RuneError:
+		return false
+	case r < utf8.RuneSelf:
+		return r == '_' || 'a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9'
+	case unicode.In(r, unicode.Han, unicode.Hiragana, unicode.Katakana, unicode.Hangul):
+		return false
+	}
+	return unicode.IsLetter(r) || unicode.IsDigit(r) || unicode.Is(unicode.Mn, r)
+}
+
+// foldCase lower-cases text for keyword matching, with Greek final sigma
+// folded into σ, since upper-case Σ lower-cases to σ wherever it stands.
+func foldCase(s string) string {
+	return strings.ReplaceAll(strings.ToLower(s), "ς", "σ")
 }

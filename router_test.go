@@ -1949,7 +1949,6 @@ func TestRouteEstimate(t *testing.T) {
 // strings.ToLower and takes any letter, digit or _ of any script as part of
 // a word, which gets these wrong.
 func TestMatchKeywordsUnicodeBoundaries(t *testing.T) {
-	t.Skip("BUG (router.go, minor): keyword matching misreads word boundaries next to CJK text and combining marks, and does not fold final sigma; see the cases")
 	rt := newRouter(routerConfig([]PolicyRule{
 		{Name: "debug", Keywords: []string{"debug"}},
 		{Name: "cafe", Keywords: []string{"cafe"}},
@@ -1970,6 +1969,9 @@ func TestMatchKeywordsUnicodeBoundaries(t *testing.T) {
 		// Upper-case Σ lower-cases to σ, never to the final ς; the two fold
 		// to the same letter (strings.EqualFold("ΛΌΓΟΣ", "λόγος") is true).
 		{"ΛΌΓΟΣ", "logos"},
+		{"ο λόγος", "logos"},
+		{"un cafe noir", "cafe"},
+		{"decafe", ""},
 	}
 	for _, tt := range tests {
 		var got string
