@@ -235,7 +235,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		httpSrv.Close()
 	}
 	// Closing connections cancels their requests; each still writes its row.
-	srv.inflight.Wait()
+	srv.drain()
 	if err := store.Close(); err != nil {
 		return fmt.Errorf("close ledger: %w", err)
 	}

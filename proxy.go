@@ -79,7 +79,11 @@ type server struct {
 	started   time.Time
 	mux       *http.ServeMux
 	authHash  [32]byte // sha256 of server.auth_token, when set
-	inflight  sync.WaitGroup
+	// drainMu orders inflight.Add against drain: once draining, no chat
+	// request starts, so none can record after the ledger has closed.
+	drainMu  sync.Mutex
+	draining bool
+	inflight sync.WaitGroup
 	backoff   []time.Duration // between passes over the candidates (§6.1)
 }
 
@@ -574,7 +578,10 @@ func (s *server) fail(w http.ResponseWriter, ex *exchange, e *apiError) {
 const statusClientClosed = 499
 
 func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
-	s.inflight.Add(1)
+	if !s.enter() {
+		writeError(w, errorf(http.StatusServiceUnavailable, "service_unavailable", "shutting_down", "arbstr is shutting down"))
+		return
+	}
 	defer s.inflight.Done()
 	ex := &exchange{id: newRequestID(), start: time.Now()}
 	body, req, aerr := s.readChat(w, r)
@@ -595,6 +602,26 @@ func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
 		ex.body, ex.addedUsage = withIncludeUsage(body, req.StreamOptions)
 	}
 	s.forward(w, r, ex)
+}
+
+// enter counts a chat request in flight, unless arbstr is draining.
+func (s *server) enter() bool {
+	s.drainMu.Lock()
+	defer s.drainMu.Unlock()
+	if s.draining {
+		return false
+	}
+	s.inflight.Add(1)
+	return true
+}
+
+// drain refuses new chat requests and waits for those in flight, each of
+// which writes its ledger row before it ends (§2).
+func (s *server) drain() {
+	s.drainMu.Lock()
+	s.draining = true
+	s.drainMu.Unlock()
+	s.inflight.Wait()
 }
 
 // attemptResult is how one upstream attempt ended.
