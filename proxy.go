@@ -84,7 +84,7 @@ type server struct {
 	drainMu  sync.Mutex
 	draining bool
 	inflight sync.WaitGroup
-	backoff   []time.Duration // between passes over the candidates (§6.1)
+	backoff  []time.Duration // between passes over the candidates (§6.1)
 }
 
 func newServer(cfg *Config, router *Router, store *Store, logger *slog.Logger) *server {
