@@ -670,7 +670,7 @@ func (s *server) forward(w http.ResponseWriter, r *http.Request, ex *exchange) {
 				// Released however the attempt ends, a panic included, so
 				// that a probe always frees its slot (§6.3).
 				defer func() { c.p.release(time.Now(), probe, res.outcome, res.retryAfter) }()
-				res = s.attempt(w, r, ex, c.p)
+				res = s.attempt(w, r, ex)
 			}()
 			if res.done {
 				return
@@ -733,7 +733,8 @@ func retryAfter(resp *http.Response) time.Duration {
 
 // attempt sends the request to one provider. Nothing reaches the client
 // unless the result is done.
-func (s *server) attempt(w http.ResponseWriter, r *http.Request, ex *exchange, p *provider) attemptResult {
+func (s *server) attempt(w http.ResponseWriter, r *http.Request, ex *exchange) attemptResult {
+	p := ex.provider
 	// The upstream call dies with the client (§5.1). For a plain request the
 	// timeout bounds the whole exchange; for a stream, a timer bounds the wait
 	// for headers and every gap between reads (§6.2).
@@ -890,10 +891,7 @@ func (s *server) complete(w http.ResponseWriter, r *http.Request, ex *exchange, 
 	ex.status, ex.success = resp.StatusCode, true
 	s.finish(ex)
 
-	field := ex.provider.Name
-	fieldJSON, _ := json.Marshal(field)
-	insert := make([]byte, 0, len(fieldJSON)+20)
-	insert = append(append(append(insert, `"arbstr_provider":`...), fieldJSON...), ',')
+	insert := ex.provider.bodyField
 	if rest := bytes.TrimLeft(body[open+1:], " \t\r\n"); len(rest) > 0 && rest[0] == '}' {
 		insert = insert[:len(insert)-1] // an empty object takes no comma
 	}

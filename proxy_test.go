@@ -2585,6 +2585,54 @@ func BenchmarkStoreRatio(b *testing.B) {
 	}
 }
 
+// UnmarshalJSON reads what ledgerRow.MarshalJSON writes, so that the tests
+// of /v1/requests can decode into a ledgerRow. Only tests need it.
+func (r *ledgerRow) UnmarshalJSON(b []byte) error {
+	var j ledgerRowJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return err
+	}
+	t, err := time.Parse(time.RFC3339Nano, j.Timestamp)
+	if err != nil {
+		return fmt.Errorf("ledger row timestamp: %w", err)
+	}
+	*r = ledgerRow{
+		RequestID:      j.RequestID,
+		Time:           t.UTC(),
+		Model:          j.Model,
+		Provider:       j.Provider,
+		Streaming:      j.Streaming,
+		UsageEstimated: j.UsageEstimated,
+		LatencyMs:      j.LatencyMs,
+		Attempts:       j.Attempts,
+		Success:        j.Success,
+		Status:         j.Status,
+	}
+	if j.Policy != nil {
+		r.Policy = *j.Policy
+	}
+	if j.InputTokens != nil {
+		r.HasUsage = true
+		r.InputTokens = *j.InputTokens
+	}
+	if j.OutputTokens != nil {
+		r.OutputTokens = *j.OutputTokens
+	}
+	if j.CostSats != nil {
+		r.CostMsat = int64(math.Round(*j.CostSats * 1000))
+	}
+	if j.BaselineCostSats != nil {
+		r.BaselineMsat = int64(math.Round(*j.BaselineCostSats * 1000))
+	}
+	if j.TTFTMs != nil {
+		r.TTFTMs = *j.TTFTMs
+	}
+	if j.Error != nil {
+		r.Error = *j.Error
+	}
+	return nil
+}
+
 // ---- Benchmarks (§10, issue 5) ----
 //
 // Each arbstr benchmark stands beside the same work done by a bare

@@ -60,6 +60,7 @@ type provider struct {
 	ProviderConfig
 	endpoint   string // the full chat-completions URL (§5.1)
 	authHeader string // "Bearer KEY", or "" for none
+	bodyField  []byte // `"arbstr_provider":"NAME",`, spliced into answers (§5.2)
 	price      price
 	modelPrice map[string]price // model_rates, resolved
 
@@ -93,6 +94,8 @@ const (
 
 func newProvider(pc ProviderConfig) *provider {
 	p := &provider{ProviderConfig: pc, endpoint: chatURL(pc.URL)}
+	name, _ := json.Marshal(pc.Name)
+	p.bodyField = fmt.Appendf(nil, `"arbstr_provider":%s,`, name)
 	if pc.APIKey != "" {
 		p.authHeader = "Bearer " + pc.APIKey
 	}
@@ -234,10 +237,9 @@ func (p *provider) observedLatency() (float64, bool) {
 // policy is a compiled policies.rules entry.
 type policy struct {
 	PolicyRule
-	keywords []string // lower-cased
-	allowed  map[string]bool
-	maxOut   int64 // max_sats_per_1k_output in µsat per token; -1 for none
-	rr       atomic.Uint64
+	allowed map[string]bool
+	maxOut  int64 // max_sats_per_1k_output in µsat per token; -1 for none
+	rr      atomic.Uint64
 }
 
 // Strategies (§3). lowest_cost is folded into cheapest by the config loader.
@@ -382,9 +384,7 @@ type route struct {
 	estOut   int64
 	cands    []modelCand // the providers serving the model (shared, read-only)
 	ordered  []candidate // qualified and available, in the order to try
-	// Filled only when Route explains itself (limit 0, for /v1/cost):
-	qualified []candidate // passed the model and policy constraints (§4 steps 3–4)
-	excluded  []exclusion
+	excluded []exclusion // filled only when Route explains itself (limit 0, for /v1/cost)
 }
 
 // policyName is the matched policy's name, "" for none.
@@ -493,9 +493,6 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 		}
 		qualified++
 		c := candidate{p: mc.p, price: mc.price, estMsat: mc.price.cost(r.estIn, r.estOut)}
-		if explain {
-			r.qualified = append(r.qualified, c)
-		}
 		if !mc.p.available(now) {
 			if explain {
 				r.excluded = append(r.excluded, exclusion{mc.p.Name, "circuit open"})

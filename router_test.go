@@ -1354,9 +1354,9 @@ func TestRouteCandidates(t *testing.T) {
 	}
 	for _, tt := range tests {
 		r, aerr := rt.Route(&chatRequest{Model: tt.model, TextBytes: 8}, "", routerNow, 0)
-		if aerr != nil || !slices.Equal(candidateNames(r.qualified), tt.qualified) || !slices.Equal(candidateNames(r.ordered), tt.ordered) {
+		if aerr != nil || !slices.Equal(qualifiedNames(r), tt.qualified) || !slices.Equal(candidateNames(r.ordered), tt.ordered) {
 			t.Errorf("Route(%q) = %s, qualified %v; want qualified %v, order %v",
-				tt.model, routeString(r, aerr), candidateNames(r.qualified), tt.qualified, tt.ordered)
+				tt.model, routeString(r, aerr), qualifiedNames(r), tt.qualified, tt.ordered)
 		}
 	}
 
@@ -1431,8 +1431,8 @@ func TestRoutePolicyConstraints(t *testing.T) {
 			if !isAPIError(aerr, http.StatusBadRequest, tt.errCode) || aerr.Message != tt.errMsg || aerr.Type != "invalid_request_error" {
 				t.Errorf("%s = %s; want 400 %s %q", f, routeString(r, aerr), tt.errCode, tt.errMsg)
 			}
-		} else if aerr != nil || !slices.Equal(candidateNames(r.qualified), tt.qualified) {
-			t.Errorf("%s = %s, qualified %v; want qualified %v", f, routeString(r, aerr), candidateNames(r.qualified), tt.qualified)
+		} else if aerr != nil || !slices.Equal(qualifiedNames(r), tt.qualified) {
+			t.Errorf("%s = %s, qualified %v; want qualified %v", f, routeString(r, aerr), qualifiedNames(r), tt.qualified)
 		}
 		if !slices.Equal(r.excluded, tt.excluded) {
 			t.Errorf("%s excluded = %v; want %v", f, r.excluded, tt.excluded)
@@ -1467,8 +1467,8 @@ func TestRouteCircuits(t *testing.T) {
 	trip(a, routerNow)
 	r, aerr = routeAt("", routerNow)
 	check("a open", r, aerr, []string{"b", "c", "pricey"}, []exclusion{{"a", "circuit open"}})
-	if !slices.Equal(candidateNames(r.qualified), []string{"a", "b", "c", "pricey"}) {
-		t.Errorf("Route(a open) qualified = %v; want all four: circuits do not disqualify", candidateNames(r.qualified))
+	if !slices.Equal(qualifiedNames(r), []string{"a", "b", "c", "pricey"}) {
+		t.Errorf("Route(a open) qualified = %v; want all four: circuits do not disqualify", qualifiedNames(r))
 	}
 	// Exclusions come in config order, whatever their reason.
 	r, aerr = routeAt("cap", routerNow)
@@ -1867,7 +1867,7 @@ func TestRouteBaseline(t *testing.T) {
 		}
 		if got := r.baseline(tt.in, tt.out); got != tt.want {
 			t.Errorf("Route(%q, last user %q).baseline(%d, %d) = %d; want %d (qualified %v)",
-				tt.model, tt.lastUser, tt.in, tt.out, got, tt.want, candidateNames(r.qualified))
+				tt.model, tt.lastUser, tt.in, tt.out, got, tt.want, qualifiedNames(r))
 		}
 	}
 }
@@ -2179,6 +2179,18 @@ func TestRouteLimitIsPrefix(t *testing.T) {
 	if checked < 20 {
 		t.Fatalf("only %d routes compared", checked)
 	}
+}
+
+// qualifiedNames lists the providers that passed the model and the
+// policy's constraints (§4 steps 3–4), open circuits or not.
+func qualifiedNames(r *route) []string {
+	var names []string
+	for _, mc := range r.cands {
+		if r.allows(mc.price) {
+			names = append(names, mc.p.Name)
+		}
+	}
+	return names
 }
 
 // TestReadmeTOMLMatchesExample: the README shows config.example.json in

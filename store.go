@@ -239,54 +239,6 @@ func (r ledgerRow) MarshalJSON() ([]byte, error) {
 	return json.Marshal(j)
 }
 
-// UnmarshalJSON reads what MarshalJSON writes, so that clients and tests of
-// /v1/requests can decode into a ledgerRow.
-func (r *ledgerRow) UnmarshalJSON(b []byte) error {
-	var j ledgerRowJSON
-	if err := json.Unmarshal(b, &j); err != nil {
-		return err
-	}
-	t, err := time.Parse(time.RFC3339Nano, j.Timestamp)
-	if err != nil {
-		return fmt.Errorf("ledger row timestamp: %w", err)
-	}
-	*r = ledgerRow{
-		RequestID:      j.RequestID,
-		Time:           t.UTC(),
-		Model:          j.Model,
-		Provider:       j.Provider,
-		Streaming:      j.Streaming,
-		UsageEstimated: j.UsageEstimated,
-		LatencyMs:      j.LatencyMs,
-		Attempts:       j.Attempts,
-		Success:        j.Success,
-		Status:         j.Status,
-	}
-	if j.Policy != nil {
-		r.Policy = *j.Policy
-	}
-	if j.InputTokens != nil {
-		r.HasUsage = true
-		r.InputTokens = *j.InputTokens
-	}
-	if j.OutputTokens != nil {
-		r.OutputTokens = *j.OutputTokens
-	}
-	if j.CostSats != nil {
-		r.CostMsat = int64(math.Round(*j.CostSats * 1000))
-	}
-	if j.BaselineCostSats != nil {
-		r.BaselineMsat = int64(math.Round(*j.BaselineCostSats * 1000))
-	}
-	if j.TTFTMs != nil {
-		r.TTFTMs = *j.TTFTMs
-	}
-	if j.Error != nil {
-		r.Error = *j.Error
-	}
-	return nil
-}
-
 // tokenRatio is a policy's learned output/input ratio (§4.1): the plain
 // running mean of n per-request ratios.
 type tokenRatio struct {
