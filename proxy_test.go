@@ -1451,6 +1451,48 @@ func TestGracefulShutdown(t *testing.T) {
 	}
 }
 
+// TestSlowHeadersAndLongStreams: a client that trickles its headers is cut
+// off after ReadHeaderTimeout, while a stream that outlasts that time is not
+// cut (no WriteTimeout, §6.2).
+func TestSlowHeadersAndLongStreams(t *testing.T) {
+	defer func(d time.Duration) { readHeaderTimeout = d }(readHeaderTimeout)
+	readHeaderTimeout = 200 * time.Millisecond
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		sse(w, chunkJSON("slow"))
+		time.Sleep(600 * time.Millisecond) // three header timeouts
+		sse(w, finishChunk, usageChunk(1, 1), "[DONE]")
+	})
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "config.json")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`{"server":{"listen":"127.0.0.1:0"},"database":{"path":":memory:"},"providers":[{"name":"p","url":%q}]}`, up.URL)), 0o600)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	logs := &syncBuffer{}
+	go run(ctx, []string{"-config", cfgPath}, io.Discard, logs)
+	addr := waitListening(t, logs)
+
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	io.WriteString(conn, "GET /health HTTP/1.1\r\nHost: x\r\n") // and never the blank line
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	start := time.Now()
+	io.Copy(io.Discard, conn) // returns when the server closes the connection
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("a connection with unfinished headers was held %v", d)
+	}
+
+	resp, err := http.Post("http://"+addr+"/v1/chat/completions", "application/json", strings.NewReader(streamBody))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := readBody(t, resp); !strings.HasSuffix(out, "data: [DONE]\n\n") {
+		t.Errorf("a stream longer than the header timeout was cut:\n%s", out)
+	}
+}
+
 // waitListening reads run's start log line for the address it listens on.
 func waitListening(t *testing.T, logs *syncBuffer) string {
 	t.Helper()
