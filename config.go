@@ -32,11 +32,48 @@ import (
 // Config is arbstr's configuration (SPEC §3). JSON and TOML files decode into
 // the same structure; defaultConfig holds the defaults of the §3 table.
 type Config struct {
+	// RateUnit is the unit of every token rate in the file: "sats_per_1k"
+	// (the default) or "sats_per_1m". base_fee is always sats per request.
+	RateUnit  string           `json:"rate_unit"`
 	Server    ServerConfig     `json:"server"`
 	Database  DatabaseConfig   `json:"database"`
 	Providers []ProviderConfig `json:"providers"`
 	Policies  PoliciesConfig   `json:"policies"`
 	Logging   LoggingConfig    `json:"logging"`
+	Market    MarketConfig     `json:"market"`
+	Clients   []ClientConfig   `json:"clients"`
+	Budgets   BudgetsConfig    `json:"budgets"`
+}
+
+// Rate units of Config.RateUnit.
+const (
+	rateUnitPer1k = "sats_per_1k"
+	rateUnitPer1m = "sats_per_1m"
+)
+
+// MarketConfig is how often providers' listings and balances are read.
+type MarketConfig struct {
+	RefreshSecs    int     // default 120, at least 10
+	StaleAfterSecs int     // default 900
+	LowBalanceSats float64 // 0: no low-balance warning
+}
+
+// ClientConfig is one app or agent with its own token, budgets and rate
+// limit.
+type ClientConfig struct {
+	Name               string
+	Token              string `json:"-"` // never serialized anywhere
+	Policies           []string
+	BudgetSatsPerDay   float64 // 0: none
+	BudgetSatsPerMonth float64 // 0: none
+	RateLimitRPM       int     // 0: none
+}
+
+// BudgetsConfig holds what applies to every budget.
+type BudgetsConfig struct {
+	// DefaultReserveTokens is the output a request without max_tokens is
+	// assumed to produce when its worst case is reserved; default 4096.
+	DefaultReserveTokens int64
 }
 
 type ServerConfig struct {
@@ -46,6 +83,9 @@ type ServerConfig struct {
 	UpstreamTimeoutSecs int    `json:"upstream_timeout_secs"`
 	MaxAttempts         int    `json:"max_attempts"`
 	ShutdownTimeoutSecs int    `json:"shutdown_timeout_secs"`
+	BodyTimeoutSecs     int      // default 30
+	AllowedOrigins      []string // browser origins that may call arbstr (CORS)
+	AllowedHosts        []string // Host names served besides loopback ones
 }
 
 type DatabaseConfig struct {
@@ -64,6 +104,9 @@ type ProviderConfig struct {
 	// KeySource says where APIKey came from, for `providers` and warnings:
 	// "config", "env ARBSTR_X_API_KEY", or "" when there is no key.
 	KeySource string `json:"-"`
+	// Discover: read the provider's listing (GET {base}/models) for its
+	// models and prices, and its balance (GET {base}/balance/info).
+	Discover bool
 }
 
 type Rates struct {
@@ -81,7 +124,10 @@ type PolicyRule struct {
 	AllowedModels      []string `json:"allowed_models"`
 	Strategy           string   `json:"strategy"`
 	MaxSatsPer1kOutput *float64 `json:"max_sats_per_1k_output,omitempty"`
+	MaxSatsPer1mOutput *float64 // at most one of the two is set
 	Keywords           []string `json:"keywords"`
+	BudgetSatsPerDay   float64  // 0: none
+	BudgetSatsPerMonth float64  // 0: none
 }
 
 type LoggingConfig struct {
@@ -97,7 +143,11 @@ func defaultConfig() *Config {
 			UpstreamTimeoutSecs: 300,
 			MaxAttempts:         3,
 			ShutdownTimeoutSecs: 30,
+			BodyTimeoutSecs:     30,
 		},
+		RateUnit: rateUnitPer1k,
+		Market:   MarketConfig{RefreshSecs: 120, StaleAfterSecs: 900},
+		Budgets:  BudgetsConfig{DefaultReserveTokens: 4096},
 		Database: DatabaseConfig{Path: "./arbstr.db"},
 		Policies: PoliciesConfig{DefaultStrategy: "cheapest"},
 		Logging:  LoggingConfig{Level: "info", LogRequests: true},
