@@ -77,12 +77,12 @@ type BudgetsConfig struct {
 }
 
 type ServerConfig struct {
-	Listen              string `json:"listen"`
-	AuthToken           string `json:"auth_token"`
-	MaxBodyBytes        int64  `json:"max_body_bytes"`
-	UpstreamTimeoutSecs int    `json:"upstream_timeout_secs"`
-	MaxAttempts         int    `json:"max_attempts"`
-	ShutdownTimeoutSecs int    `json:"shutdown_timeout_secs"`
+	Listen              string   `json:"listen"`
+	AuthToken           string   `json:"auth_token"`
+	MaxBodyBytes        int64    `json:"max_body_bytes"`
+	UpstreamTimeoutSecs int      `json:"upstream_timeout_secs"`
+	MaxAttempts         int      `json:"max_attempts"`
+	ShutdownTimeoutSecs int      `json:"shutdown_timeout_secs"`
 	BodyTimeoutSecs     int      // default 30
 	AllowedOrigins      []string // browser origins that may call arbstr (CORS)
 	AllowedHosts        []string // Host names served besides loopback ones
