@@ -167,7 +167,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // x-arbstr headers that every response of that endpoint carries (§5.2).
 func refusedHeaders(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path == "/v1/chat/completions" {
-		(&exchange{id: newRequestID(), start: time.Now()}).setHeaders(w.Header())
+		(&exchange{id: newRequestID(), start: time.Now()}).setHeaders(w.Header(), nil)
 	}
 }
 
@@ -483,35 +483,40 @@ func newRequestID() string {
 	return "arb_" + hex.EncodeToString(b[:])
 }
 
-// exchange is one chat request on its way through arbstr: what was decided,
-// what happened, and what goes into its ledger row.
+// exchange is one request on its way through arbstr: what was decided
+// before the first attempt, and how many attempts were made. What an attempt
+// learns travels in its attemptResult, so a failed attempt leaves nothing
+// behind to undo.
 type exchange struct {
 	id         string
 	start      time.Time
 	req        *chatRequest
 	route      *route
 	body       []byte // what is sent upstream
-	addedUsage bool   // arbstr added include_usage (§5.3)
+	addedUsage bool   // arbstr added include_usage; the client did not ask
 	attempts   int
-	provider   *provider // of the last attempt
-	price      price     // of that provider for the model
+	// wait sends a streaming client its headers and keep-alive comments
+	// while no provider has sent a first event; nil for other requests.
+	wait *streamWait
+}
 
+// answer is what arbstr learned of an upstream answer, for the ledger row.
+type answer struct {
 	status    int
 	success   bool
 	errMsg    string
-	hasUsage  bool
-	estimated bool
+	hasUsage  bool // token counts are known (reported or estimated)
+	estimated bool // they were estimated from the text
 	in, out   int64
 	ttft      time.Duration
 }
 
-func (ex *exchange) costMsat() int64 { return ex.price.cost(ex.in, ex.out) }
-
-// setHeaders sets the x-arbstr-* headers known so far (§5.2).
-func (ex *exchange) setHeaders(h http.Header) {
+// setHeaders sets the x-arbstr-* headers known so far. c is the provider
+// that answered, nil when none did.
+func (ex *exchange) setHeaders(h http.Header, c *candidate) {
 	h.Set("X-Arbstr-Request-Id", ex.id)
-	if ex.provider != nil {
-		h.Set("X-Arbstr-Provider", ex.provider.Name)
+	if c != nil {
+		h.Set("X-Arbstr-Provider", c.p.Name)
 	}
 	if ex.route != nil && ex.route.policy != nil {
 		h.Set("X-Arbstr-Policy", ex.route.policy.Name)
@@ -520,42 +525,47 @@ func (ex *exchange) setHeaders(h http.Header) {
 	h.Set("X-Arbstr-Attempts", strconv.Itoa(ex.attempts))
 }
 
-// finish writes the ledger row and the log line of an exchange. It is called
-// before the last bytes go to the client, so that a client that reads the
-// ledger right after its answer finds the row (§8.3).
-func (s *server) finish(ex *exchange) {
+// estimateTokens turns a length in bytes of text into tokens, at about four
+// bytes a token, the rule of thumb OpenAI gives for English text.
+func estimateTokens(bytes int64) int64 { return (bytes + 3) / 4 }
+
+// finish writes the ledger row and the log line of an exchange. c is the
+// provider of the last attempt, nil when none was made. It is called before
+// the last bytes go to the client, so that a client that reads the ledger
+// right after its answer finds the row.
+func (s *server) finish(ex *exchange, c *candidate, a answer) {
 	latency := time.Since(ex.start)
 	row := ledgerRow{
 		RequestID:      ex.id,
 		Time:           ex.start,
 		Model:          ex.req.Model,
 		Streaming:      ex.req.Stream,
-		HasUsage:       ex.hasUsage,
-		InputTokens:    ex.in,
-		OutputTokens:   ex.out,
-		UsageEstimated: ex.estimated,
+		HasUsage:       a.hasUsage,
+		InputTokens:    a.in,
+		OutputTokens:   a.out,
+		UsageEstimated: a.estimated,
 		LatencyMs:      latency.Milliseconds(),
-		TTFTMs:         ex.ttft.Milliseconds(),
+		TTFTMs:         a.ttft.Milliseconds(),
 		Attempts:       ex.attempts,
-		Success:        ex.success,
-		Status:         ex.status,
-		Error:          ex.errMsg,
+		Success:        a.success,
+		Status:         a.status,
+		Error:          a.errMsg,
 	}
 	if ex.route != nil {
 		row.Policy = ex.route.policyName()
 	}
-	if ex.provider != nil {
-		row.Provider = ex.provider.Name
+	if c != nil {
+		row.Provider = c.p.Name
 	}
-	if ex.hasUsage {
-		row.CostMsat = ex.costMsat()
-		row.BaselineMsat = max(ex.route.baseline(ex.in, ex.out), row.CostMsat)
+	if a.hasUsage {
+		row.CostMsat = c.price.cost(a.in, a.out)
+		row.BaselineMsat = max(ex.route.baseline(a.in, a.out), row.CostMsat)
 	}
 	if s.cfg.Logging.LogRequests {
 		s.store.Record(row)
 	}
 	level := slog.LevelInfo
-	if !ex.success && ex.status >= 500 {
+	if !a.success && a.status >= 500 {
 		level = slog.LevelWarn
 	}
 	s.log.Log(context.Background(), level, "request",
@@ -565,17 +575,50 @@ func (s *server) finish(ex *exchange) {
 		"latency_ms", row.LatencyMs, "attempts", row.Attempts, "err", row.Error)
 }
 
-// fail answers the client with e and records the exchange.
-func (s *server) fail(w http.ResponseWriter, ex *exchange, e *apiError) {
-	ex.status, ex.success, ex.errMsg = e.Status, false, e.Message
-	s.finish(ex)
-	ex.setHeaders(w.Header())
+// fail answers the client with e and records the exchange. c is the
+// provider of the last attempt, nil when none was made. When a streaming
+// client already has its headers (it waited for a first event), the error
+// goes out as the stream's last data line instead, with no [DONE] after it;
+// the ledger keeps the status the client would otherwise have had.
+func (s *server) fail(w http.ResponseWriter, ex *exchange, c *candidate, e *apiError) {
+	s.finish(ex, c, answer{status: e.Status, errMsg: e.Message})
+	if ex.wait != nil && ex.wait.end() {
+		w.Write(errorEvent(e))
+		http.NewResponseController(w).Flush()
+		return
+	}
+	ex.setHeaders(w.Header(), c)
 	writeError(w, e)
 }
 
+// errorEvent is e as the data line of an event stream, in OpenAI's shape.
+func errorEvent(e *apiError) []byte {
+	b, _ := json.Marshal(map[string]any{"error": map[string]any{
+		"message": e.Message, "type": e.Type, "param": nil, "code": e.Code,
+	}})
+	return append(append([]byte("data: "), b...), '\n', '\n')
+}
+
 // statusClientClosed is recorded for a client that left before its answer
-// (nginx's 499); the client itself never sees it.
+// (nginx's 499).
 const statusClientClosed = 499
+
+// clientLeft records an exchange whose client went away before its answer
+// began, and answers it if the connection can still take an answer: a
+// client that only half-closed its side is still reading, and must never
+// get an empty 200.
+func (s *server) clientLeft(w http.ResponseWriter, ex *exchange, c *candidate) attemptResult {
+	e := errorf(statusClientClosed, "invalid_request_error", "client_closed_request",
+		"the client closed its side of the connection before the answer; arbstr cancelled the upstream request")
+	s.finish(ex, c, answer{status: statusClientClosed, errMsg: "client disconnected"})
+	if ex.wait != nil && ex.wait.end() {
+		w.Write(errorEvent(e))
+	} else {
+		ex.setHeaders(w.Header(), c)
+		writeError(w, e)
+	}
+	return attemptResult{done: true, outcome: outcomeNeutral}
+}
 
 func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
 	if !s.enter() {
@@ -586,8 +629,8 @@ func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
 	ex := &exchange{id: newRequestID(), start: time.Now()}
 	body, req, aerr := s.readChat(w, r)
 	if aerr != nil {
-		// Not a chat request: no ledger row (§8.2).
-		ex.setHeaders(w.Header())
+		// Not a chat request: no ledger row.
+		ex.setHeaders(w.Header(), nil)
 		writeError(w, aerr)
 		return
 	}
@@ -595,11 +638,13 @@ func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
 	rt, aerr := s.router.Route(req, r.Header.Get("X-Arbstr-Policy"), ex.start, s.cfg.Server.MaxAttempts)
 	ex.route = rt
 	if aerr != nil {
-		s.fail(w, ex, aerr)
+		s.fail(w, ex, nil, aerr)
 		return
 	}
 	if req.Stream {
 		ex.body, ex.addedUsage = withIncludeUsage(body, req.StreamOptions)
+		ex.wait = s.startWait(w, ex)
+		defer ex.wait.end()
 	}
 	s.forward(w, r, ex)
 }
@@ -616,7 +661,7 @@ func (s *server) enter() bool {
 }
 
 // drain refuses new chat requests and waits for those in flight, each of
-// which writes its ledger row before it ends (§2).
+// which writes its ledger row before it ends.
 func (s *server) drain() {
 	s.drainMu.Lock()
 	s.draining = true
@@ -633,28 +678,24 @@ type attemptResult struct {
 	retryAfter time.Duration
 }
 
-// forward tries the ordered candidates until one answers (§6.1): up to
+// forward tries the ordered candidates until one answers: up to
 // server.max_attempts attempts, walking the list again after a backoff when
-// it is shorter than that.
+// it is shorter than that, so that a single provider gets a second chance.
 func (s *server) forward(w http.ResponseWriter, r *http.Request, ex *exchange) {
-	ctx := r.Context()
-	var fails []string
-	lastTimeout := false
+	var (
+		fails       []string
+		last        *candidate
+		lastTimeout bool
+	)
 	maxAttempts := s.cfg.Server.MaxAttempts
 	for pass := 0; ex.attempts < maxAttempts; pass++ {
-		if pass > 0 {
-			t := time.NewTimer(s.backoff[min(pass, len(s.backoff))-1])
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				ex.status, ex.errMsg = statusClientClosed, "client disconnected"
-				s.finish(ex)
-				return
-			case <-t.C:
-			}
+		if pass > 0 && !sleepCtx(r.Context(), s.backoff[min(pass, len(s.backoff))-1]) {
+			s.clientLeft(w, ex, last)
+			return
 		}
 		tried := false
-		for _, c := range ex.route.ordered {
+		for i := range ex.route.ordered {
+			c := &ex.route.ordered[i]
 			if ex.attempts >= maxAttempts {
 				break
 			}
@@ -662,22 +703,12 @@ func (s *server) forward(w http.ResponseWriter, r *http.Request, ex *exchange) {
 			if !ok {
 				continue // its circuit opened since routing
 			}
-			tried = true
+			tried, last = true, c
 			ex.attempts++
-			ex.provider, ex.price = c.p, c.price
-			res := attemptResult{outcome: outcomeNeutral}
-			func() {
-				// Released however the attempt ends, a panic included, so
-				// that a probe always frees its slot (§6.3).
-				defer func() { c.p.release(time.Now(), probe, res.outcome, res.retryAfter) }()
-				res = s.attempt(w, r, ex)
-			}()
+			res := s.attemptOnce(w, r, ex, c, probe)
 			if res.done {
 				return
 			}
-			// What a failed attempt learned dies with it: usage seen in a
-			// stream that then failed is not charged to this request.
-			ex.hasUsage, ex.estimated, ex.in, ex.out, ex.ttft, ex.errMsg = false, false, 0, 0, 0, ""
 			s.log.Debug("attempt failed", "id", ex.id, "provider", c.p.Name, "err", res.fail)
 			fails = append(fails, c.p.Name+": "+res.fail)
 			lastTimeout = res.timeout
@@ -687,22 +718,50 @@ func (s *server) forward(w http.ResponseWriter, r *http.Request, ex *exchange) {
 		}
 	}
 	if len(fails) == 0 {
-		s.fail(w, ex, errorf(http.StatusServiceUnavailable, "service_unavailable", "no_provider_available",
-			"every provider that serves model %q has an open circuit; retry later", ex.req.Model))
+		s.fail(w, ex, last, errNoProviderAvailable(ex.req.Model))
 		return
 	}
 	status, code := http.StatusBadGateway, "all_providers_failed"
 	if lastTimeout {
 		status, code = http.StatusGatewayTimeout, "upstream_timeout"
 	}
-	s.fail(w, ex, errorf(status, "upstream_error", code,
+	s.fail(w, ex, last, errorf(status, "upstream_error", code,
 		"all %d attempts failed: %s", ex.attempts, strings.Join(fails, "; ")))
 }
 
+// errNoProviderAvailable is the 503 of a model whose every provider has an
+// open circuit.
+func errNoProviderAvailable(model string) *apiError {
+	return errorf(http.StatusServiceUnavailable, "service_unavailable", "no_provider_available",
+		"every provider that serves model %q has an open circuit; retry later", model)
+}
+
+// sleepCtx waits d, or less if ctx ends first; it reports whether it waited
+// the whole time.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// attemptOnce makes one attempt and tells the circuit breaker how it went,
+// however it ends, a panic included, so that a half-open circuit's probe
+// always gives its slot back.
+func (s *server) attemptOnce(w http.ResponseWriter, r *http.Request, ex *exchange, c *candidate, probe bool) (res attemptResult) {
+	res.outcome = outcomeNeutral
+	defer func() { c.p.release(time.Now(), probe, res.outcome, res.retryAfter) }()
+	return s.attempt(w, r, ex, c)
+}
+
 // isFailure says whether an upstream status is a failure that moves the
-// request to the next provider (§6.1). The other 4xx (400, 413, 422, and
-// 405, 409, 415, ...) are about the request, the client's to see. A 1xx or
-// 3xx is no answer to a chat completion: a failure.
+// request to the next provider. 400, 413 and 422 are about the request, as
+// are the other 4xx (405, 409, 415, ...): the client's to see. A 1xx or 3xx
+// is no answer to a chat completion: a failure.
 func isFailure(status int) bool {
 	switch status {
 	case 401, 402, 403, 404, 429:
@@ -715,8 +774,8 @@ func isFailure(status int) bool {
 // open, so that a provider cannot switch itself off for a year.
 const maxRetryAfter = time.Hour
 
-// retryAfter returns how long a 429 asks to wait (§6.3): its Retry-After
-// header, in delay-seconds or as an HTTP date.
+// retryAfter returns how long a 429 asks to wait: its Retry-After header,
+// in delay-seconds or as an HTTP date (RFC 9110, section 10.2.3).
 func retryAfter(resp *http.Response) time.Duration {
 	v := resp.Header.Get("Retry-After")
 	if resp.StatusCode != http.StatusTooManyRequests || v == "" {
@@ -733,28 +792,32 @@ func retryAfter(resp *http.Response) time.Duration {
 
 // attempt sends the request to one provider. Nothing reaches the client
 // unless the result is done.
-func (s *server) attempt(w http.ResponseWriter, r *http.Request, ex *exchange) attemptResult {
-	p := ex.provider
-	// The upstream call dies with the client (§5.1). For a plain request the
-	// timeout bounds the whole exchange; for a stream, a timer bounds the wait
-	// for headers and every gap between reads (§6.2).
-	var ctx context.Context
-	var cancel context.CancelFunc
-	var timedOut atomic.Bool
-	var idle *time.Timer
+//
+// The upstream call dies with the client. For a plain request the timeout
+// bounds the whole exchange. For a stream, a timer bounds the wait for the
+// first data event from the attempt's start (comments do not extend it, so
+// a provider trickling keep-alives cannot hold a client for ever), and after
+// that every gap between two events.
+func (s *server) attempt(w http.ResponseWriter, r *http.Request, ex *exchange, c *candidate) attemptResult {
+	var (
+		ctx      context.Context
+		cancel   context.CancelFunc
+		timedOut atomic.Bool
+		deadline *time.Timer
+	)
 	if ex.req.Stream {
 		ctx, cancel = context.WithCancel(r.Context())
-		idle = time.AfterFunc(s.timeout, func() { timedOut.Store(true); cancel() })
-		defer idle.Stop()
+		deadline = time.AfterFunc(s.timeout, func() { timedOut.Store(true); cancel() })
+		defer deadline.Stop()
 	} else {
 		ctx, cancel = context.WithTimeout(r.Context(), s.timeout)
 	}
 	defer cancel()
 
 	// The body goes from the bytes in memory, never from r.Body: the
-	// transport may read a request body again after the server has closed
-	// the inbound one (issue 2).
-	up, err := http.NewRequestWithContext(ctx, http.MethodPost, p.endpoint, bytes.NewReader(ex.body))
+	// transport may read a request body again (to retry on a connection
+	// that died idle) after the server has closed the inbound one.
+	up, err := http.NewRequestWithContext(ctx, http.MethodPost, c.p.endpoint, bytes.NewReader(ex.body))
 	if err != nil {
 		return attemptResult{fail: "bad url", outcome: outcomeFailure}
 	}
@@ -764,56 +827,81 @@ func (s *server) attempt(w http.ResponseWriter, r *http.Request, ex *exchange) a
 	} else {
 		up.Header["Accept"] = []string{"application/json"}
 	}
-	if p.authHeader != "" {
-		up.Header["Authorization"] = []string{p.authHeader}
+	if c.p.authHeader != "" {
+		up.Header["Authorization"] = []string{c.p.authHeader}
 	}
 	sent := time.Now()
 	resp, err := s.transport.RoundTrip(up)
 	if err != nil {
-		return s.transportFailure(r, ex, err, timedOut.Load())
+		return s.transportFailure(w, r, ex, c, err, timedOut.Load())
 	}
 	defer resp.Body.Close()
-
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		if err != nil {
-			return s.transportFailure(r, ex, err, timedOut.Load())
-		}
-		if isFailure(resp.StatusCode) {
-			return attemptResult{
-				fail:       fmt.Sprintf("HTTP %d %s", resp.StatusCode, http.StatusText(resp.StatusCode)),
-				outcome:    outcomeFailure,
-				retryAfter: retryAfter(resp),
-			}
-		}
-		// The client's own fault (400, 413, 422, ...): its status and body,
-		// no fallback (§6.1).
-		ex.status, ex.errMsg = resp.StatusCode, fmt.Sprintf("provider answered HTTP %d", resp.StatusCode)
-		s.finish(ex)
-		copyHeaders(w.Header(), resp.Header)
-		ex.setHeaders(w.Header())
-		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
-		w.WriteHeader(resp.StatusCode)
-		w.Write(b)
-		return attemptResult{done: true, outcome: outcomeNeutral}
+		return s.refused(w, r, ex, c, resp, timedOut.Load())
 	}
 	// Only answers count for lowest_latency: a provider that fails fast is
 	// not fast.
-	p.observe(time.Since(sent))
+	c.p.observe(time.Since(sent))
 	if ex.req.Stream {
-		return s.stream(w, r, ex, resp, idle, &timedOut)
+		rl := &relay{s: s, w: w, rc: http.NewResponseController(w), ex: ex, c: c, resp: resp,
+			deadline: deadline, timedOut: &timedOut}
+		return rl.run(r.Context())
 	}
-	return s.complete(w, r, ex, resp)
+	return s.complete(w, r, ex, c, resp)
+}
+
+// refused handles an upstream answer that is not 2xx: a failure that moves
+// the request on, or the client's own fault (400, 413, 422, ...), passed
+// through with its status and body and no fallback.
+func (s *server) refused(w http.ResponseWriter, r *http.Request, ex *exchange, c *candidate, resp *http.Response, timedOut bool) attemptResult {
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return s.transportFailure(w, r, ex, c, err, timedOut)
+	}
+	if isFailure(resp.StatusCode) {
+		return attemptResult{
+			fail:       fmt.Sprintf("HTTP %d %s", resp.StatusCode, http.StatusText(resp.StatusCode)),
+			outcome:    outcomeFailure,
+			retryAfter: retryAfter(resp),
+		}
+	}
+	b = redactKey(b, c.p.APIKey)
+	s.finish(ex, c, answer{status: resp.StatusCode, errMsg: fmt.Sprintf("provider answered HTTP %d", resp.StatusCode)})
+	if ex.wait != nil && ex.wait.end() {
+		// The client already has a 200 and is reading a stream: the
+		// provider's error becomes the stream's last data line.
+		w.Write(passedErrorEvent(b, resp.StatusCode))
+		http.NewResponseController(w).Flush()
+		return attemptResult{done: true, outcome: outcomeNeutral}
+	}
+	h := w.Header()
+	copyHeaders(h, resp.Header, c.p.APIKey)
+	ex.setHeaders(h, c)
+	h.Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(resp.StatusCode)
+	w.Write(b)
+	return attemptResult{done: true, outcome: outcomeNeutral}
+}
+
+// passedErrorEvent turns a provider's error body into one data line: the
+// JSON as it was, on one line, or an OpenAI-shaped error that quotes it.
+func passedErrorEvent(body []byte, status int) []byte {
+	var buf bytes.Buffer
+	if json.Compact(&buf, body) == nil && bytes.HasPrefix(buf.Bytes(), []byte("{")) {
+		return append(append([]byte("data: "), buf.Bytes()...), '\n', '\n')
+	}
+	return errorEvent(errorf(status, "invalid_request_error", "upstream_rejected",
+		"provider answered HTTP %d: %s", status, strings.ToValidUTF8(string(body), "")))
 }
 
 // transportFailure classifies an error before the answer started.
-func (s *server) transportFailure(r *http.Request, ex *exchange, err error, timedOut bool) attemptResult {
-	if r.Context().Err() != nil {
-		ex.status, ex.errMsg = statusClientClosed, "client disconnected"
-		s.finish(ex)
-		return attemptResult{done: true, outcome: outcomeNeutral}
-	}
-	if timedOut || errors.Is(err, context.DeadlineExceeded) || isTimeout(err) {
+func (s *server) transportFailure(w http.ResponseWriter, r *http.Request, ex *exchange, c *candidate, err error, timedOut bool) attemptResult {
+	switch {
+	case r.Context().Err() != nil:
+		return s.clientLeft(w, ex, c)
+	case errors.Is(err, errAnswerTooLarge):
+		return attemptResult{fail: err.Error(), outcome: outcomeFailure}
+	case timedOut || errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
 		return attemptResult{fail: "timeout", timeout: true, outcome: outcomeFailure}
 	}
 	return attemptResult{fail: describe(err), outcome: outcomeFailure}
@@ -852,12 +940,14 @@ func (u *usage) tokens() (in, out int64) {
 	return min(max(u.PromptTokens, 0), maxEstTokens), min(max(u.CompletionTokens, 0), maxEstTokens)
 }
 
-// complete handles a non-streaming 2xx answer (§5.2): the body as the
-// provider sent it, with "arbstr_provider" spliced in after its opening brace.
-func (s *server) complete(w http.ResponseWriter, r *http.Request, ex *exchange, resp *http.Response) attemptResult {
-	body, err := readAll(resp)
+// complete handles a non-streaming 2xx answer: the body as the provider sent
+// it, with "arbstr_provider" spliced in after its opening brace.
+func (s *server) complete(w http.ResponseWriter, r *http.Request, ex *exchange, c *candidate, resp *http.Response) attemptResult {
+	held, err := s.readAnswer(resp)
+	defer held.release()
+	body := held.b
 	if err != nil {
-		return s.transportFailure(r, ex, err, false)
+		return s.transportFailure(w, r, ex, c, err, false)
 	}
 	var parsed struct {
 		Usage   *usage `json:"usage"`
@@ -876,30 +966,32 @@ func (s *server) complete(w http.ResponseWriter, r *http.Request, ex *exchange, 
 	if open == len(body) || body[open] != '{' {
 		return attemptResult{fail: "answer is not a JSON object", outcome: outcomeFailure}
 	}
+	a := answer{status: resp.StatusCode, success: true, hasUsage: true}
 	if parsed.Usage != nil {
-		ex.hasUsage = true
-		ex.in, ex.out = parsed.Usage.tokens()
+		a.in, a.out = parsed.Usage.tokens()
 	} else {
-		// No usage: estimate, ≈ 4 bytes a token, and say so (§5.3, §8.1).
+		// No usage: estimate from the text, and say so in the ledger.
 		var text int64
-		for _, c := range parsed.Choices {
-			text += int64(len(c.Message.Content))
+		for _, ch := range parsed.Choices {
+			text += int64(len(ch.Message.Content))
 		}
-		ex.hasUsage, ex.estimated = true, true
-		ex.in, ex.out = (ex.req.TextBytes+3)/4, (text+3)/4
+		a.estimated = true
+		a.in, a.out = estimateTokens(ex.req.TextBytes), estimateTokens(text)
 	}
-	ex.status, ex.success = resp.StatusCode, true
-	s.finish(ex)
+	s.finish(ex, c, a)
 
-	insert := ex.provider.bodyField
+	body = redactKey(body, c.p.APIKey)
+	insert := c.p.bodyField
 	if rest := bytes.TrimLeft(body[open+1:], " \t\r\n"); len(rest) > 0 && rest[0] == '}' {
 		insert = insert[:len(insert)-1] // an empty object takes no comma
 	}
 	h := w.Header()
-	copyHeaders(h, resp.Header)
-	ex.setHeaders(h)
-	if !ex.estimated {
-		h.Set("X-Arbstr-Cost-Sats", strconv.FormatFloat(msatToSats(ex.costMsat()), 'f', -1, 64))
+	copyHeaders(h, resp.Header, c.p.APIKey)
+	// The body is no longer the bytes the provider's encoding described.
+	h.Del("Content-Encoding")
+	ex.setHeaders(h, c)
+	if !a.estimated {
+		h.Set("X-Arbstr-Cost-Sats", strconv.FormatFloat(msatToSats(c.price.cost(a.in, a.out)), 'f', -1, 64))
 	}
 	h.Set("Content-Length", strconv.Itoa(len(body)+len(insert)))
 	w.WriteHeader(resp.StatusCode)
@@ -910,29 +1002,105 @@ func (s *server) complete(w http.ResponseWriter, r *http.Request, ex *exchange, 
 	return attemptResult{done: true, outcome: outcomeSuccess}
 }
 
-// maxAnswerBytes bounds what arbstr holds of one provider answer: a whole
-// non-streaming body, or one stream event. A chat completion is far smaller;
-// a provider that sends more is broken or hostile, and must not exhaust a
-// small machine's memory.
-const maxAnswerBytes = 32 << 20
+// Answers are held in memory while they are read: a whole non-streaming
+// body, to splice it and read its usage, or one event of a stream. Both are
+// bounded per answer and in total, so that a provider that sends a huge
+// answer, or many at once, cannot exhaust a small machine's memory: the
+// answer that does not fit is a failure of that provider, never a crash.
+const (
+	maxAnswerBytes   = 16 << 20 // one answer or one event
+	answerMemoryCap  = 48 << 20 // all answers being read at once
+	answerFirstChunk = 64 << 10 // read before the size of an answer is known
+)
 
-var errAnswerTooLarge = errors.New("answer larger than 32 MiB")
+var (
+	errAnswerTooLarge = fmt.Errorf("answer too large: over %d MiB", maxAnswerBytes>>20)
+	errAnswerMemory   = fmt.Errorf("answer too large: arbstr's %d MiB for answers being read is in use", answerMemoryCap>>20)
+)
 
-// readAll reads a response body into one buffer sized by Content-Length when
-// the provider sent a plausible one.
-func readAll(resp *http.Response) ([]byte, error) {
-	var buf bytes.Buffer
-	if resp.ContentLength > 0 {
-		buf.Grow(int(min(resp.ContentLength, 1<<20)) + 1)
-	}
-	n, err := buf.ReadFrom(io.LimitReader(resp.Body, maxAnswerBytes+1))
-	if err == nil && n > maxAnswerBytes {
-		err = errAnswerTooLarge
-	}
-	return buf.Bytes(), err
+// answerMemory counts the bytes that may still be taken for answers. It is
+// taken without waiting, so two large answers can never wait on each other.
+var answerMemory = newByteBudget(answerMemoryCap)
+
+type byteBudget struct{ free atomic.Int64 }
+
+func newByteBudget(n int64) *byteBudget {
+	b := &byteBudget{}
+	b.free.Store(n)
+	return b
 }
 
-// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded (§9).
+func (b *byteBudget) take(n int64) bool {
+	if b.free.Add(-n) < 0 {
+		b.free.Add(n)
+		return false
+	}
+	return true
+}
+
+func (b *byteBudget) give(n int64) { b.free.Add(n) }
+
+// heldBuffer is a byte slice whose capacity is counted in answerMemory.
+type heldBuffer struct{ b []byte }
+
+// grow makes room for at least one more read, doubling the capacity up to
+// maxAnswerBytes (plus one byte, to tell a full answer from a larger one).
+func (h *heldBuffer) grow(want int) error {
+	if want <= cap(h.b) {
+		return nil
+	}
+	if cap(h.b) > maxAnswerBytes {
+		return errAnswerTooLarge
+	}
+	size := min(max(want, 2*cap(h.b)), maxAnswerBytes+1)
+	if !answerMemory.take(int64(size)) {
+		return errAnswerMemory
+	}
+	nb := make([]byte, len(h.b), size)
+	copy(nb, h.b)
+	answerMemory.give(int64(cap(h.b)))
+	h.b = nb
+	return nil
+}
+
+func (h *heldBuffer) release() {
+	answerMemory.give(int64(cap(h.b)))
+	h.b = nil
+}
+
+// readAnswer reads a non-streaming answer body into memory counted in
+// answerMemory; the caller releases it once the answer is written.
+func (s *server) readAnswer(resp *http.Response) (*heldBuffer, error) {
+	h := &heldBuffer{}
+	first := answerFirstChunk
+	if resp.ContentLength > 0 {
+		first = int(min(resp.ContentLength, maxAnswerBytes)) + 1
+	}
+	if err := h.grow(first); err != nil {
+		return h, err
+	}
+	for {
+		if len(h.b) == cap(h.b) {
+			if err := h.grow(cap(h.b) + 1); err != nil {
+				return h, err
+			}
+		}
+		n, err := resp.Body.Read(h.b[len(h.b):cap(h.b)])
+		h.b = h.b[:len(h.b)+n]
+		if len(h.b) > maxAnswerBytes {
+			return h, errAnswerTooLarge
+		}
+		if err == io.EOF {
+			return h, nil
+		}
+		if err != nil {
+			return h, err
+		}
+	}
+}
+
+// Hop-by-hop headers (RFC 9110, section 7.6.1) are never forwarded, in
+// either direction.
 var hopHeaders = []string{
 	"Connection",
 	"Proxy-Connection", // non-standard, sent by old clients
@@ -947,12 +1115,21 @@ var hopHeaders = []string{
 
 // copyHeaders copies the provider's end-to-end response headers: not the
 // hop-by-hop ones, not those named in its Connection header, not
-// Content-Length, which arbstr sets for the body it writes, and not x-arbstr-*.
-func copyHeaders(dst, src http.Header) {
+// Content-Length, which arbstr sets for the body it writes, and not
+// x-arbstr-*, which are arbstr's to set. A value that holds the provider's
+// key, echoed by a careless or hostile provider, has it replaced.
+func copyHeaders(dst, src http.Header, key string) {
 	for k, vv := range src {
-		// arbstr's own headers are arbstr's to set, never a provider's.
 		if k == "Content-Length" || slices.Contains(hopHeaders, k) || strings.HasPrefix(k, "X-Arbstr-") {
 			continue
+		}
+		if key != "" {
+			for i, v := range vv {
+				if strings.Contains(v, key) {
+					vv = slices.Clone(vv)
+					vv[i] = strings.ReplaceAll(v, key, redacted)
+				}
+			}
 		}
 		dst[k] = vv
 	}
@@ -963,14 +1140,28 @@ func copyHeaders(dst, src http.Header) {
 	}
 }
 
+// redacted stands for a provider's key wherever the provider echoed it.
+const redacted = "[redacted]"
+
+// redactKey returns b with every occurrence of key replaced by [redacted],
+// so that a provider that echoes the key it was sent (in an error body, an
+// answer or a stream event) cannot hand it to the client. b itself is
+// returned when it holds no key, the usual case, at the cost of one search.
+func redactKey(b []byte, key string) []byte {
+	if key == "" || !bytes.Contains(b, []byte(key)) {
+		return b
+	}
+	return bytes.ReplaceAll(b, []byte(key), []byte(redacted))
+}
+
 // scanChunk reads what arbstr needs from the data of a stream event by
 // scanning its bytes: the length of its content strings, whether a
 // finish_reason is set, and whether it holds a usage or an error object.
 // Decoding every chunk with encoding/json cost more than all else arbstr does
-// to a stream (issue 5); the rare chunk with usage is decoded by the caller.
-// A quoted key followed by a colon can only be a key, since every quote
-// inside a JSON string is escaped. Content is measured as written, escapes
-// included, which is near enough for an estimate of 4 bytes a token.
+// to a stream; the rare chunk with usage is decoded by the caller. A quoted
+// key followed by a colon can only be a key, since every quote inside a JSON
+// string is escaped. Content is measured as written, escapes included, which
+// is near enough for an estimate of 4 bytes a token.
 func scanChunk(data []byte) (content int64, finished, hasUsage, hasError bool) {
 	for rest := data; ; {
 		v, next, ok := valueOf(rest, `"content"`)
@@ -1027,210 +1218,97 @@ func stringLen(v []byte) int64 {
 // httputil.ReverseProxy copies with.
 var streamBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
-// stream copies a 2xx event stream to the client (§5.3), event by event as
-// they arrive. It reads usage on the way, withholds the usage-only chunk that
-// arbstr itself asked for, and writes the ": arbstr" comment before [DONE].
-// Until the first data event arrives nothing is sent, so that a provider
-// failing before it can be replaced by the next one.
-func (s *server) stream(w http.ResponseWriter, r *http.Request, ex *exchange, resp *http.Response, idle *time.Timer, timedOut *atomic.Bool) attemptResult {
-	bufp := streamBufs.Get().(*[]byte)
-	defer streamBufs.Put(bufp)
-	buf := *bufp
-	rc := http.NewResponseController(w)
+// sseReader reads a server-sent event stream (the WHATWG HTML standard,
+// section 9.2) one complete event at a time, so that each can be looked at
+// and passed on whole. It serves OpenAI's chat chunks and the Responses
+// API's typed events alike: it knows only the framing.
+type sseReader struct {
+	body  io.Reader
+	pool  *[]byte    // the pooled buffer, while buf is it
+	held  heldBuffer // a larger buffer for an event over 32 KiB
+	buf   []byte
+	off   int // start of the bytes not yet returned
+	n     int // end of the bytes read
+	ready int // length of the complete event at off, when known; else 0
+	err   error
+}
 
-	var (
-		n            int    // bytes held in buf
-		started      bool   // headers went out
-		pending      []byte // events before the first data event
-		usageSeen    bool
-		finished     bool // a finish_reason was seen
-		contentBytes int64
-		firstData    time.Time
-		firstContent time.Time
-		clientGone   bool
-	)
-	write := func(b []byte) {
-		if !clientGone {
-			if _, err := w.Write(b); err != nil {
-				clientGone = true
-			}
-		}
-	}
-	// end settles the exchange once the stream is over; the final bytes
-	// (the ": arbstr" comment and [DONE], or an error event) follow it.
-	end := func(success bool, errMsg string) {
-		ex.status, ex.success, ex.errMsg = http.StatusOK, success, errMsg
-		if !firstContent.IsZero() {
-			ex.ttft = firstContent.Sub(ex.start)
-		} else if !firstData.IsZero() {
-			ex.ttft = firstData.Sub(ex.start)
-		}
-		if !usageSeen {
-			ex.hasUsage, ex.estimated = true, true
-			ex.in, ex.out = (ex.req.TextBytes+3)/4, (contentBytes+3)/4
-		}
-		s.finish(ex)
-	}
-	summary := func() []byte {
-		b, _ := json.Marshal(struct {
-			RequestID      string  `json:"request_id"`
-			Provider       string  `json:"provider"`
-			InputTokens    int64   `json:"input_tokens"`
-			OutputTokens   int64   `json:"output_tokens"`
-			UsageEstimated bool    `json:"usage_estimated,omitempty"`
-			CostSats       float64 `json:"cost_sats"`
-			LatencyMs      int64   `json:"latency_ms"`
-		}{ex.id, ex.provider.Name, ex.in, ex.out, ex.estimated, msatToSats(ex.costMsat()), time.Since(ex.start).Milliseconds()})
-		return append(append([]byte(": arbstr "), b...), '\n', '\n')
-	}
-	interrupted := func(reason string) attemptResult {
-		end(false, "stream interrupted: "+reason)
-		msg, _ := json.Marshal("upstream stream interrupted: " + reason)
-		write([]byte(`data: {"error":{"message":` + string(msg) + `,"type":"upstream_error","code":"stream_interrupted"}}` + "\n\n"))
-		rc.Flush()
-		return attemptResult{done: true, outcome: outcomeFailure}
-	}
+func newSSEReader(body io.Reader) *sseReader {
+	p := streamBufs.Get().(*[]byte)
+	return &sseReader{body: body, pool: p, buf: *p}
+}
 
-	for {
-		if n == len(buf) {
-			// One event is larger than the buffer: grow it for this stream,
-			// up to a bound.
-			if len(buf) >= maxAnswerBytes {
-				if !started {
-					return attemptResult{fail: "stream event larger than 32 MiB", outcome: outcomeFailure}
-				}
-				return interrupted("stream event larger than 32 MiB")
-			}
-			buf = append(buf, make([]byte, len(buf))...)
-		}
-		m, rerr := resp.Body.Read(buf[n:])
-		if m > 0 {
-			idle.Reset(s.timeout)
-			n += m
-		}
-		off, wrote := 0, false
-		for {
-			k := nextEvent(buf[off:n])
-			if k == 0 {
-				break
-			}
-			ev := buf[off : off+k]
-			off += k
-			data, isData := eventData(ev)
-			if !isData {
-				// A comment or another field: passed on as it is.
-				if started {
-					write(ev)
-					wrote = true
-				} else if pending = append(pending, ev...); len(pending) > maxAnswerBytes {
-					return attemptResult{fail: "no data event in 32 MiB", outcome: outcomeFailure}
-				}
-				continue
-			}
-			now := time.Now()
-			if firstData.IsZero() {
-				firstData = now
-			}
-			if bytes.Equal(data, []byte("[DONE]")) {
-				if !started {
-					return attemptResult{fail: "stream ended before its first event", outcome: outcomeFailure}
-				}
-				end(true, "")
-				write(summary())
-				write(ev)
-				rc.Flush()
-				return attemptResult{done: true, outcome: outcomeSuccess}
-			}
-			content, finish, hasUsage, hasError := scanChunk(data)
-			if hasError && !started {
-				return attemptResult{fail: "error event before the first chunk", outcome: outcomeFailure}
-			}
-			if hasError {
-				// The provider's error reaches the client as it was sent;
-				// then the stream ends as an interrupted one (§5.3).
-				write(ev)
-				return interrupted("the provider sent an error event")
-			}
-			if content > 0 && firstContent.IsZero() {
-				firstContent = now
-			}
-			contentBytes += content
-			finished = finished || finish
-			if hasUsage {
-				var u struct {
-					Usage   *usage            `json:"usage"`
-					Choices []json.RawMessage `json:"choices"`
-				}
-				if json.Unmarshal(data, &u) == nil && u.Usage != nil {
-					usageSeen, ex.hasUsage = true, true
-					ex.in, ex.out = u.Usage.tokens()
-					if ex.addedUsage && len(u.Choices) == 0 {
-						continue // arbstr asked for it; the client did not
-					}
-				}
-			}
-			if !started {
-				started = true
-				h := w.Header()
-				copyHeaders(h, resp.Header)
-				ex.setHeaders(h)
-				h.Set("Content-Type", "text/event-stream")
-				h.Set("Cache-Control", "no-cache")
-				h.Set("X-Accel-Buffering", "no") // tell nginx in front not to buffer
-				w.WriteHeader(http.StatusOK)
-				write(pending)
-				pending = nil
-			}
-			write(ev)
-			wrote = true
-		}
-		if off > 0 {
-			n = copy(buf, buf[off:n])
-		}
-		if wrote && !clientGone {
-			if err := rc.Flush(); err != nil {
-				clientGone = true
-			}
-		}
-		if clientGone || (rerr != nil && r.Context().Err() != nil) {
-			if !started {
-				ex.status, ex.errMsg = statusClientClosed, "client disconnected"
-				s.finish(ex)
-				return attemptResult{done: true, outcome: outcomeNeutral}
-			}
-			end(false, "client disconnected")
-			return attemptResult{done: true, outcome: outcomeNeutral}
-		}
-		if rerr == nil {
-			continue
-		}
-		reason := "connection lost"
-		if timedOut.Load() {
-			reason = fmt.Sprintf("no data for %s", s.timeout)
-		}
-		switch {
-		case !started && timedOut.Load():
-			return attemptResult{fail: "timeout", timeout: true, outcome: outcomeFailure}
-		case !started:
-			return attemptResult{fail: "stream ended before its first event", outcome: outcomeFailure}
-		case rerr == io.EOF && (finished || usageSeen):
-			// A provider that ends a complete answer without [DONE]: end it
-			// for the client as OpenAI would.
-			end(true, "")
-			write(summary())
-			write([]byte("data: [DONE]\n\n"))
-			rc.Flush()
-			return attemptResult{done: true, outcome: outcomeSuccess}
-		case rerr == io.EOF:
-			reason = "the provider closed the stream before the answer was complete"
-		}
-		return interrupted(reason)
+// close gives the reader's memory back.
+func (sr *sseReader) close() {
+	if sr.pool != nil {
+		streamBufs.Put(sr.pool)
+		sr.pool = nil
 	}
+	sr.held.release()
+	sr.buf = nil
+}
+
+// buffered reports whether a complete event is already read, so that the
+// caller can write it before flushing.
+func (sr *sseReader) buffered() bool {
+	if sr.ready == 0 {
+		sr.ready = nextEvent(sr.buf[sr.off:sr.n])
+	}
+	return sr.ready > 0
+}
+
+// next returns the next complete event, its blank line included, valid
+// until the following call. At the end of the body it returns the body's
+// error: io.EOF for a clean end.
+func (sr *sseReader) next() ([]byte, error) {
+	for !sr.buffered() {
+		if sr.err != nil {
+			return nil, sr.err
+		}
+		if err := sr.fill(); err != nil {
+			return nil, err
+		}
+	}
+	ev := sr.buf[sr.off : sr.off+sr.ready]
+	sr.off += sr.ready
+	sr.ready = 0
+	return ev, nil
+}
+
+// fill reads once more from the body, first making room: the bytes of an
+// incomplete event move to the front of the buffer, and a buffer that one
+// event fills is replaced by a larger one, up to maxAnswerBytes.
+func (sr *sseReader) fill() error {
+	if sr.off > 0 {
+		sr.n = copy(sr.buf, sr.buf[sr.off:sr.n])
+		sr.off = 0
+	}
+	if sr.n == len(sr.buf) {
+		// One event fills the buffer: move it to a larger one, counted in
+		// answerMemory (the pooled buffer is not).
+		sr.held.b = sr.buf[:sr.n:sr.n]
+		if sr.pool != nil {
+			sr.held.b = nil
+		}
+		if err := sr.held.grow(2 * sr.n); err != nil {
+			return err
+		}
+		if sr.pool != nil {
+			sr.held.b = append(sr.held.b, sr.buf[:sr.n]...)
+			streamBufs.Put(sr.pool)
+			sr.pool = nil
+		}
+		sr.buf = sr.held.b[:cap(sr.held.b)]
+	}
+	m, err := sr.body.Read(sr.buf[sr.n:])
+	sr.n += m
+	sr.err = err
+	return nil
 }
 
 // nextEvent returns the length of the first complete event in b, up to and
 // including the blank line that ends it, or 0 when b holds no complete event
-// yet. Lines end in CRLF, LF or CR (the SSE specification's three forms).
+// yet. Lines end in CRLF, LF or CR, the three forms SSE allows.
 func nextEvent(b []byte) int {
 	lineStart := 0
 	for i := 0; i < len(b); i++ {
@@ -1293,6 +1371,304 @@ func eventData(ev []byte) ([]byte, bool) {
 		}
 	}
 	return data, found
+}
+
+// A streaming client may wait long for its first token: slow and reasoning
+// models can think for a minute, and clients and proxies with a first-byte
+// timeout give up on a silent connection. After waitHeadersAfter without a
+// first event, the client gets its headers (200, text/event-stream) and then
+// a keep-alive comment every keepAliveEvery. It has seen only comments, so a
+// provider that fails meanwhile is still replaced by the next, invisibly.
+var (
+	waitHeadersAfter = 2 * time.Second
+	keepAliveEvery   = 5 * time.Second
+)
+
+// streamWait sends a waiting streaming client its headers and keep-alive
+// comments from a timer, until the relay of an answer, or an error, takes
+// the response over with end.
+type streamWait struct {
+	mu    sync.Mutex // guards the fields below and writes to w until ended
+	w     http.ResponseWriter
+	rc    *http.ResponseController
+	id    string
+	sent  bool // the headers went out
+	ended bool
+	timer *time.Timer
+}
+
+func (s *server) startWait(w http.ResponseWriter, ex *exchange) *streamWait {
+	sw := &streamWait{w: w, rc: http.NewResponseController(w), id: ex.id}
+	sw.timer = time.AfterFunc(waitHeadersAfter, sw.tick)
+	return sw
+}
+
+func (sw *streamWait) tick() {
+	sw.mu.Lock()
+	defer sw.mu.Unlock()
+	if sw.ended {
+		return
+	}
+	if !sw.sent {
+		sw.sent = true
+		setStreamHeaders(sw.w.Header())
+		sw.w.Header().Set("X-Arbstr-Request-Id", sw.id)
+		sw.w.WriteHeader(http.StatusOK)
+	}
+	sw.w.Write([]byte(": arbstr waiting\n\n"))
+	sw.rc.Flush()
+	sw.timer.Reset(keepAliveEvery)
+}
+
+// end stops the keep-alives and reports whether the headers went out; from
+// then on the caller alone writes to the response. It may be called more
+// than once.
+func (sw *streamWait) end() (headersSent bool) {
+	sw.mu.Lock()
+	defer sw.mu.Unlock()
+	sw.ended = true
+	sw.timer.Stop()
+	return sw.sent
+}
+
+// setStreamHeaders sets the headers of an event stream to the client.
+func setStreamHeaders(h http.Header) {
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no") // tell nginx in front not to buffer
+}
+
+// relay copies one upstream event stream to the client, event by event as
+// they arrive. It reads usage on the way, withholds the usage-only chunk that
+// arbstr itself asked for, and writes the ": arbstr" comment before the end.
+// Until the first data event nothing of the answer is sent, so that a
+// provider failing before it can be replaced by the next one.
+type relay struct {
+	s        *server
+	w        http.ResponseWriter
+	rc       *http.ResponseController
+	ex       *exchange
+	c        *candidate
+	resp     *http.Response
+	deadline *time.Timer // the first data event's deadline, then the longest gap
+	timedOut *atomic.Bool
+
+	started      bool   // the first data event went to the client
+	pending      []byte // comments and other fields that came before it
+	wrote        bool   // written since the last flush
+	clientGone   bool
+	usageSeen    bool
+	in, out      int64
+	finished     bool // a finish_reason was seen
+	contentBytes int64
+	firstData    time.Time
+	firstContent time.Time
+}
+
+// maxPending bounds the comments kept for the client before the first data
+// event; a provider that sends more loses the rest, which SSE clients ignore
+// anyway.
+const maxPending = 64 << 10
+
+func (rl *relay) run(ctx context.Context) attemptResult {
+	sr := newSSEReader(rl.resp.Body)
+	defer sr.close()
+	for {
+		ev, err := sr.next()
+		if err != nil {
+			return rl.ended(ctx, err)
+		}
+		if res, done := rl.event(ev); done {
+			return res
+		}
+		if rl.wrote && !sr.buffered() {
+			rl.wrote = false
+			if rl.rc.Flush() != nil {
+				rl.clientGone = true
+			}
+		}
+		if rl.clientGone {
+			rl.settle(false, "client disconnected")
+			return attemptResult{done: true, outcome: outcomeNeutral}
+		}
+	}
+}
+
+// event handles one event; done says the attempt is over.
+func (rl *relay) event(ev []byte) (res attemptResult, done bool) {
+	data, isData := eventData(ev)
+	if !isData {
+		// A comment or another field: passed on as it is.
+		if rl.started {
+			rl.write(ev)
+		} else if len(rl.pending)+len(ev) <= maxPending {
+			rl.pending = append(rl.pending, ev...)
+		}
+		return res, false
+	}
+	now := time.Now()
+	if rl.firstData.IsZero() {
+		rl.firstData = now
+	}
+	// From the first data event on, the timer bounds the gap between events.
+	rl.deadline.Reset(rl.s.timeout)
+	if string(data) == "[DONE]" {
+		if !rl.started {
+			return attemptResult{fail: "stream ended before its first event", outcome: outcomeFailure}, true
+		}
+		return rl.complete(ev), true
+	}
+	content, finish, hasUsage, hasError := scanChunk(data)
+	if hasError {
+		if !rl.started {
+			return attemptResult{fail: "error event before the first chunk", outcome: outcomeFailure}, true
+		}
+		// The provider's error reaches the client as it was sent; then the
+		// stream ends as an interrupted one.
+		rl.write(ev)
+		return rl.interrupted("the provider sent an error event"), true
+	}
+	if content > 0 && rl.firstContent.IsZero() {
+		rl.firstContent = now
+	}
+	rl.contentBytes += content
+	rl.finished = rl.finished || finish
+	if hasUsage && rl.readUsage(data) {
+		return res, false // arbstr asked for it; the client did not
+	}
+	if !rl.started {
+		rl.start()
+	}
+	rl.write(ev)
+	return res, false
+}
+
+// readUsage takes the token counts of a usage chunk, and reports whether the
+// chunk is to be withheld: a usage-only chunk that arbstr asked for.
+func (rl *relay) readUsage(data []byte) (withhold bool) {
+	var u struct {
+		Usage   *usage            `json:"usage"`
+		Choices []json.RawMessage `json:"choices"`
+	}
+	if json.Unmarshal(data, &u) != nil || u.Usage == nil {
+		return false
+	}
+	rl.usageSeen = true
+	rl.in, rl.out = u.Usage.tokens()
+	return rl.ex.addedUsage && len(u.Choices) == 0
+}
+
+// start sends the headers, unless the client got them while it waited, and
+// the comments that came before the first data event.
+func (rl *relay) start() {
+	rl.started = true
+	if rl.ex.wait == nil || !rl.ex.wait.end() {
+		h := rl.w.Header()
+		copyHeaders(h, rl.resp.Header, rl.c.p.APIKey)
+		rl.ex.setHeaders(h, rl.c)
+		setStreamHeaders(h)
+		rl.w.WriteHeader(http.StatusOK)
+	}
+	rl.write(rl.pending)
+	rl.pending = nil
+}
+
+func (rl *relay) write(b []byte) {
+	if rl.clientGone || len(b) == 0 {
+		return
+	}
+	if _, err := rl.w.Write(redactKey(b, rl.c.p.APIKey)); err != nil {
+		rl.clientGone = true
+	}
+	rl.wrote = true
+}
+
+// ended handles the end of the upstream body, err being why it ended.
+func (rl *relay) ended(ctx context.Context, err error) attemptResult {
+	if ctx.Err() != nil {
+		if !rl.started {
+			return rl.s.clientLeft(rl.w, rl.ex, rl.c)
+		}
+		rl.settle(false, "client disconnected")
+		return attemptResult{done: true, outcome: outcomeNeutral}
+	}
+	timedOut := rl.timedOut.Load()
+	reason := "connection lost"
+	switch {
+	case errors.Is(err, errAnswerTooLarge) || errors.Is(err, errAnswerMemory):
+		reason = "stream event " + err.Error()
+		if !rl.started {
+			return attemptResult{fail: reason, outcome: outcomeFailure}
+		}
+	case !rl.started && timedOut:
+		return attemptResult{fail: "timeout", timeout: true, outcome: outcomeFailure}
+	case !rl.started:
+		return attemptResult{fail: "stream ended before its first event", outcome: outcomeFailure}
+	case err == io.EOF && (rl.finished || rl.usageSeen):
+		// A provider that ends a complete answer without [DONE]: end it
+		// for the client as OpenAI would.
+		return rl.complete([]byte("data: [DONE]\n\n"))
+	case err == io.EOF:
+		reason = "the provider closed the stream before the answer was complete"
+	case timedOut:
+		reason = fmt.Sprintf("no data for %s", rl.s.timeout)
+	}
+	return rl.interrupted(reason)
+}
+
+// settle records the stream's outcome. Without a usage chunk the tokens are
+// estimated from the text, and the row says so.
+func (rl *relay) settle(success bool, errMsg string) answer {
+	a := answer{status: http.StatusOK, success: success, errMsg: errMsg, hasUsage: true, in: rl.in, out: rl.out}
+	switch {
+	case !rl.firstContent.IsZero():
+		a.ttft = rl.firstContent.Sub(rl.ex.start)
+	case !rl.firstData.IsZero():
+		a.ttft = rl.firstData.Sub(rl.ex.start)
+	}
+	if !rl.usageSeen {
+		a.estimated = true
+		a.in, a.out = estimateTokens(rl.ex.req.TextBytes), estimateTokens(rl.contentBytes)
+	}
+	rl.s.finish(rl.ex, rl.c, a)
+	return a
+}
+
+// complete ends a whole answer: the ledger row, then the ": arbstr" comment,
+// then the final event (the provider's [DONE], or arbstr's).
+func (rl *relay) complete(final []byte) attemptResult {
+	a := rl.settle(true, "")
+	rl.write(rl.summary(a))
+	rl.write(final)
+	rl.rc.Flush()
+	return attemptResult{done: true, outcome: outcomeSuccess}
+}
+
+// interrupted ends a stream that broke after its first event: the client
+// gets an error as the last data line, with no [DONE] after it.
+func (rl *relay) interrupted(reason string) attemptResult {
+	rl.settle(false, "stream interrupted: "+reason)
+	rl.write(errorEvent(errorf(http.StatusBadGateway, "upstream_error", "stream_interrupted",
+		"upstream stream interrupted: %s", reason)))
+	rl.rc.Flush()
+	return attemptResult{done: true, outcome: outcomeFailure}
+}
+
+// summary is the ": arbstr" comment that ends a stream: SDKs ignore
+// comments, so it tells a curious client what the request cost without
+// breaking any.
+func (rl *relay) summary(a answer) []byte {
+	b, _ := json.Marshal(struct {
+		RequestID      string  `json:"request_id"`
+		Provider       string  `json:"provider"`
+		InputTokens    int64   `json:"input_tokens"`
+		OutputTokens   int64   `json:"output_tokens"`
+		UsageEstimated bool    `json:"usage_estimated,omitempty"`
+		CostSats       float64 `json:"cost_sats"`
+		LatencyMs      int64   `json:"latency_ms"`
+	}{rl.ex.id, rl.c.p.Name, a.in, a.out, a.estimated, msatToSats(rl.c.price.cost(a.in, a.out)),
+		time.Since(rl.ex.start).Milliseconds()})
+	return append(append([]byte(": arbstr "), b...), '\n', '\n')
 }
 
 // handleCost is the routing dry run of §7: the decision, no upstream call.
