@@ -17,6 +17,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"sort"
 	"strconv"
@@ -137,6 +138,16 @@ func (s *server) routes() *http.ServeMux {
 }
 
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if aerr := s.browserGuard(w, r); aerr != nil {
+		refusedHeaders(w, r)
+		writeError(w, aerr)
+		return
+	}
+	if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" {
+		// A listed origin's preflight, answered by browserGuard's headers.
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
 	if s.cfg.Server.AuthToken != "" && r.URL.Path != "/health" && !s.authorized(r) {
 		refusedHeaders(w, r)
 		writeError(w, errorf(http.StatusUnauthorized, "authentication_error", "invalid_api_key",
@@ -161,6 +172,64 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	writeError(w, errorf(http.StatusNotFound, "invalid_request_error", "not_found",
 		"no such endpoint: %s %s", r.Method, r.URL.Path))
+}
+
+// browserGuard keeps web pages in the user's browser from using a local
+// arbstr. A page's request carries an Origin header: it is refused unless
+// the origin is listed in server.allowed_origins, and a listed one gets
+// CORS headers (the Fetch standard's CORS protocol). A page can also make
+// its own name resolve to 127.0.0.1 (DNS rebinding) and then read arbstr as
+// same-origin, sending no Origin on its GETs; its Host header still names
+// the page's site, so without server.auth_token only loopback names and
+// those in server.allowed_hosts are served. With a token, the token guards.
+func (s *server) browserGuard(w http.ResponseWriter, r *http.Request) *apiError {
+	if s.cfg.Server.AuthToken == "" && !s.hostAllowed(r.Host) {
+		return errorf(http.StatusForbidden, "permission_error", "host_not_allowed",
+			"Host %q is not served: without server.auth_token arbstr answers only loopback names and server.allowed_hosts", r.Host)
+	}
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return nil
+	}
+	if !slices.Contains(s.cfg.Server.AllowedOrigins, origin) {
+		return errorf(http.StatusForbidden, "permission_error", "origin_not_allowed",
+			"requests from web pages are refused unless their origin is listed in server.allowed_origins; %q is not", origin)
+	}
+	h := w.Header()
+	h.Set("Access-Control-Allow-Origin", origin)
+	h.Add("Vary", "Origin")
+	h.Set("Access-Control-Expose-Headers", "X-Arbstr-Request-Id, X-Arbstr-Provider, X-Arbstr-Policy, X-Arbstr-Latency-Ms, X-Arbstr-Attempts, X-Arbstr-Cost-Sats")
+	if r.Method == http.MethodOptions {
+		h.Set("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+		if req := r.Header.Get("Access-Control-Request-Headers"); req != "" {
+			h.Set("Access-Control-Allow-Headers", req) // a listed origin is trusted
+		}
+		h.Set("Access-Control-Max-Age", "600")
+	}
+	return nil
+}
+
+// hostAllowed reports whether a Host header names this machine (localhost
+// or a loopback address, with any port) or a name in server.allowed_hosts.
+// A request with no Host at all comes from no browser.
+func (s *server) hostAllowed(host string) bool {
+	if host == "" {
+		return true
+	}
+	name := host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		name = h
+	}
+	name = strings.TrimSuffix(strings.TrimPrefix(name, "["), "]")
+	if strings.EqualFold(name, "localhost") || net.ParseIP(name).IsLoopback() {
+		return true
+	}
+	for _, allowed := range s.cfg.Server.AllowedHosts {
+		if strings.EqualFold(allowed, name) || strings.EqualFold(allowed, host) {
+			return true
+		}
+	}
+	return false
 }
 
 // refusedHeaders gives a chat request refused before its handler runs the
@@ -210,6 +279,13 @@ func (s *server) readChat(w http.ResponseWriter, r *http.Request) ([]byte, *chat
 	if r.ContentLength > limit {
 		return nil, nil, tooLarge // refused without reading it
 	}
+	// A body must arrive within server.body_timeout_secs, so that a client
+	// cannot hold a connection by never finishing it.
+	if t := s.cfg.Server.BodyTimeoutSecs; t > 0 {
+		rc := http.NewResponseController(w)
+		rc.SetReadDeadline(time.Now().Add(time.Duration(t) * time.Second))
+		defer rc.SetReadDeadline(time.Time{})
+	}
 	var buf bytes.Buffer
 	if r.ContentLength > 0 {
 		// One allocation, and ReadFrom's final EOF read fits; no more than
@@ -219,6 +295,10 @@ func (s *server) readChat(w http.ResponseWriter, r *http.Request) ([]byte, *chat
 	if _, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, limit)); err != nil {
 		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
 			return nil, nil, tooLarge
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, nil, errorf(http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
+				"the request body did not arrive within server.body_timeout_secs (%ds)", s.cfg.Server.BodyTimeoutSecs)
 		}
 		return nil, nil, badRequest("invalid_body", "could not read the request body: %v", err)
 	}
