@@ -27,10 +27,11 @@ import (
 	"time"
 )
 
-// This file is arbstr's HTTP face (SPEC §5, §7): the handlers, the upstream
+// This file is arbstr's HTTP face: the handlers, the upstream
 // calls with fallback, the streaming copy, and the errors in OpenAI's shape.
 
-// apiError is an error as the client sees it (§7).
+// apiError is an error as the client sees it, written in OpenAI's error
+// shape with a status, a type and a short code.
 type apiError struct {
 	Status  int
 	Type    string
@@ -85,7 +86,7 @@ type server struct {
 	drainMu  sync.Mutex
 	draining bool
 	inflight sync.WaitGroup
-	backoff  []time.Duration // between passes over the candidates (§6.1)
+	backoff  []time.Duration // between passes over the candidates
 }
 
 func newServer(cfg *Config, router *Router, store *Store, logger *slog.Logger) *server {
@@ -106,7 +107,7 @@ func newServer(cfg *Config, router *Router, store *Store, logger *slog.Logger) *
 			}).DialContext,
 			ForceAttemptHTTP2:     true,
 			MaxIdleConns:          512,
-			MaxIdleConnsPerHost:   128, // keep a warm pool per provider under load (§10)
+			MaxIdleConnsPerHost:   128, // keep a warm pool per provider under load
 			IdleConnTimeout:       90 * time.Second,
 			TLSHandshakeTimeout:   10 * time.Second,
 			ResponseHeaderTimeout: timeout,
@@ -122,7 +123,7 @@ func newServer(cfg *Config, router *Router, store *Store, logger *slog.Logger) *
 	return s
 }
 
-// routes registers every endpoint (§7). The mux answers wrong methods itself;
+// routes registers every endpoint. The mux answers wrong methods itself;
 // ServeHTTP turns its 404 and 405 into OpenAI-shaped errors.
 func (s *server) routes() *http.ServeMux {
 	mux := http.NewServeMux()
@@ -233,7 +234,7 @@ func (s *server) hostAllowed(host string) bool {
 }
 
 // refusedHeaders gives a chat request refused before its handler runs the
-// x-arbstr headers that every response of that endpoint carries (§5.2).
+// x-arbstr headers that every response of that endpoint carries.
 func refusedHeaders(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path == "/v1/chat/completions" {
 		(&exchange{id: newRequestID(), start: time.Now()}).setHeaders(w.Header(), nil)
@@ -251,7 +252,7 @@ func (h *headerRecorder) Header() http.Header         { return h.header }
 func (h *headerRecorder) Write(b []byte) (int, error) { return len(b), nil }
 func (h *headerRecorder) WriteHeader(status int)      { h.status = status }
 
-// authorized checks Authorization: Bearer TOKEN (§9): the scheme in any case,
+// authorized checks Authorization: Bearer TOKEN: the scheme in any case,
 // the token compared in constant time through its hash, so that not even its
 // length leaks.
 func (s *server) authorized(r *http.Request) bool {
@@ -263,7 +264,7 @@ func (s *server) authorized(r *http.Request) bool {
 	return subtle.ConstantTimeCompare(got[:], s.authHash[:]) == 1
 }
 
-// readChat reads and validates a chat body (§4 step 1, §7): JSON content
+// readChat reads and validates a chat body: JSON content
 // type, at most server.max_body_bytes, an object with a model and messages.
 func (s *server) readChat(w http.ResponseWriter, r *http.Request) ([]byte, *chatRequest, *apiError) {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
@@ -308,7 +309,8 @@ func (s *server) readChat(w http.ResponseWriter, r *http.Request) ([]byte, *chat
 }
 
 // parseChat decodes what routing needs from a chat body and rejects bodies
-// that no provider could serve (§4 step 1).
+// that no provider could serve: a JSON object with a non-empty string model
+// and a non-empty messages array.
 func parseChat(body []byte) (*chatRequest, *apiError) {
 	trimmed := bytes.TrimLeft(body, " \t\r\n")
 	if len(trimmed) == 0 || trimmed[0] != '{' {
@@ -463,7 +465,8 @@ func jsonString(v json.RawMessage) (string, bool) {
 }
 
 // messageText returns the text of a message content: the string itself, or
-// the text parts of an array joined by newlines (§4, §4.1).
+// the text parts of an array joined by newlines. Keywords are matched
+// against it, and the estimate of input tokens counts it.
 func messageText(content json.RawMessage) string {
 	if s, ok := jsonString(content); ok {
 		return s
@@ -487,7 +490,8 @@ func messageText(content json.RawMessage) string {
 
 // withIncludeUsage adds "stream_options":{"include_usage":true} to a streaming
 // body that does not say include_usage either way, leaving every other byte
-// as the client sent it (§5.1). It reports whether it added the option.
+// as the client sent it. arbstr needs the usage chunk to price a stream;
+// a client's explicit false stands. It reports whether it added the option.
 // opts is the body's stream_options as parseChat found it: when there is
 // none, the usual case, the option goes before the closing brace without
 // another pass over the body.
@@ -1751,7 +1755,7 @@ func (rl *relay) summary(a answer) []byte {
 	return append(append([]byte(": arbstr "), b...), '\n', '\n')
 }
 
-// handleCost is the routing dry run of §7: the decision, no upstream call.
+// handleCost is the routing dry run: the decision, no upstream call.
 func (s *server) handleCost(w http.ResponseWriter, r *http.Request) {
 	_, req, aerr := s.readChat(w, r)
 	if aerr != nil {
@@ -1888,7 +1892,7 @@ func (s *server) handleProviders(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"providers": list})
 }
 
-// statsRanges are the named windows of GET /v1/stats (§8.3).
+// statsRanges are the named windows of GET /v1/stats.
 var statsRanges = map[string]time.Duration{
 	"1h": time.Hour, "24h": 24 * time.Hour, "7d": 7 * 24 * time.Hour, "30d": 30 * 24 * time.Hour, "all": 0,
 }
@@ -2008,7 +2012,7 @@ func (s *server) handleRequest(w http.ResponseWriter, r *http.Request) {
 }
 
 // redactURL shows a provider URL without what may be a credential: the
-// user information and the query (§9).
+// user information and the query.
 func redactURL(raw string) string {
 	u, err := url.Parse(raw)
 	if err != nil {
