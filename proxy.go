@@ -127,7 +127,10 @@ func newServer(cfg *Config, router *Router, store *Store, logger *slog.Logger) *
 // ServeHTTP turns its 404 and 405 into OpenAI-shaped errors.
 func (s *server) routes() *http.ServeMux {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /v1/chat/completions", s.handleChat)
+	mux.HandleFunc("POST /v1/chat/completions", s.handle(chatEndpoint))
+	mux.HandleFunc("POST /v1/responses", s.handle(responsesEndpoint))
+	mux.HandleFunc("POST /v1/embeddings", s.handle(embeddingsEndpoint))
+	mux.HandleFunc("GET /v1/models/{model...}", s.handleModel)
 	mux.HandleFunc("POST /v1/cost", s.handleCost)
 	mux.HandleFunc("GET /v1/models", s.handleModels)
 	mux.HandleFunc("GET /health", s.handleHealth)
@@ -264,9 +267,9 @@ func (s *server) authorized(r *http.Request) bool {
 	return subtle.ConstantTimeCompare(got[:], s.authHash[:]) == 1
 }
 
-// readChat reads and validates a chat body: JSON content
+// readBody reads and validates a request body: JSON content
 // type, at most server.max_body_bytes, an object with a model and messages.
-func (s *server) readChat(w http.ResponseWriter, r *http.Request) ([]byte, *chatRequest, *apiError) {
+func (s *server) readBody(w http.ResponseWriter, r *http.Request, parse func([]byte) (*chatRequest, *apiError)) ([]byte, *chatRequest, *apiError) {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		mt, _, err := mime.ParseMediaType(ct)
 		if err != nil || mt != "application/json" {
@@ -304,7 +307,7 @@ func (s *server) readChat(w http.ResponseWriter, r *http.Request) ([]byte, *chat
 		return nil, nil, badRequest("invalid_body", "could not read the request body: %v", err)
 	}
 	body := buf.Bytes()
-	req, aerr := parseChat(body)
+	req, aerr := parse(body)
 	return body, req, aerr
 }
 
@@ -336,6 +339,7 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 		raw = chatFields{
 			Model: top["model"], Stream: top["stream"], StreamOptions: top["stream_options"],
 			MaxTokens: top["max_tokens"], MaxCompletionTokens: top["max_completion_tokens"],
+			Tools: top["tools"],
 		}
 		if m := top["messages"]; len(m) > 0 && json.Unmarshal(m, &raw.Messages) != nil {
 			return nil, badRequest("invalid_messages", "messages must be a non-empty array of objects with a string role")
@@ -369,6 +373,8 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 			req.MaxTokens = n
 		}
 	}
+	// Tool definitions are sent to the model as text, so they are input.
+	req.TextBytes = int64(len(raw.Tools))
 	lastUser := -1
 	for i, m := range raw.Messages {
 		if s, ok := jsonString(m.Content); ok {
@@ -376,6 +382,7 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 		} else {
 			req.TextBytes += int64(len(messageText(m.Content)))
 		}
+		req.TextBytes += toolCallBytes(m.ToolCalls)
 		if m.Role == "user" {
 			lastUser = i
 		}
@@ -386,6 +393,208 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 	return req, nil
 }
 
+// endpoint is one of the OpenAI APIs that arbstr routes: how its body is
+// read, where it goes upstream, and how its answers are counted. All three
+// share routing, fallback, circuits and the ledger.
+type endpoint struct {
+	name  string // the ledger's endpoint column
+	path  string // appended to a provider's base URL, which ends in /v1
+	parse func(body []byte) (*chatRequest, *apiError)
+}
+
+var (
+	chatEndpoint       = &endpoint{name: "chat", path: "/chat/completions", parse: parseChat}
+	responsesEndpoint  = &endpoint{name: "responses", path: "/responses", parse: parseResponses}
+	embeddingsEndpoint = &endpoint{name: "embeddings", path: "/embeddings", parse: parseEmbeddings}
+)
+
+// url returns the endpoint's URL at a provider.
+func (ep *endpoint) url(p *provider) string {
+	if ep == chatEndpoint {
+		return p.endpoint
+	}
+	return strings.TrimSuffix(p.endpoint, chatEndpoint.path) + ep.path
+}
+
+// jsonObject decodes the top-level members of a body that must be a JSON
+// object. Keys are exact, as a provider reads them.
+func jsonObject(body []byte) (map[string]json.RawMessage, *apiError) {
+	var top map[string]json.RawMessage
+	if err := json.Unmarshal(body, &top); err != nil || top == nil {
+		if !json.Valid(body) {
+			return nil, badRequest("invalid_json", "request body is not valid JSON")
+		}
+		return nil, badRequest("invalid_json", "request body must be a JSON object")
+	}
+	return top, nil
+}
+
+// parseModel reads the model member that every routed body must have.
+func parseModel(v json.RawMessage) (string, *apiError) {
+	if len(v) == 0 || string(v) == "null" {
+		return "", badRequest("missing_model", "model is required")
+	}
+	model, ok := jsonString(v)
+	if !ok {
+		return "", badRequest("invalid_model", "model must be a string")
+	}
+	if model == "" {
+		return "", badRequest("missing_model", "model must not be empty")
+	}
+	return model, nil
+}
+
+// parseResponses reads a Responses API body: a model, and an input that is
+// a string or an array of messages and items. The text of the input, the
+// instructions and the tool definitions make the estimate of input tokens;
+// the last user message's text is matched against keywords.
+func parseResponses(body []byte) (*chatRequest, *apiError) {
+	top, aerr := jsonObject(body)
+	if aerr != nil {
+		return nil, aerr
+	}
+	req := &chatRequest{}
+	if req.Model, aerr = parseModel(top["model"]); aerr != nil {
+		return nil, aerr
+	}
+	switch string(top["stream"]) {
+	case "", "null", "false":
+	case "true":
+		req.Stream = true
+	default:
+		return nil, badRequest("invalid_stream", "stream must be a boolean")
+	}
+	var n int64
+	if json.Unmarshal(top["max_output_tokens"], &n) == nil && n > 0 {
+		req.MaxTokens = n
+	}
+	input := top["input"]
+	if s, ok := jsonString(input); ok {
+		req.TextBytes, req.LastUser = int64(len(s)), s
+	} else {
+		var items []struct {
+			Role      string          `json:"role"`
+			Content   json.RawMessage `json:"content"`
+			Arguments string          `json:"arguments"`
+			Output    json.RawMessage `json:"output"`
+		}
+		if len(input) == 0 || json.Unmarshal(input, &items) != nil || len(items) == 0 {
+			return nil, badRequest("invalid_input", "input must be a non-empty string or a non-empty array of items")
+		}
+		for _, it := range items {
+			text := messageText(it.Content)
+			req.TextBytes += int64(len(text)+len(it.Arguments)) + int64(len(messageText(it.Output)))
+			if it.Role == "user" {
+				req.LastUser = text
+			}
+		}
+	}
+	if s, ok := jsonString(top["instructions"]); ok {
+		req.TextBytes += int64(len(s))
+	}
+	req.TextBytes += int64(len(top["tools"]))
+	return req, nil
+}
+
+// parseEmbeddings reads an embeddings body: a model, and an input that is a
+// string, an array of strings, or token arrays. Embeddings produce no output
+// tokens; token arrays count as what they are.
+func parseEmbeddings(body []byte) (*chatRequest, *apiError) {
+	top, aerr := jsonObject(body)
+	if aerr != nil {
+		return nil, aerr
+	}
+	req := &chatRequest{NoOutput: true}
+	if req.Model, aerr = parseModel(top["model"]); aerr != nil {
+		return nil, aerr
+	}
+	invalid := badRequest("invalid_input", "input must be a non-empty string, array of strings, or array of token arrays")
+	input := top["input"]
+	if s, ok := jsonString(input); ok {
+		if s == "" {
+			return nil, invalid
+		}
+		req.TextBytes, req.LastUser = int64(len(s)), s
+		return req, nil
+	}
+	var items []json.RawMessage
+	if len(input) == 0 || json.Unmarshal(input, &items) != nil || len(items) == 0 {
+		return nil, invalid
+	}
+	for _, it := range items {
+		var tokens []int64
+		switch s, ok := jsonString(it); {
+		case ok:
+			req.TextBytes += int64(len(s))
+			req.LastUser = s
+		case json.Unmarshal(it, &tokens) == nil:
+			req.TextBytes += 4 * int64(len(tokens)) // as many tokens as listed
+		default:
+			var token int64
+			if json.Unmarshal(it, &token) != nil {
+				return nil, invalid
+			}
+			req.TextBytes += 4 // one token of a single token array
+		}
+	}
+	return req, nil
+}
+
+// answerTokens reads the token counts of a non-streaming answer of any
+// endpoint: from its usage (prompt_tokens and completion_tokens, or the
+// Responses API's input_tokens and output_tokens), or, without usage,
+// estimated from every part of the text sent and received.
+func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool, ok bool) {
+	var a struct {
+		Usage *struct {
+			PromptTokens     *int64 `json:"prompt_tokens"`
+			CompletionTokens int64  `json:"completion_tokens"`
+			InputTokens      int64  `json:"input_tokens"`
+			OutputTokens     int64  `json:"output_tokens"`
+		} `json:"usage"`
+		Choices []struct {
+			Message struct {
+				Content          json.RawMessage `json:"content"`
+				Reasoning        json.RawMessage `json:"reasoning"`
+				ReasoningContent json.RawMessage `json:"reasoning_content"`
+				ToolCalls        []toolCall      `json:"tool_calls"`
+			} `json:"message"`
+		} `json:"choices"`
+		Output []struct {
+			Content   json.RawMessage `json:"content"`
+			Summary   json.RawMessage `json:"summary"`
+			Arguments string          `json:"arguments"`
+		} `json:"output"`
+	}
+	if err := json.Unmarshal(body, &a); err != nil {
+		if _, typeErr := errors.AsType[*json.UnmarshalTypeError](err); !typeErr {
+			return 0, 0, false, false
+		}
+	}
+	if u := a.Usage; u != nil {
+		in, out = u.InputTokens, u.OutputTokens
+		if u.PromptTokens != nil {
+			in, out = *u.PromptTokens, u.CompletionTokens
+		}
+		counted := usage{PromptTokens: in, CompletionTokens: out}
+		in, out = counted.tokens()
+		return in, out, false, true
+	}
+	var text int64
+	for _, ch := range a.Choices {
+		m := ch.Message
+		text += int64(len(messageText(m.Content)) + len(messageText(m.Reasoning)) + len(messageText(m.ReasoningContent)))
+		text += toolCallBytes(m.ToolCalls)
+	}
+	for _, o := range a.Output {
+		text += int64(len(messageText(o.Content)) + len(messageText(o.Summary)) + len(o.Arguments))
+	}
+	if req.NoOutput {
+		text = 0
+	}
+	return estimateTokens(req.TextBytes), estimateTokens(text), true, true
+}
+
 // chatFields are the members of a chat body that arbstr reads.
 type chatFields struct {
 	Model               json.RawMessage `json:"model"`
@@ -394,6 +603,7 @@ type chatFields struct {
 	StreamOptions       json.RawMessage `json:"stream_options"`
 	MaxTokens           json.RawMessage `json:"max_tokens"`
 	MaxCompletionTokens json.RawMessage `json:"max_completion_tokens"`
+	Tools               json.RawMessage `json:"tools"`
 }
 
 // hasMiscasedKey reports whether the JSON object in body, already known to be
@@ -434,7 +644,7 @@ func hasMiscasedKey(body []byte) bool {
 	return false
 }
 
-var chatKeys = []string{"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens"}
+var chatKeys = []string{"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "tools"}
 
 func miscased(key []byte) bool {
 	for _, k := range chatKeys {
@@ -447,8 +657,24 @@ func miscased(key []byte) bool {
 
 // chatMessage is a message of a chat body, as far as arbstr reads it.
 type chatMessage struct {
-	Role    string          `json:"role"`
-	Content json.RawMessage `json:"content"`
+	Role      string          `json:"role"`
+	Content   json.RawMessage `json:"content"`
+	ToolCalls []toolCall      `json:"tool_calls"`
+}
+
+// toolCall is a function call an assistant made, in a chat message or
+// answer; its arguments are text the model wrote, and count as tokens.
+type toolCall struct {
+	Function struct {
+		Arguments string `json:"arguments"`
+	} `json:"function"`
+}
+
+func toolCallBytes(calls []toolCall) (n int64) {
+	for _, tc := range calls {
+		n += int64(len(tc.Function.Arguments))
+	}
+	return n
 }
 
 // jsonString decodes a JSON string value. Most strings hold no escapes and
@@ -481,7 +707,9 @@ func messageText(content json.RawMessage) string {
 	json.Unmarshal(content, &parts) // a part of another shape keeps its zero value
 	var texts []string
 	for _, p := range parts {
-		if p.Type == "text" {
+		// "text" in chat; "input_text", "output_text" and "summary_text"
+		// in the Responses API.
+		if p.Type == "text" || strings.HasSuffix(p.Type, "_text") {
 			texts = append(texts, p.Text)
 		}
 	}
@@ -572,6 +800,7 @@ func newRequestID() string {
 // learns travels in its attemptResult, so a failed attempt leaves nothing
 // behind to undo.
 type exchange struct {
+	ep         *endpoint
 	id         string
 	start      time.Time
 	req        *chatRequest
@@ -667,7 +896,7 @@ func (s *server) finish(ex *exchange, c *candidate, a answer) {
 func (s *server) fail(w http.ResponseWriter, ex *exchange, c *candidate, e *apiError) {
 	s.finish(ex, c, answer{status: e.Status, errMsg: e.Message})
 	if ex.wait != nil && ex.wait.end() {
-		w.Write(errorEvent(e))
+		w.Write(ex.ep.errorEvent(e))
 		http.NewResponseController(w).Flush()
 		return
 	}
@@ -675,8 +904,14 @@ func (s *server) fail(w http.ResponseWriter, ex *exchange, c *candidate, e *apiE
 	writeError(w, e)
 }
 
-// errorEvent is e as the data line of an event stream, in OpenAI's shape.
-func errorEvent(e *apiError) []byte {
+// errorEvent is e as the last event of a stream of the endpoint: for chat,
+// a data line in OpenAI's error shape, which SDKs raise as an error; for
+// the Responses API, its typed error event.
+func (ep *endpoint) errorEvent(e *apiError) []byte {
+	if ep == responsesEndpoint {
+		b, _ := json.Marshal(map[string]any{"type": "error", "code": e.Code, "message": e.Message, "param": nil})
+		return append(append([]byte("event: error\ndata: "), b...), '\n', '\n')
+	}
 	b, _ := json.Marshal(map[string]any{"error": map[string]any{
 		"message": e.Message, "type": e.Type, "param": nil, "code": e.Code,
 	}})
@@ -696,7 +931,7 @@ func (s *server) clientLeft(w http.ResponseWriter, ex *exchange, c *candidate) a
 		"the client closed its side of the connection before the answer; arbstr cancelled the upstream request")
 	s.finish(ex, c, answer{status: statusClientClosed, errMsg: "client disconnected"})
 	if ex.wait != nil && ex.wait.end() {
-		w.Write(errorEvent(e))
+		w.Write(ex.ep.errorEvent(e))
 	} else {
 		ex.setHeaders(w.Header(), c)
 		writeError(w, e)
@@ -704,14 +939,20 @@ func (s *server) clientLeft(w http.ResponseWriter, ex *exchange, c *candidate) a
 	return attemptResult{done: true, outcome: outcomeNeutral}
 }
 
-func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
+// handle serves a routed endpoint: chat completions, responses and
+// embeddings all go through routing, fallback and the ledger alike.
+func (s *server) handle(ep *endpoint) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) { s.serveRouted(w, r, ep) }
+}
+
+func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoint) {
 	if !s.enter() {
 		writeError(w, errorf(http.StatusServiceUnavailable, "service_unavailable", "shutting_down", "arbstr is shutting down"))
 		return
 	}
 	defer s.inflight.Done()
-	ex := &exchange{id: newRequestID(), start: time.Now()}
-	body, req, aerr := s.readChat(w, r)
+	ex := &exchange{ep: ep, id: newRequestID(), start: time.Now()}
+	body, req, aerr := s.readBody(w, r, ep.parse)
 	if aerr != nil {
 		// Not a chat request: no ledger row.
 		ex.setHeaders(w.Header(), nil)
@@ -726,7 +967,9 @@ func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if req.Stream {
-		ex.body, ex.addedUsage = withIncludeUsage(body, req.StreamOptions)
+		if ep == chatEndpoint {
+			ex.body, ex.addedUsage = withIncludeUsage(body, req.StreamOptions)
+		}
 		ex.wait = s.startWait(w, ex)
 		defer ex.wait.end()
 	}
@@ -901,7 +1144,7 @@ func (s *server) attempt(w http.ResponseWriter, r *http.Request, ex *exchange, c
 	// The body goes from the bytes in memory, never from r.Body: the
 	// transport may read a request body again (to retry on a connection
 	// that died idle) after the server has closed the inbound one.
-	up, err := http.NewRequestWithContext(ctx, http.MethodPost, c.p.endpoint, bytes.NewReader(ex.body))
+	up, err := http.NewRequestWithContext(ctx, http.MethodPost, ex.ep.url(c.p), bytes.NewReader(ex.body))
 	if err != nil {
 		return attemptResult{fail: "bad url", outcome: outcomeFailure}
 	}
@@ -954,7 +1197,7 @@ func (s *server) refused(w http.ResponseWriter, r *http.Request, ex *exchange, c
 	if ex.wait != nil && ex.wait.end() {
 		// The client already has a 200 and is reading a stream: the
 		// provider's error becomes the stream's last data line.
-		w.Write(passedErrorEvent(b, resp.StatusCode))
+		w.Write(passedErrorEvent(ex.ep, b, resp.StatusCode))
 		http.NewResponseController(w).Flush()
 		return attemptResult{done: true, outcome: outcomeNeutral}
 	}
@@ -969,12 +1212,12 @@ func (s *server) refused(w http.ResponseWriter, r *http.Request, ex *exchange, c
 
 // passedErrorEvent turns a provider's error body into one data line: the
 // JSON as it was, on one line, or an OpenAI-shaped error that quotes it.
-func passedErrorEvent(body []byte, status int) []byte {
+func passedErrorEvent(ep *endpoint, body []byte, status int) []byte {
 	var buf bytes.Buffer
-	if json.Compact(&buf, body) == nil && bytes.HasPrefix(buf.Bytes(), []byte("{")) {
+	if ep == chatEndpoint && json.Compact(&buf, body) == nil && bytes.HasPrefix(buf.Bytes(), []byte("{")) {
 		return append(append([]byte("data: "), buf.Bytes()...), '\n', '\n')
 	}
-	return errorEvent(errorf(status, "invalid_request_error", "upstream_rejected",
+	return ep.errorEvent(errorf(status, "invalid_request_error", "upstream_rejected",
 		"provider answered HTTP %d: %s", status, strings.ToValidUTF8(string(body), "")))
 }
 
@@ -1033,35 +1276,15 @@ func (s *server) complete(w http.ResponseWriter, r *http.Request, ex *exchange, 
 	if err != nil {
 		return s.transportFailure(w, r, ex, c, err, false)
 	}
-	var parsed struct {
-		Usage   *usage `json:"usage"`
-		Choices []struct {
-			Message struct {
-				Content string `json:"content"`
-			} `json:"message"`
-		} `json:"choices"`
-	}
-	if err := json.Unmarshal(body, &parsed); err != nil {
-		if _, ok := errors.AsType[*json.UnmarshalTypeError](err); !ok {
-			return attemptResult{fail: "invalid JSON in a 2xx answer", outcome: outcomeFailure}
-		}
-	}
 	open := len(body) - len(bytes.TrimLeft(body, " \t\r\n"))
 	if open == len(body) || body[open] != '{' {
 		return attemptResult{fail: "answer is not a JSON object", outcome: outcomeFailure}
 	}
-	a := answer{status: resp.StatusCode, success: true, hasUsage: true}
-	if parsed.Usage != nil {
-		a.in, a.out = parsed.Usage.tokens()
-	} else {
-		// No usage: estimate from the text, and say so in the ledger.
-		var text int64
-		for _, ch := range parsed.Choices {
-			text += int64(len(ch.Message.Content))
-		}
-		a.estimated = true
-		a.in, a.out = estimateTokens(ex.req.TextBytes), estimateTokens(text)
+	in, out, estimated, ok := answerTokens(body, ex.req)
+	if !ok {
+		return attemptResult{fail: "invalid JSON in a 2xx answer", outcome: outcomeFailure}
 	}
+	a := answer{status: resp.StatusCode, success: true, hasUsage: true, estimated: estimated, in: in, out: out}
 	s.finish(ex, c, a)
 
 	body = redactKey(body, c.p.APIKey)
@@ -1238,8 +1461,14 @@ func redactKey(b []byte, key string) []byte {
 	return bytes.ReplaceAll(b, []byte(key), []byte(redacted))
 }
 
+// outputKeys name the strings of a chat chunk that are output the model
+// wrote: its text, its reasoning (OpenRouter's reasoning, DeepSeek's
+// reasoning_content) and the arguments of its tool calls. Without a usage
+// chunk, they are what the output tokens are estimated from.
+var outputKeys = []string{`"content"`, `"reasoning"`, `"reasoning_content"`, `"arguments"`}
+
 // scanChunk reads what arbstr needs from the data of a stream event by
-// scanning its bytes: the length of its content strings, whether a
+// scanning its bytes: the length of its output strings, whether a
 // finish_reason is set, and whether it holds a usage or an error object.
 // Decoding every chunk with encoding/json cost more than all else arbstr does
 // to a stream; the rare chunk with usage is decoded by the caller. A quoted
@@ -1247,15 +1476,17 @@ func redactKey(b []byte, key string) []byte {
 // string is escaped. Content is measured as written, escapes included, which
 // is near enough for an estimate of 4 bytes a token.
 func scanChunk(data []byte) (content int64, finished, hasUsage, hasError bool) {
-	for rest := data; ; {
-		v, next, ok := valueOf(rest, `"content"`)
-		if !ok {
-			break
+	for _, key := range outputKeys {
+		for rest := data; ; {
+			v, next, ok := valueOf(rest, key)
+			if !ok {
+				break
+			}
+			if v[0] == '"' {
+				content += stringLen(v)
+			}
+			rest = next
 		}
-		if v[0] == '"' {
-			content += stringLen(v)
-		}
-		rest = next
 	}
 	v, _, ok := valueOf(data, `"finish_reason"`)
 	finished = ok && v[0] == '"'
@@ -1596,6 +1827,9 @@ func (rl *relay) event(ev []byte) (res attemptResult, done bool) {
 	}
 	// From the first data event on, the timer bounds the gap between events.
 	rl.deadline.Reset(rl.s.timeout)
+	if rl.ex.ep == responsesEndpoint {
+		return rl.typedEvent(ev, data, now)
+	}
 	if string(data) == "[DONE]" {
 		if !rl.started {
 			return attemptResult{fail: "stream ended before its first event", outcome: outcomeFailure}, true
@@ -1625,6 +1859,69 @@ func (rl *relay) event(ev []byte) (res attemptResult, done bool) {
 	}
 	rl.write(ev)
 	return res, false
+}
+
+// typedEvent handles an event of the Responses API, whose type says what it
+// is: text deltas are counted for an estimate, response.completed (or
+// response.incomplete) ends the answer and carries its usage, and an error
+// or response.failed ends the stream as interrupted.
+func (rl *relay) typedEvent(ev, data []byte, now time.Time) (res attemptResult, done bool) {
+	typ := eventType(ev, data)
+	switch typ {
+	case "error", "response.failed":
+		if !rl.started {
+			return attemptResult{fail: "error event before the first event", outcome: outcomeFailure}, true
+		}
+		rl.write(ev)
+		return rl.interrupted("the provider sent an error event"), true
+	case "response.completed", "response.incomplete":
+		var u struct {
+			Response struct {
+				Usage *struct {
+					InputTokens  int64 `json:"input_tokens"`
+					OutputTokens int64 `json:"output_tokens"`
+				} `json:"usage"`
+			} `json:"response"`
+		}
+		if json.Unmarshal(data, &u) == nil && u.Response.Usage != nil {
+			counted := usage{PromptTokens: u.Response.Usage.InputTokens, CompletionTokens: u.Response.Usage.OutputTokens}
+			rl.usageSeen = true
+			rl.in, rl.out = counted.tokens()
+		}
+		rl.finished = true
+		if !rl.started {
+			rl.start()
+		}
+		return rl.complete(ev), true
+	}
+	if strings.HasSuffix(typ, ".delta") {
+		if v, _, ok := valueOf(data, `"delta"`); ok && v[0] == '"' {
+			if rl.firstContent.IsZero() {
+				rl.firstContent = now
+			}
+			rl.contentBytes += stringLen(v)
+		}
+	}
+	if !rl.started {
+		rl.start()
+	}
+	rl.write(ev)
+	return res, false
+}
+
+// eventType returns a typed event's type: its event field when it has one,
+// as OpenAI sends it, else the "type" member of its data.
+func eventType(ev, data []byte) string {
+	for line := range bytes.Lines(ev) {
+		if v, ok := bytes.CutPrefix(line, []byte("event:")); ok {
+			return string(bytes.TrimSpace(v))
+		}
+	}
+	var t struct {
+		Type string `json:"type"`
+	}
+	json.Unmarshal(data, &t)
+	return t.Type
 }
 
 // readUsage takes the token counts of a usage chunk, and reports whether the
@@ -1732,7 +2029,7 @@ func (rl *relay) complete(final []byte) attemptResult {
 // gets an error as the last data line, with no [DONE] after it.
 func (rl *relay) interrupted(reason string) attemptResult {
 	rl.settle(false, "stream interrupted: "+reason)
-	rl.write(errorEvent(errorf(http.StatusBadGateway, "upstream_error", "stream_interrupted",
+	rl.write(rl.ex.ep.errorEvent(errorf(http.StatusBadGateway, "upstream_error", "stream_interrupted",
 		"upstream stream interrupted: %s", reason)))
 	rl.rc.Flush()
 	return attemptResult{done: true, outcome: outcomeFailure}
@@ -1757,7 +2054,7 @@ func (rl *relay) summary(a answer) []byte {
 
 // handleCost is the routing dry run: the decision, no upstream call.
 func (s *server) handleCost(w http.ResponseWriter, r *http.Request) {
-	_, req, aerr := s.readChat(w, r)
+	_, req, aerr := s.readBody(w, r, parseChat)
 	if aerr != nil {
 		writeError(w, aerr)
 		return
@@ -1812,13 +2109,16 @@ func (s *server) handleCost(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-func (s *server) handleModels(w http.ResponseWriter, r *http.Request) {
-	type model struct {
-		ID      string `json:"id"`
-		Object  string `json:"object"`
-		Created int64  `json:"created"`
-		OwnedBy string `json:"owned_by"`
-	}
+// model is an entry of GET /v1/models, in OpenAI's shape.
+type model struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Created int64  `json:"created"`
+	OwnedBy string `json:"owned_by"` // the providers that serve it
+}
+
+// models lists each model that any provider serves once, sorted by id.
+func (s *server) models() []model {
 	owners := map[string][]string{}
 	for _, p := range s.router.providers {
 		for _, m := range p.Models {
@@ -1829,11 +2129,28 @@ func (s *server) handleModels(w http.ResponseWriter, r *http.Request) {
 	}
 	data := make([]model, 0, len(owners))
 	for id, names := range owners {
-		// owned_by lists the providers that serve the model.
 		data = append(data, model{id, "model", s.started.Unix(), strings.Join(names, ",")})
 	}
 	sort.Slice(data, func(i, j int) bool { return data[i].ID < data[j].ID })
-	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": data})
+	return data
+}
+
+func (s *server) handleModels(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": s.models()})
+}
+
+// handleModel answers one model by id, as SDKs' models.retrieve asks. Model
+// ids may hold slashes ("google/gemini-2.5-flash").
+func (s *server) handleModel(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("model")
+	for _, m := range s.models() {
+		if m.ID == id {
+			writeJSON(w, http.StatusOK, m)
+			return
+		}
+	}
+	writeError(w, errorf(http.StatusNotFound, "invalid_request_error", "model_not_found",
+		"the model %q does not exist or no provider serves it", id))
 }
 
 func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {

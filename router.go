@@ -30,6 +30,8 @@ type chatRequest struct {
 	LastUser  string // text of the last user message, for keywords (§4)
 	// StreamOptions is the body's stream_options as sent, for §5.1.
 	StreamOptions json.RawMessage
+	// NoOutput: the answer has no output tokens (embeddings).
+	NoOutput bool
 }
 
 // price is a provider's price for one model in exact units: micro-sats per
@@ -446,7 +448,9 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 	// §4.1: the estimate used for ranking and by /v1/cost.
 	r.estIn = (req.TextBytes + 3) / 4
 	r.estOut = req.MaxTokens
-	if r.estOut <= 0 {
+	if req.NoOutput {
+		r.estOut = 0
+	} else if r.estOut <= 0 {
 		ratio := 1.0
 		if rt.ratio != nil {
 			if avg, n := rt.ratio(r.policyName()); n >= 5 {
