@@ -1662,7 +1662,7 @@ func TestScanChunk(t *testing.T) {
 		{`{"choices":[{"delta":{"content":"a"},"finish_reason":null}],"usage":null}`, 1, false, false, false},
 		{`{"choices":[{"delta":{"content" : "say \"content\": x"}}]}`, 18, false, false, false},
 		{`{"choices":[{"delta":{"content":"ab"}},{"delta":{"content":"cd"}}]}`, 4, false, false, false},
-		{`{"choices":[{"delta":{"reasoning_content":"think","content":null}}]}`, 0, false, false, false},
+		{`{"choices":[{"delta":{"reasoning_content":"think","content":null}}]}`, 5, false, false, false}, // reasoning counts as output,
 		{`{"choices":[{"delta":{"content":"x"},"logprobs":{"content":[{"token":"x"}]}}]}`, 1, false, false, false},
 		{`{"error":{"message":"overloaded"}}`, 0, false, false, true},
 		{`{"choices":[{"delta":{"content":"the \"error\": word"}}]}`, 19, false, false, false},
