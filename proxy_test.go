@@ -3337,3 +3337,296 @@ func TestRunEnvironment(t *testing.T) {
 		t.Errorf("DATABASE_URL's file: %v", err)
 	}
 }
+
+// ---- More of the OpenAI API: responses, embeddings, one model ----
+
+// responsesJSON is a Responses API answer as OpenAI sends it.
+func responsesJSON(text string, in, out int) string {
+	return fmt.Sprintf(`{"id":"resp_1","object":"response","status":"completed","model":"m",`+
+		`"output":[{"type":"message","id":"msg_1","role":"assistant","content":[{"type":"output_text","text":%q,"annotations":[]}]}],`+
+		`"usage":{"input_tokens":%d,"output_tokens":%d,"total_tokens":%d}}`, text, in, out, in+out)
+}
+
+// responsesStream writes a Responses API stream: typed events, each with
+// its event line, response.completed last with the usage.
+func responsesStream(w http.ResponseWriter, deltas []string, in, out int, completed bool) {
+	w.Header().Set("Content-Type", "text/event-stream")
+	send := func(typ, data string) {
+		fmt.Fprintf(w, "event: %s\ndata: %s\n\n", typ, data)
+		w.(http.Flusher).Flush()
+	}
+	send("response.created", `{"type":"response.created","response":{"id":"resp_1","object":"response","status":"in_progress"}}`)
+	for _, d := range deltas {
+		send("response.output_text.delta", fmt.Sprintf(`{"type":"response.output_text.delta","item_id":"msg_1","output_index":0,"content_index":0,"delta":%q}`, d))
+	}
+	if completed {
+		send("response.completed", fmt.Sprintf(`{"type":"response.completed","response":{"id":"resp_1","object":"response","status":"completed","usage":{"input_tokens":%d,"output_tokens":%d,"total_tokens":%d}}}`, in, out, in+out))
+	}
+}
+
+func TestResponses(t *testing.T) {
+	var paths sync.Map
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		paths.Store(r.URL.Path, true)
+		body, _ := io.ReadAll(r.Body)
+		if bytes.Contains(body, []byte(`"stream":true`)) {
+			responsesStream(w, []string{"Hel", "lo"}, 20, 7, !bytes.Contains(body, []byte("break")))
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, responsesJSON("Hello", 20, 7))
+	})
+	ta := newArbstr(t, testConfig(prov("p", up.URL, 1000, 2000)))
+
+	resp := ta.post(t, "/v1/responses", `{"model":"m","input":"Say hello"}`)
+	body := readBody(t, resp)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status = %d; want 200: %s", resp.StatusCode, body)
+	}
+	if !strings.Contains(body, `"arbstr_provider":"p"`) {
+		t.Errorf("body lacks arbstr_provider: %s", body)
+	}
+	// 20 input tokens at 1000 sats per 1k and 7 output at 2000: 34 sats.
+	if got := resp.Header.Get("X-Arbstr-Cost-Sats"); got != "34" {
+		t.Errorf("x-arbstr-cost-sats = %q; want 34", got)
+	}
+	if _, ok := paths.Load("/v1/responses"); !ok {
+		t.Errorf("upstream paths = %v; want /v1/responses", paths)
+	}
+
+	resp = ta.post(t, "/v1/responses", `{"model":"m","stream":true,"input":[{"role":"user","content":[{"type":"input_text","text":"Say hello"}]}]}`)
+	stream := readBody(t, resp)
+	if ct := resp.Header.Get("Content-Type"); ct != "text/event-stream" {
+		t.Errorf("stream content type = %q", ct)
+	}
+	summary := strings.Index(stream, ": arbstr {")
+	completed := strings.Index(stream, "event: response.completed")
+	if summary < 0 {
+		t.Fatalf("stream lacks the : arbstr comment:\n%s", stream)
+	}
+	if completed < 0 {
+		t.Fatalf("stream lacks response.completed:\n%s", stream)
+	}
+	if summary > completed {
+		t.Errorf("the : arbstr comment comes after response.completed:\n%s", stream)
+	}
+	if strings.Contains(stream, "[DONE]") {
+		t.Errorf("a Responses stream got a [DONE]:\n%s", stream)
+	}
+
+	resp = ta.post(t, "/v1/responses", `{"model":"m","stream":true,"input":"break please"}`)
+	broken := readBody(t, resp)
+	if last := broken[strings.LastIndex(broken, "event: "):]; !strings.HasPrefix(last, "event: error\ndata: {") {
+		t.Errorf("a broken Responses stream ends with %q; want an error event", last)
+	}
+	if !strings.Contains(broken, `"code":"stream_interrupted"`) {
+		t.Errorf("the error event lacks code stream_interrupted:\n%s", broken)
+	}
+
+	rows := ta.rows(t)
+	if len(rows) != 3 {
+		t.Fatalf("%d rows; want 3", len(rows))
+	}
+	wants := []struct {
+		success bool
+		in, out int64
+	}{{false, 0, 1}, {true, 20, 7}, {true, 20, 7}} // newest first; the broken one estimated
+	for i, w := range wants {
+		r := rows[i]
+		if r.Success != w.success {
+			t.Errorf("row %d: success = %v; want %v", i, r.Success, w.success)
+		}
+		if !w.success {
+			continue
+		}
+		if r.InputTokens != w.in {
+			t.Errorf("row %d: input tokens = %d; want %d", i, r.InputTokens, w.in)
+		}
+		if r.OutputTokens != w.out {
+			t.Errorf("row %d: output tokens = %d; want %d", i, r.OutputTokens, w.out)
+		}
+	}
+}
+
+func TestResponsesFallback(t *testing.T) {
+	bad := newUpstream(t, statusHandler(http.StatusServiceUnavailable))
+	good := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		responsesStream(w, []string{"Hi"}, 5, 1, true)
+	})
+	ta := newArbstr(t, testConfig(prov("a-cheap", bad.URL, 1, 1), prov("b-pricey", good.URL, 5, 5)))
+	resp := ta.post(t, "/v1/responses", `{"model":"m","stream":true,"input":"hello"}`)
+	body := readBody(t, resp)
+	if got := resp.Header.Get("X-Arbstr-Provider"); got != "b-pricey" {
+		t.Errorf("provider = %q; want b-pricey", got)
+	}
+	if got := resp.Header.Get("X-Arbstr-Attempts"); got != "2" {
+		t.Errorf("attempts = %q; want 2", got)
+	}
+	if !strings.Contains(body, "response.completed") {
+		t.Errorf("no response.completed:\n%s", body)
+	}
+}
+
+func TestEmbeddings(t *testing.T) {
+	var got []byte
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		got, _ = io.ReadAll(r.Body)
+		if r.URL.Path != "/v1/embeddings" {
+			statusHandler(http.StatusNotFound)(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,-0.2]}],"model":"e","usage":{"prompt_tokens":8,"total_tokens":8}}`)
+	})
+	ta := newArbstr(t, testConfig(prov("p", up.URL, 500, 99999)))
+	in := `{"model":"e","input":["hello world","again"]}`
+	resp := ta.post(t, "/v1/embeddings", in)
+	body := readBody(t, resp)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status = %d: %s", resp.StatusCode, body)
+	}
+	if string(got) != in {
+		t.Errorf("upstream body = %s; want %s", got, in)
+	}
+	// 8 tokens at 500 sats per 1k; the output rate does not apply.
+	if c := resp.Header.Get("X-Arbstr-Cost-Sats"); c != "4" {
+		t.Errorf("cost = %q; want 4", c)
+	}
+	rows := ta.rows(t)
+	if len(rows) != 1 {
+		t.Fatalf("%d rows; want 1", len(rows))
+	}
+	if rows[0].InputTokens != 8 {
+		t.Errorf("input tokens = %d; want 8", rows[0].InputTokens)
+	}
+	if rows[0].OutputTokens != 0 {
+		t.Errorf("output tokens = %d; want 0", rows[0].OutputTokens)
+	}
+}
+
+func TestParseRoutedBodies(t *testing.T) {
+	tests := []struct {
+		name      string
+		parse     func([]byte) (*chatRequest, *apiError)
+		body      string
+		code      string // "" when valid
+		textBytes int64
+		lastUser  string
+	}{
+		{"responses string", parseResponses, `{"model":"m","input":"hello"}`, "", 5, "hello"},
+		{"responses items", parseResponses, `{"model":"m","instructions":"be brief","input":[{"role":"user","content":[{"type":"input_text","text":"hi"}]}]}`, "", 10, "hi"},
+		{"responses tools", parseResponses, `{"model":"m","input":"x","tools":[{"type":"function"}]}`, "", 1 + int64(len(`[{"type":"function"}]`)), "x"},
+		{"responses no input", parseResponses, `{"model":"m"}`, "invalid_input", 0, ""},
+		{"responses no model", parseResponses, `{"input":"x"}`, "missing_model", 0, ""},
+		{"responses bad stream", parseResponses, `{"model":"m","input":"x","stream":"yes"}`, "invalid_stream", 0, ""},
+		{"responses array body", parseResponses, `[1]`, "invalid_json", 0, ""},
+		{"embeddings string", parseEmbeddings, `{"model":"e","input":"abcd"}`, "", 4, "abcd"},
+		{"embeddings strings", parseEmbeddings, `{"model":"e","input":["ab","cd"]}`, "", 4, "cd"},
+		{"embeddings tokens", parseEmbeddings, `{"model":"e","input":[[1,2,3]]}`, "", 12, ""},
+		{"embeddings one token array", parseEmbeddings, `{"model":"e","input":[1,2]}`, "", 8, ""},
+		{"embeddings empty", parseEmbeddings, `{"model":"e","input":""}`, "invalid_input", 0, ""},
+		{"embeddings object", parseEmbeddings, `{"model":"e","input":{}}`, "invalid_input", 0, ""},
+		{"chat tools count", parseChat, `{"model":"m","tools":[1],"messages":[{"role":"assistant","content":null,"tool_calls":[{"function":{"arguments":"{\"a\":1}"}}]},{"role":"user","content":"go"}]}`, "", 3 + 7 + 2, "go"},
+	}
+	for _, tc := range tests {
+		req, aerr := tc.parse([]byte(tc.body))
+		if tc.code != "" {
+			if aerr == nil || aerr.Code != tc.code {
+				t.Errorf("%s: error = %v; want code %s", tc.name, aerr, tc.code)
+			}
+			continue
+		}
+		if aerr != nil {
+			t.Errorf("%s: unexpected error %v", tc.name, aerr)
+			continue
+		}
+		if req.TextBytes != tc.textBytes {
+			t.Errorf("%s: TextBytes = %d; want %d", tc.name, req.TextBytes, tc.textBytes)
+		}
+		if req.LastUser != tc.lastUser {
+			t.Errorf("%s: LastUser = %q; want %q", tc.name, req.LastUser, tc.lastUser)
+		}
+	}
+}
+
+// TestEstimatesSeeEverything: with no usage from the provider, tool calls
+// and reasoning count as output, so an answer made only of tool calls is
+// not recorded as free.
+func TestEstimatesSeeEverything(t *testing.T) {
+	toolOnly := `{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":null,` +
+		`"tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"{\"city\":\"Paris, France\"}"}}]},"finish_reason":"tool_calls"}]}`
+	reasoning := `{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok","reasoning":"let me think about it"},"finish_reason":"stop"}]}`
+	streamTool := []string{
+		`{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":"{\"city\":"}}]},"finish_reason":null}]}`,
+		`{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"Paris, France\"}"}}]},"finish_reason":null}]}`,
+		`{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}`,
+		"[DONE]",
+	}
+	tests := []struct {
+		name    string
+		handler http.HandlerFunc
+		body    string
+		wantOut int64
+	}{
+		{"tool call only", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, toolOnly) }, chatBody,
+			estimateTokens(int64(len(`{\"city\":\"Paris, France\"}`) - 4))},
+		{"reasoning", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, reasoning) }, chatBody,
+			estimateTokens(int64(len("ok") + len("let me think about it")))},
+		{"streamed tool call", func(w http.ResponseWriter, r *http.Request) { sse(w, streamTool...) }, streamBody,
+			estimateTokens(int64(len(`{\"city\":`) + len(`\"Paris, France\"}`)))},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newUpstream(t, tc.handler)
+			ta := newArbstr(t, testConfig(prov("p", up.URL, 1, 1)))
+			readBody(t, ta.post(t, "/v1/chat/completions", tc.body))
+			rows := ta.rows(t)
+			if len(rows) != 1 {
+				t.Fatalf("%d rows; want 1", len(rows))
+			}
+			if !rows[0].UsageEstimated {
+				t.Errorf("usage_estimated = false; want true")
+			}
+			if rows[0].OutputTokens != tc.wantOut {
+				t.Errorf("output tokens = %d; want %d", rows[0].OutputTokens, tc.wantOut)
+			}
+		})
+	}
+}
+
+func TestModelRetrieve(t *testing.T) {
+	cfg := testConfig(ProviderConfig{Name: "p", URL: "http://127.0.0.1:1/v1", Models: []string{"google/gemini-2.5-flash", "gpt-4o"}})
+	ta := newArbstr(t, cfg)
+	for _, tc := range []struct {
+		path   string
+		status int
+		id     string
+	}{
+		{"/v1/models/gpt-4o", 200, "gpt-4o"},
+		{"/v1/models/google/gemini-2.5-flash", 200, "google/gemini-2.5-flash"},
+		{"/v1/models/google%2Fgemini-2.5-flash", 200, "google/gemini-2.5-flash"},
+		{"/v1/models/nope", 404, ""},
+	} {
+		resp, body := ta.get(t, tc.path)
+		if resp.StatusCode != tc.status {
+			t.Errorf("GET %s = %d; want %d: %s", tc.path, resp.StatusCode, tc.status, body)
+			continue
+		}
+		if tc.status == 404 {
+			if _, code, _ := apiErr(t, string(body)); code != "model_not_found" {
+				t.Errorf("GET %s: code = %q; want model_not_found", tc.path, code)
+			}
+			continue
+		}
+		var m model
+		if err := json.Unmarshal(body, &m); err != nil {
+			t.Fatal(err)
+		}
+		if m.ID != tc.id {
+			t.Errorf("GET %s: id = %q; want %q", tc.path, m.ID, tc.id)
+		}
+		if m.Object != "model" {
+			t.Errorf("GET %s: object = %q; want model", tc.path, m.Object)
+		}
+	}
+}
