@@ -37,6 +37,9 @@ type apiError struct {
 	Type    string
 	Code    string
 	Message string
+	// retryAfter, when set, goes out as Retry-After in whole seconds, as
+	// OpenAI's 429s carry it.
+	retryAfter time.Duration
 }
 
 func (e *apiError) Error() string { return e.Message }
@@ -52,6 +55,10 @@ func badRequest(code, format string, args ...any) *apiError {
 // writeError writes e in OpenAI's error shape:
 // {"error":{"message":...,"type":...,"param":null,"code":...}}.
 func writeError(w http.ResponseWriter, e *apiError) {
+	if e.retryAfter > 0 {
+		secs := int64(math.Ceil(e.retryAfter.Seconds()))
+		w.Header().Set("Retry-After", strconv.FormatInt(secs, 10))
+	}
 	writeJSON(w, e.Status, map[string]any{"error": map[string]any{
 		"message": e.Message, "type": e.Type, "param": nil, "code": e.Code,
 	}})
@@ -2350,4 +2357,275 @@ func (s *server) ledgerError(w http.ResponseWriter, r *http.Request, err error) 
 	}
 	s.log.Error("ledger query failed", "err", err)
 	writeError(w, errorf(http.StatusInternalServerError, "server_error", "ledger_error", "the ledger could not be read"))
+}
+// ---- Spend control: clients, rate limits and budgets ----
+
+// client is one app or agent with its own token (server.auth_token's
+// holder is no client). Its requests are its own in the ledger, limited to
+// its policies, its rate and its budgets.
+type client struct {
+	ClientConfig
+	tokenHash [32]byte
+	allowed   map[string]bool // the policies it may use; nil: any
+	limiter   *rateLimiter    // nil: no rate limit
+	budgets   []*budget
+}
+
+// mayUse reports whether the client may use a policy; a nil client (the
+// operator, or no clients configured) may use any.
+func (c *client) mayUse(policy string) bool {
+	return c == nil || c.allowed == nil || c.allowed[policy]
+}
+
+// rateLimiter is a token bucket: it holds up to rate_limit_rpm requests and
+// refills at rate_limit_rpm per minute, so a client may burst its whole
+// minute at once and then goes at the steady rate.
+type rateLimiter struct {
+	mu       sync.Mutex // guards tokens and last
+	capacity float64
+	perSec   float64
+	tokens   float64
+	last     time.Time
+}
+
+func newRateLimiter(rpm int, now time.Time) *rateLimiter {
+	return &rateLimiter{capacity: float64(rpm), perSec: float64(rpm) / 60, tokens: float64(rpm), last: now}
+}
+
+// allow takes a token, or says how long until there is one.
+func (l *rateLimiter) allow(now time.Time) (ok bool, wait time.Duration) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if elapsed := now.Sub(l.last).Seconds(); elapsed > 0 {
+		l.tokens = min(l.capacity, l.tokens+elapsed*l.perSec)
+		l.last = now
+	}
+	if l.tokens >= 1 {
+		l.tokens--
+		return true, 0
+	}
+	return false, time.Duration((1 - l.tokens) / l.perSec * float64(time.Second))
+}
+
+// Budget periods: UTC calendar days and months.
+const (
+	periodDay   = "day"
+	periodMonth = "month"
+)
+
+// periodBounds returns the start and end of the period holding t.
+func periodBounds(period string, t time.Time) (start, end time.Time) {
+	t = t.UTC()
+	if period == periodDay {
+		start = time.Date(t.Year(), t.Month(), t.Day(), 0, 0, 0, 0, time.UTC)
+		return start, start.AddDate(0, 0, 1)
+	}
+	start = time.Date(t.Year(), t.Month(), 1, 0, 0, 0, 0, time.UTC)
+	return start, start.AddDate(0, 1, 0)
+}
+
+// budget is a limit on what a client or a policy spends in a day or a
+// month. Spent is what the ledger recorded in the current period; reserved
+// is the worst case of the requests in flight, so that concurrent requests
+// can never together overspend it.
+type budget struct {
+	scope, name, period string // scope: "client" or "policy"
+	limit               int64  // millisats
+	start               time.Time
+	spent, reserved     int64 // millisats, in the period that began at start
+}
+
+// roll starts a new period when now is past the current one.
+func (b *budget) roll(now time.Time) {
+	if start, _ := periodBounds(b.period, now); !start.Equal(b.start) {
+		b.start, b.spent, b.reserved = start, 0, 0
+	}
+}
+
+// spendControl holds the clients and every budget. One mutex guards all
+// budgets, so that a request reserves in all its budgets at once or in none;
+// only requests under a budget take it.
+type spendControl struct {
+	clients []*client
+	budgets []*budget
+	byName  map[string]*budget // "client/NAME/day" and the like
+
+	mu sync.Mutex // guards the spent, reserved and start of every budget
+}
+
+func budgetKey(scope, name, period string) string { return scope + "/" + name + "/" + period }
+
+func newSpendControl(cfg *Config, now time.Time) *spendControl {
+	sc := &spendControl{byName: make(map[string]*budget)}
+	add := func(scope, name string, day, month float64) []*budget {
+		var list []*budget
+		for _, l := range []struct {
+			period string
+			sats   float64
+		}{{periodDay, day}, {periodMonth, month}} {
+			if l.sats <= 0 {
+				continue
+			}
+			b := &budget{scope: scope, name: name, period: l.period, limit: int64(math.Round(l.sats * 1000))}
+			b.start, _ = periodBounds(l.period, now)
+			sc.budgets = append(sc.budgets, b)
+			sc.byName[budgetKey(scope, name, l.period)] = b
+			list = append(list, b)
+		}
+		return list
+	}
+	for _, cc := range cfg.Clients {
+		c := &client{ClientConfig: cc, tokenHash: sha256.Sum256([]byte(cc.Token))}
+		if len(cc.Policies) > 0 {
+			c.allowed = make(map[string]bool)
+			for _, p := range cc.Policies {
+				c.allowed[p] = true
+			}
+		}
+		if cc.RateLimitRPM > 0 {
+			c.limiter = newRateLimiter(cc.RateLimitRPM, now)
+		}
+		c.budgets = add("client", cc.Name, cc.BudgetSatsPerDay, cc.BudgetSatsPerMonth)
+		sc.clients = append(sc.clients, c)
+	}
+	for _, r := range cfg.Policies.Rules {
+		add("policy", r.Name, r.BudgetSatsPerDay, r.BudgetSatsPerMonth)
+	}
+	return sc
+}
+
+// clientFor returns the client whose token this is, comparing against every
+// client's token in constant time, so that neither a token nor which client
+// holds it can be learned from timing.
+func (sc *spendControl) clientFor(token string) *client {
+	h := sha256.Sum256([]byte(token))
+	var found *client
+	for _, c := range sc.clients {
+		if subtle.ConstantTimeCompare(h[:], c.tokenHash[:]) == 1 {
+			found = c
+		}
+	}
+	return found
+}
+
+// budgetsFor lists the budgets a request falls under: its client's and its
+// policy's.
+func (sc *spendControl) budgetsFor(c *client, policy string) []*budget {
+	var list []*budget
+	if c != nil {
+		list = append(list, c.budgets...)
+	}
+	if policy != "" {
+		for _, period := range []string{periodDay, periodMonth} {
+			if b := sc.byName[budgetKey("policy", policy, period)]; b != nil {
+				list = append(list, b)
+			}
+		}
+	}
+	return list
+}
+
+// reservation is what a request holds in its budgets while it runs.
+type reservation struct {
+	sc      *spendControl
+	budgets []*budget
+	starts  []time.Time // the period each was reserved in
+	msat    int64
+}
+
+// reserve takes worst, the most the request can cost, from every budget in
+// list, or refuses the request with the first budget it would overspend.
+func (sc *spendControl) reserve(list []*budget, worst int64, now time.Time) (*reservation, *apiError) {
+	if len(list) == 0 {
+		return nil, nil
+	}
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	for _, b := range list {
+		b.roll(now)
+		if b.spent+b.reserved+worst > b.limit {
+			_, end := periodBounds(b.period, now)
+			return nil, budgetExceeded(b, worst, end.Sub(now))
+		}
+	}
+	res := &reservation{sc: sc, budgets: list, msat: worst}
+	for _, b := range list {
+		b.reserved += worst
+		res.starts = append(res.starts, b.start)
+	}
+	return res, nil
+}
+
+func budgetExceeded(b *budget, worst int64, untilReset time.Duration) *apiError {
+	adjective := "monthly"
+	if b.period == periodDay {
+		adjective = "daily"
+	}
+	e := errorf(http.StatusTooManyRequests, "insufficient_quota", "budget_exceeded",
+		"the %s budget of %s %q is spent: %g of %g sats this %s, %g sats reserved by requests in flight, and this request may cost up to %g sats",
+		adjective, b.scope, b.name, msatToSats(b.spent), msatToSats(b.limit), b.period,
+		msatToSats(b.reserved), msatToSats(worst))
+	e.retryAfter = untilReset
+	return e
+}
+
+// settle replaces the reservation by what the request cost (0 for one that
+// failed), in each budget whose period has not ended meanwhile.
+func (r *reservation) settle(costMsat int64) {
+	if r == nil {
+		return
+	}
+	r.sc.mu.Lock()
+	defer r.sc.mu.Unlock()
+	for i, b := range r.budgets {
+		if b.start.Equal(r.starts[i]) {
+			b.reserved -= r.msat
+			b.spent += costMsat
+		}
+	}
+}
+
+// budgetView is a budget as GET /v1/budgets shows it.
+type budgetView struct {
+	Scope     string  `json:"scope"`
+	Name      string  `json:"name"`
+	Period    string  `json:"period"`
+	Limit     float64 `json:"limit_sats"`
+	Spent     float64 `json:"spent_sats"`
+	Reserved  float64 `json:"reserved_sats"`
+	Remaining float64 `json:"remaining_sats"`
+	ResetsAt  string  `json:"resets_at"`
+}
+
+// view returns the budgets that show selects, as they stand at now.
+func (sc *spendControl) view(now time.Time, show func(*budget) bool) []budgetView {
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	list := []budgetView{}
+	for _, b := range sc.budgets {
+		if !show(b) {
+			continue
+		}
+		b.roll(now)
+		_, end := periodBounds(b.period, now)
+		list = append(list, budgetView{
+			Scope: b.scope, Name: b.name, Period: b.period,
+			Limit: msatToSats(b.limit), Spent: msatToSats(b.spent), Reserved: msatToSats(b.reserved),
+			Remaining: msatToSats(max(b.limit-b.spent-b.reserved, 0)), ResetsAt: end.Format(time.RFC3339),
+		})
+	}
+	return list
+}
+
+// restore sets what each budget has spent in its current period, as the
+// ledger recorded it, so that a restart does not reset a budget. spent maps
+// budgetKey to millisats.
+func (sc *spendControl) restore(spent map[string]int64) {
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	for k, msat := range spent {
+		if b := sc.byName[k]; b != nil {
+			b.spent = msat
+		}
+	}
 }
