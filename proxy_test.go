@@ -3630,3 +3630,132 @@ func TestModelRetrieve(t *testing.T) {
 		}
 	}
 }
+
+// ---- Spend control ----
+
+func TestRateLimiter(t *testing.T) {
+	now := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
+	l := newRateLimiter(6, now) // 6 a minute: one every 10 s
+	for i := range 6 {
+		if ok, _ := l.allow(now); !ok {
+			t.Fatalf("request %d of a full bucket refused", i+1)
+		}
+	}
+	ok, wait := l.allow(now)
+	if ok {
+		t.Fatalf("7th request in the same instant allowed")
+	}
+	if wait != 10*time.Second {
+		t.Errorf("wait = %v; want 10s", wait)
+	}
+	if ok, _ := l.allow(now.Add(10 * time.Second)); !ok {
+		t.Errorf("request after the refill refused")
+	}
+}
+
+func TestPeriodBounds(t *testing.T) {
+	at := time.Date(2026, 12, 31, 23, 59, 0, 0, time.FixedZone("x", 3600)) // 22:59 UTC
+	tests := []struct {
+		period     string
+		start, end string
+	}{
+		{periodDay, "2026-12-31T00:00:00Z", "2027-01-01T00:00:00Z"},
+		{periodMonth, "2026-12-01T00:00:00Z", "2027-01-01T00:00:00Z"},
+	}
+	for _, tc := range tests {
+		start, end := periodBounds(tc.period, at)
+		if got := start.Format(time.RFC3339); got != tc.start {
+			t.Errorf("periodBounds(%s) start = %s; want %s", tc.period, got, tc.start)
+		}
+		if got := end.Format(time.RFC3339); got != tc.end {
+			t.Errorf("periodBounds(%s) end = %s; want %s", tc.period, got, tc.end)
+		}
+	}
+}
+
+// TestBudgetReservesConcurrently: 50 requests at once against a budget that
+// covers 10 worst cases get 10 reservations, never more.
+func TestBudgetReservesConcurrently(t *testing.T) {
+	cfg := defaultConfig()
+	cfg.Clients = []ClientConfig{{Name: "app", Token: "t", BudgetSatsPerDay: 100}}
+	now := time.Now()
+	sc := newSpendControl(cfg, now)
+	c := sc.clientFor("t")
+	if c == nil {
+		t.Fatal("clientFor(token) = nil")
+	}
+	var (
+		wg      sync.WaitGroup
+		granted atomic.Int64
+		refused atomic.Int64
+	)
+	for range 50 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, aerr := sc.reserve(sc.budgetsFor(c, ""), 10_000, now) // 10 sats each
+			if aerr != nil {
+				refused.Add(1)
+				if aerr.Code != "budget_exceeded" {
+					t.Errorf("code = %q; want budget_exceeded", aerr.Code)
+				}
+				return
+			}
+			granted.Add(1)
+			_ = res
+		}()
+	}
+	wg.Wait()
+	if got := granted.Load(); got != 10 {
+		t.Errorf("granted %d reservations; want 10", got)
+	}
+	if got := refused.Load(); got != 40 {
+		t.Errorf("refused %d; want 40", got)
+	}
+	v := sc.view(now, func(*budget) bool { return true })
+	if len(v) != 1 {
+		t.Fatalf("%d budgets; want 1", len(v))
+	}
+	if v[0].Reserved != 100 {
+		t.Errorf("reserved = %g; want 100", v[0].Reserved)
+	}
+	if v[0].Remaining != 0 {
+		t.Errorf("remaining = %g; want 0", v[0].Remaining)
+	}
+}
+
+func TestBudgetSettle(t *testing.T) {
+	cfg := defaultConfig()
+	cfg.Policies.Rules = []PolicyRule{{Name: "code", BudgetSatsPerMonth: 50}}
+	now := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
+	sc := newSpendControl(cfg, now)
+	list := sc.budgetsFor(nil, "code")
+	res, aerr := sc.reserve(list, 30_000, now)
+	if aerr != nil {
+		t.Fatal(aerr)
+	}
+	res.settle(12_500) // cost 12.5 sats, reservation released
+	v := sc.view(now, func(*budget) bool { return true })[0]
+	if v.Spent != 12.5 {
+		t.Errorf("spent = %g; want 12.5", v.Spent)
+	}
+	if v.Reserved != 0 {
+		t.Errorf("reserved = %g; want 0", v.Reserved)
+	}
+	_, aerr = sc.reserve(list, 40_000, now) // 12.5 + 40 > 50
+	if aerr == nil {
+		t.Fatal("reservation over the limit granted")
+	}
+	if want := 2*24*time.Hour - 12*time.Hour; aerr.retryAfter != want {
+		t.Errorf("retryAfter = %v; want %v (to December 1st)", aerr.retryAfter, want)
+	}
+	for _, part := range []string{`"code"`, "monthly", "12.5 of 50 sats"} {
+		if !strings.Contains(aerr.Message, part) {
+			t.Errorf("message %q lacks %q", aerr.Message, part)
+		}
+	}
+	// A new month starts afresh.
+	if _, aerr := sc.reserve(list, 40_000, now.AddDate(0, 1, 0)); aerr != nil {
+		t.Errorf("next month: %v", aerr)
+	}
+}
