@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -18,6 +19,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -94,6 +96,7 @@ type server struct {
 	draining bool
 	inflight sync.WaitGroup
 	backoff  []time.Duration // between passes over the candidates
+	metrics  metrics
 }
 
 func newServer(cfg *Config, router *Router, store *Store, logger *slog.Logger) *server {
@@ -141,6 +144,7 @@ func (s *server) routes() *http.ServeMux {
 	mux.HandleFunc("POST /v1/cost", s.handleCost)
 	mux.HandleFunc("GET /v1/models", s.handleModels)
 	mux.HandleFunc("GET /health", s.handleHealth)
+	mux.HandleFunc("GET /metrics", s.handleMetrics)
 	mux.HandleFunc("GET /providers", s.handleProviders)
 	mux.HandleFunc("GET /v1/stats", s.handleStats)
 	mux.HandleFunc("GET /v1/requests", s.handleRequests)
@@ -884,6 +888,7 @@ func (s *server) finish(ex *exchange, c *candidate, a answer) {
 	if s.cfg.Logging.LogRequests {
 		s.store.Record(row)
 	}
+	s.metrics.request(&row, "", s.modelLabel(row.Model), a.ttft)
 	level := slog.LevelInfo
 	if !a.success && a.status >= 500 {
 		level = slog.LevelWarn
@@ -1088,7 +1093,10 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 // always gives its slot back.
 func (s *server) attemptOnce(w http.ResponseWriter, r *http.Request, ex *exchange, c *candidate, probe bool) (res attemptResult) {
 	res.outcome = outcomeNeutral
-	defer func() { c.p.release(time.Now(), probe, res.outcome, res.retryAfter) }()
+	defer func() {
+		c.p.release(time.Now(), probe, res.outcome, res.retryAfter)
+		s.metrics.attempt(c.p.Name, res.outcome)
+	}()
 	return s.attempt(w, r, ex, c)
 }
 
@@ -2358,6 +2366,7 @@ func (s *server) ledgerError(w http.ResponseWriter, r *http.Request, err error) 
 	s.log.Error("ledger query failed", "err", err)
 	writeError(w, errorf(http.StatusInternalServerError, "server_error", "ledger_error", "the ledger could not be read"))
 }
+
 // ---- Spend control: clients, rate limits and budgets ----
 
 // client is one app or agent with its own token (server.auth_token's
@@ -2628,4 +2637,226 @@ func (sc *spendControl) restore(spent map[string]int64) {
 			b.spent = msat
 		}
 	}
+}
+
+// ---- Metrics in the Prometheus text format ----
+
+// metrics counts requests for GET /metrics. Counting takes no lock that
+// every request shares: each series is found in a sync.Map, whose reads of
+// existing keys take no lock, and counted with atomics.
+type metrics struct {
+	requests sync.Map // requestKey → *requestSeries
+	attempts sync.Map // attemptKey → *atomic.Uint64
+	duration sync.Map // provider → *histogram
+	ttft     sync.Map // provider → *histogram
+}
+
+type requestKey struct{ provider, model, policy, client, class string }
+
+type requestSeries struct {
+	count                  atomic.Uint64
+	costMsat, baselineMsat atomic.Int64
+	in, out                atomic.Int64
+}
+
+type attemptKey struct{ provider, outcome string }
+
+// histogramBuckets are the upper bounds, in seconds, of the duration
+// histograms: from a fast cached answer to a long reasoning stream.
+var histogramBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300}
+
+type histogram struct {
+	counts [16]atomic.Uint64 // per bucket, the last for +Inf
+	sum    atomic.Int64      // nanoseconds
+}
+
+func (h *histogram) observe(d time.Duration) {
+	i, _ := slices.BinarySearch(histogramBuckets, d.Seconds())
+	h.counts[i].Add(1)
+	h.sum.Add(int64(d))
+}
+
+// load returns the value stored under key in m, storing the one new makes
+// when there is none.
+func load[K comparable, V any](m *sync.Map, key K, new func() *V) *V {
+	if v, ok := m.Load(key); ok {
+		return v.(*V)
+	}
+	v, _ := m.LoadOrStore(key, new())
+	return v.(*V)
+}
+
+func newOf[V any]() *V { return new(V) }
+
+// attempt counts one upstream attempt and how it ended.
+func (m *metrics) attempt(provider string, o outcome) {
+	name := [...]string{outcomeSuccess: "success", outcomeFailure: "failure", outcomeNeutral: "neutral"}[o]
+	load(&m.attempts, attemptKey{provider, name}, newOf[atomic.Uint64]).Add(1)
+}
+
+// request counts one recorded request.
+func (m *metrics) request(row *ledgerRow, client, model string, ttft time.Duration) {
+	class := strconv.Itoa(row.Status/100) + "xx"
+	rs := load(&m.requests, requestKey{row.Provider, model, row.Policy, client, class}, newOf[requestSeries])
+	rs.count.Add(1)
+	rs.costMsat.Add(row.CostMsat)
+	rs.baselineMsat.Add(row.BaselineMsat)
+	rs.in.Add(row.InputTokens)
+	rs.out.Add(row.OutputTokens)
+	if row.Provider == "" {
+		return
+	}
+	load(&m.duration, row.Provider, newOf[histogram]).observe(time.Duration(row.LatencyMs) * time.Millisecond)
+	if row.Streaming && ttft > 0 {
+		load(&m.ttft, row.Provider, newOf[histogram]).observe(ttft)
+	}
+}
+
+// promWriter writes the Prometheus text exposition format, version 0.0.4:
+// for each metric a HELP and a TYPE line, then its samples.
+type promWriter struct {
+	b bytes.Buffer
+}
+
+func (pw *promWriter) family(name, typ, help string) {
+	fmt.Fprintf(&pw.b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, typ)
+}
+
+// sample writes one sample; labels alternate names and values.
+func (pw *promWriter) sample(name string, value float64, labels ...string) {
+	pw.b.WriteString(name)
+	if len(labels) > 0 {
+		pw.b.WriteByte('{')
+		for i := 0; i+1 < len(labels); i += 2 {
+			if i > 0 {
+				pw.b.WriteByte(',')
+			}
+			pw.b.WriteString(labels[i])
+			pw.b.WriteString(`="`)
+			pw.b.WriteString(promEscaper.Replace(labels[i+1]))
+			pw.b.WriteByte('"')
+		}
+		pw.b.WriteByte('}')
+	}
+	pw.b.WriteByte(' ')
+	pw.b.WriteString(strconv.FormatFloat(value, 'g', -1, 64))
+	pw.b.WriteByte('\n')
+}
+
+// promEscaper escapes a label value as the text format asks.
+var promEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
+
+// sortedKeys returns the keys of a sync.Map in the order less gives, so
+// that the exposition is stable between scrapes.
+func sortedKeys[K comparable](m *sync.Map, less func(a, b K) int) []K {
+	var keys []K
+	m.Range(func(k, _ any) bool { keys = append(keys, k.(K)); return true })
+	slices.SortFunc(keys, less)
+	return keys
+}
+
+func (pw *promWriter) histograms(name, help string, m *sync.Map) {
+	pw.family(name, "histogram", help)
+	for _, provider := range sortedKeys(m, strings.Compare) {
+		v, _ := m.Load(provider)
+		h := v.(*histogram)
+		var cum uint64
+		for i, le := range histogramBuckets {
+			cum += h.counts[i].Load()
+			pw.sample(name+"_bucket", float64(cum), "provider", provider, "le", strconv.FormatFloat(le, 'g', -1, 64))
+		}
+		cum += h.counts[len(histogramBuckets)].Load()
+		pw.sample(name+"_bucket", float64(cum), "provider", provider, "le", "+Inf")
+		pw.sample(name+"_sum", time.Duration(h.sum.Load()).Seconds(), "provider", provider)
+		pw.sample(name+"_count", float64(cum), "provider", provider)
+	}
+}
+
+func compareRequestKeys(a, b requestKey) int {
+	return cmp.Or(strings.Compare(a.provider, b.provider), strings.Compare(a.model, b.model),
+		strings.Compare(a.policy, b.policy), strings.Compare(a.client, b.client), strings.Compare(a.class, b.class))
+}
+
+// writeCounters writes the request, cost and token counters.
+func (m *metrics) writeCounters(pw *promWriter) {
+	keys := sortedKeys(&m.requests, compareRequestKeys)
+	series := func(k requestKey) *requestSeries { v, _ := m.requests.Load(k); return v.(*requestSeries) }
+	labels := func(k requestKey) []string {
+		return []string{"provider", k.provider, "model", k.model, "policy", k.policy, "client", k.client}
+	}
+	pw.family("arbstr_requests_total", "counter", "Requests recorded, by provider, model, policy, client and status class.")
+	for _, k := range keys {
+		pw.sample("arbstr_requests_total", float64(series(k).count.Load()), append(labels(k), "code", k.class)...)
+	}
+	for _, c := range []struct {
+		name, help string
+		get        func(*requestSeries) int64
+	}{
+		{"arbstr_cost_sats_total", "What requests cost, in sats.", func(s *requestSeries) int64 { return s.costMsat.Load() }},
+		{"arbstr_baseline_cost_sats_total", "What the same requests would have cost at the priciest qualified provider, in sats.",
+			func(s *requestSeries) int64 { return s.baselineMsat.Load() }},
+	} {
+		pw.family(c.name, "counter", c.help)
+		for _, k := range keys {
+			pw.sample(c.name, msatToSats(c.get(series(k))), append(labels(k), "code", k.class)...)
+		}
+	}
+	pw.family("arbstr_tokens_total", "counter", "Tokens of recorded requests, by direction (input or output).")
+	for _, k := range keys {
+		s := series(k)
+		pw.sample("arbstr_tokens_total", float64(s.in.Load()), append(labels(k), "code", k.class, "direction", "input")...)
+		pw.sample("arbstr_tokens_total", float64(s.out.Load()), append(labels(k), "code", k.class, "direction", "output")...)
+	}
+	pw.family("arbstr_upstream_attempts_total", "counter", "Upstream attempts, by provider and outcome (success, failure, neutral).")
+	for _, k := range sortedKeys(&m.attempts, func(a, b attemptKey) int {
+		return cmp.Or(strings.Compare(a.provider, b.provider), strings.Compare(a.outcome, b.outcome))
+	}) {
+		v, _ := m.attempts.Load(k)
+		pw.sample("arbstr_upstream_attempts_total", float64(v.(*atomic.Uint64).Load()), "provider", k.provider, "outcome", k.outcome)
+	}
+	pw.histograms("arbstr_request_duration_seconds", "Time from a request's arrival to the end of its answer.", &m.duration)
+	pw.histograms("arbstr_stream_time_to_first_token_seconds", "Time from a streaming request's arrival to its first content.", &m.ttft)
+}
+
+// modelLabel bounds the model label of the metrics: a model that no
+// provider lists is counted as "other", so that a client cannot grow the
+// number of series without limit by inventing model names.
+func (s *server) modelLabel(model string) string {
+	if _, ok := s.router.byModel[model]; ok {
+		return model
+	}
+	return "other"
+}
+
+func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
+	pw := &promWriter{}
+	s.metrics.writeCounters(pw)
+	now := time.Now()
+	pw.family("arbstr_circuit_state", "gauge", "Circuit breaker state by provider: 0 closed, 1 half-open, 2 open.")
+	for _, p := range s.router.providers {
+		state := map[string]float64{stateClosed: 0, stateHalfOpen: 1, stateOpen: 2}[p.state(now)]
+		pw.sample("arbstr_circuit_state", state, "provider", p.Name)
+	}
+	pw.family("arbstr_goroutines", "gauge", "Goroutines of the arbstr process.")
+	pw.sample("arbstr_goroutines", float64(runtime.NumGoroutine()))
+	if rss, ok := residentBytes(); ok {
+		pw.family("arbstr_resident_memory_bytes", "gauge", "Resident memory of the arbstr process.")
+		pw.sample("arbstr_resident_memory_bytes", float64(rss))
+	}
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	w.Write(pw.b.Bytes())
+}
+
+// residentBytes reads the process's resident memory from /proc on Linux.
+func residentBytes() (int64, bool) {
+	b, err := os.ReadFile("/proc/self/statm")
+	if err != nil {
+		return 0, false
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 2 {
+		return 0, false
+	}
+	pages, err := strconv.ParseInt(f[1], 10, 64)
+	return pages * int64(os.Getpagesize()), err == nil
 }
