@@ -18,6 +18,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strconv"
@@ -3757,5 +3758,77 @@ func TestBudgetSettle(t *testing.T) {
 	// A new month starts afresh.
 	if _, aerr := sc.reserve(list, 40_000, now.AddDate(0, 1, 0)); aerr != nil {
 		t.Errorf("next month: %v", aerr)
+	}
+}
+
+// ---- Metrics ----
+
+// lookTool finds a command the tests run, such as promtool or chromium. In
+// CI, where .ci/run installs them, a missing one fails the test; elsewhere
+// the test is skipped, saying so.
+func lookTool(t *testing.T, names ...string) string {
+	t.Helper()
+	for _, n := range names {
+		if p, err := exec.LookPath(n); err == nil {
+			return p
+		}
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatalf("none of %v is installed; .ci/run installs them", names)
+	}
+	t.Skipf("none of %v is installed (apt-get install prometheus chromium); skipping", names)
+	return ""
+}
+
+func TestMetrics(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		body := mustRead(r)
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		if bytes.Contains(body, []byte(`"stream":true`)) {
+			streamOK(w, r)
+			return
+		}
+		jsonOK(w, r)
+	})
+	bad := newUpstream(t, statusHandler(http.StatusInternalServerError))
+	cfg := testConfig(prov("bad", bad.URL, 1, 1), prov("good \"quoted\"", up.URL, 2, 2))
+	cfg.Providers[0].Models = []string{"m"}
+	cfg.Providers[1].Models = []string{"m"}
+	ta := newArbstr(t, cfg)
+	readBody(t, ta.post(t, "/v1/chat/completions", chatBody))
+	readBody(t, ta.post(t, "/v1/chat/completions", streamBody))
+	readBody(t, ta.post(t, "/v1/chat/completions", `{"model":"invented-by-a-client","messages":[{"role":"user","content":"x"}]}`))
+
+	resp, body := ta.get(t, "/metrics")
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /metrics = %d", resp.StatusCode)
+	}
+	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/plain; version=0.0.4") {
+		t.Errorf("content type = %q", ct)
+	}
+	text := string(body)
+	for _, want := range []string{
+		`arbstr_requests_total{provider="good \"quoted\"",model="m",policy="",client="",code="2xx"} 2`,
+		`arbstr_requests_total{provider="",model="other",policy="",client="",code="4xx"} 1`,
+		`arbstr_upstream_attempts_total{provider="bad",outcome="failure"} 2`,
+		`arbstr_tokens_total{provider="good \"quoted\"",model="m",policy="",client="",code="2xx",direction="input"} 24`,
+		`arbstr_request_duration_seconds_count{provider="good \"quoted\""} 2`,
+		`arbstr_stream_time_to_first_token_seconds_count{provider="good \"quoted\""} 1`,
+		`arbstr_circuit_state{provider="bad"} 0`,
+		"# TYPE arbstr_goroutines gauge",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	if t.Failed() {
+		t.Logf("metrics:\n%s", text)
+	}
+
+	promtool := lookTool(t, "promtool")
+	cmd := exec.Command(promtool, "check", "metrics")
+	cmd.Stdin = bytes.NewReader(body)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
 }
