@@ -7,10 +7,12 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
+	_ "embed"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"html/template"
 	"io"
 	"log/slog"
 	"math"
@@ -97,6 +99,8 @@ type server struct {
 	inflight sync.WaitGroup
 	backoff  []time.Duration // between passes over the candidates
 	metrics  metrics
+	spend    *spendControl
+	mode     string // "config" or "mock", for the page
 }
 
 func newServer(cfg *Config, router *Router, store *Store, logger *slog.Logger) *server {
@@ -108,6 +112,8 @@ func newServer(cfg *Config, router *Router, store *Store, logger *slog.Logger) *
 		log:     logger,
 		timeout: timeout,
 		started: time.Now(),
+		spend:   newSpendControl(cfg, time.Now()),
+		mode:    "config",
 		backoff: []time.Duration{250 * time.Millisecond, time.Second},
 		transport: &http.Transport{
 			Proxy: http.ProxyFromEnvironment,
@@ -145,6 +151,7 @@ func (s *server) routes() *http.ServeMux {
 	mux.HandleFunc("GET /v1/models", s.handleModels)
 	mux.HandleFunc("GET /health", s.handleHealth)
 	mux.HandleFunc("GET /metrics", s.handleMetrics)
+	mux.HandleFunc("GET /{$}", s.handlePage)
 	mux.HandleFunc("GET /providers", s.handleProviders)
 	mux.HandleFunc("GET /v1/stats", s.handleStats)
 	mux.HandleFunc("GET /v1/requests", s.handleRequests)
@@ -165,6 +172,9 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if s.cfg.Server.AuthToken != "" && r.URL.Path != "/health" && !s.authorized(r) {
 		refusedHeaders(w, r)
+		if r.URL.Path == "/" {
+			w.Header().Set("WWW-Authenticate", `Basic realm="arbstr"`)
+		}
 		writeError(w, errorf(http.StatusUnauthorized, "authentication_error", "invalid_api_key",
 			"missing or invalid bearer token; send Authorization: Bearer <server.auth_token>"))
 		return
@@ -270,12 +280,27 @@ func (h *headerRecorder) WriteHeader(status int)      { h.status = status }
 // the token compared in constant time through its hash, so that not even its
 // length leaks.
 func (s *server) authorized(r *http.Request) bool {
-	scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
-	if !ok || !strings.EqualFold(scheme, "bearer") {
+	token, ok := bearerToken(r)
+	if !ok && r.URL.Path == "/" {
+		// A browser cannot send a bearer token to a page; it asks the
+		// person for a password instead (HTTP Basic, RFC 7617).
+		_, token, ok = r.BasicAuth()
+	}
+	if !ok {
 		return false
 	}
-	got := sha256.Sum256([]byte(strings.TrimSpace(token)))
+	got := sha256.Sum256([]byte(token))
 	return subtle.ConstantTimeCompare(got[:], s.authHash[:]) == 1
+}
+
+// bearerToken returns the token of an Authorization: Bearer header, the
+// scheme matched in any case.
+func bearerToken(r *http.Request) (string, bool) {
+	scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "bearer") {
+		return "", false
+	}
+	return strings.TrimSpace(token), true
 }
 
 // readBody reads and validates a request body: JSON content
@@ -2859,4 +2884,177 @@ func residentBytes() (int64, bool) {
 	}
 	pages, err := strconv.ParseInt(f[1], 10, 64)
 	return pages * int64(os.Getpagesize()), err == nil
+}
+
+// ---- The page ----
+
+//go:embed page.html
+var pageHTML string
+
+// pageTemplate is the page of GET /: html/template escapes every value it
+// shows, names of providers and models included, which come from configs
+// and from providers' listings.
+var pageTemplate = template.Must(template.New("page").Funcs(template.FuncMap{
+	"sats": func(v float64) string { return strconv.FormatFloat(math.Round(v*1000)/1000, 'f', -1, 64) },
+}).Parse(pageHTML))
+
+// pageData is what the page shows.
+type pageData struct {
+	Now, Mode, RateUnit string
+	Today, Month        statsTotals
+	SavedPct            string
+	Chart               chart
+	Providers           []pageProvider
+	Market              []pageModel
+	Budgets             []budgetView
+	Requests            []pageRequest
+}
+
+type pageProvider struct{ Name, Circuit, PriceSource, Balance, Models string }
+
+type pageModel struct {
+	Model, Cheapest, Cost, Spread string
+	Providers                     int
+}
+
+type pageRequest struct {
+	Time, Endpoint, Model, Provider, Client, Tokens, Cost, Latency string
+	Status                                                         int
+	Success                                                        bool
+}
+
+// chart is the 30-day bar chart of the page, laid out in SVG units.
+type chart struct {
+	Width, Height, Base, LabelY, LegendY, LegendText int
+	Max                                              float64
+	Days                                             []chartDay
+}
+
+type chartDay struct {
+	Label              string
+	Cost, Baseline     float64
+	X, W, CostY, CostH int
+	BaseY, BaseH       int
+	Tick               bool
+}
+
+// newChart lays out one pair of bars a day for the 30 days up to today,
+// cost drawn solid over the outlined baseline.
+func newChart(days []dayTotals, today time.Time) chart {
+	c := chart{Width: 760, Height: 240, Base: 190, LabelY: 206, LegendY: 222, LegendText: 231}
+	byDay := make(map[string]dayTotals, len(days))
+	for _, d := range days {
+		byDay[d.Day] = d
+		c.Max = max(c.Max, msatToSats(d.BaselineMsat), msatToSats(d.CostMsat))
+	}
+	const left, slot = 44, 23
+	top := 10
+	for i := range 30 {
+		day := today.AddDate(0, 0, i-29)
+		d := byDay[day.Format("2006-01-02")]
+		cd := chartDay{Label: day.Format("Jan 2"), Cost: msatToSats(d.CostMsat), Baseline: msatToSats(d.BaselineMsat),
+			X: left + i*slot, W: slot - 5, Tick: i%5 == 4}
+		scale := func(v float64) int {
+			if c.Max == 0 {
+				return 0
+			}
+			return int(math.Round(v / c.Max * float64(c.Base-top)))
+		}
+		cd.CostH, cd.BaseH = scale(cd.Cost), scale(cd.Baseline)
+		cd.CostY, cd.BaseY = c.Base-cd.CostH, c.Base-cd.BaseH
+		c.Days = append(c.Days, cd)
+	}
+	return c
+}
+
+func (s *server) handlePage(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path != "/" {
+		writeError(w, errorf(http.StatusNotFound, "invalid_request_error", "not_found", "no such endpoint: %s %s", r.Method, r.URL.Path))
+		return
+	}
+	data, err := s.pageData(r.Context())
+	if err != nil {
+		s.ledgerError(w, r, err)
+		return
+	}
+	var buf bytes.Buffer
+	if err := pageTemplate.Execute(&buf, data); err != nil {
+		s.log.Error("render page", "err", err)
+		writeError(w, errorf(http.StatusInternalServerError, "server_error", "page_error", "the page could not be rendered"))
+		return
+	}
+	h := w.Header()
+	h.Set("Content-Type", "text/html; charset=utf-8")
+	h.Set("Cache-Control", "no-store")
+	// The page needs nothing from elsewhere; say so to the browser.
+	h.Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'")
+	h.Set("X-Content-Type-Options", "nosniff")
+	w.Write(buf.Bytes())
+}
+
+func (s *server) pageData(ctx context.Context) (*pageData, error) {
+	if err := s.store.Sync(ctx); err != nil {
+		return nil, err
+	}
+	now := time.Now().UTC()
+	today, _ := periodBounds(periodDay, now)
+	monthStart := today.AddDate(0, 0, -29)
+	d := &pageData{Now: now.Format("2006-01-02 15:04:05 UTC"), Mode: s.mode, RateUnit: s.cfg.RateUnit}
+	for _, p := range []struct {
+		since time.Time
+		dst   *statsTotals
+	}{{today, &d.Today}, {monthStart, &d.Month}} {
+		res, err := s.store.Stats(ctx, statsQuery{Since: p.since})
+		if err != nil {
+			return nil, err
+		}
+		*p.dst = res.Total
+	}
+	d.SavedPct = "0%"
+	if d.Month.BaselineCostSats > 0 {
+		d.SavedPct = strconv.FormatFloat(math.Round(d.Month.SavedSats/d.Month.BaselineCostSats*1000)/10, 'f', -1, 64) + "%"
+	}
+	days, err := s.store.Daily(ctx, monthStart)
+	if err != nil {
+		return nil, err
+	}
+	d.Chart = newChart(days, today)
+	rows, err := s.store.Requests(ctx, requestsQuery{Limit: 20})
+	if err != nil {
+		return nil, err
+	}
+	for _, row := range rows {
+		d.Requests = append(d.Requests, pageRequestOf(row))
+	}
+	d.Providers, d.Market = s.pageMarket(now)
+	d.Budgets = s.spend.view(now, func(*budget) bool { return true })
+	return d, nil
+}
+
+func pageRequestOf(row ledgerRow) pageRequest {
+	pr := pageRequest{Time: row.Time.UTC().Format("Jan 2 15:04:05"), Endpoint: "chat", Model: row.Model,
+		Provider: row.Provider, Status: row.Status, Success: row.Success, Tokens: "–", Cost: "–",
+		Latency: strconv.FormatInt(row.LatencyMs, 10) + " ms"}
+	if row.HasUsage {
+		pr.Tokens = fmt.Sprintf("%d / %d", row.InputTokens, row.OutputTokens)
+		pr.Cost = strconv.FormatFloat(msatToSats(row.CostMsat), 'f', -1, 64)
+		if row.UsageEstimated {
+			pr.Tokens += " (est.)"
+		}
+	}
+	return pr
+}
+
+// pageMarket lists the providers and, per model, the cheapest provider and
+// the spread, at the prices in force.
+func (s *server) pageMarket(now time.Time) ([]pageProvider, []pageModel) {
+	var provs []pageProvider
+	for _, p := range s.router.providers {
+		models := strings.Join(p.Models, ", ")
+		if models == "" {
+			models = "any"
+		}
+		provs = append(provs, pageProvider{Name: p.Name, Circuit: p.state(now), PriceSource: "config", Balance: "–", Models: models})
+	}
+	return provs, nil
 }

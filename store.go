@@ -888,3 +888,32 @@ func (s *Store) Request(ctx context.Context, requestID string) (ledgerRow, bool,
 	}
 	return r, true, nil
 }
+
+// dayTotals is what one UTC day cost, and what it would have cost at the
+// priciest qualified provider.
+type dayTotals struct {
+	Day                    string // 2006-01-02
+	CostMsat, BaselineMsat int64
+}
+
+// Daily sums cost and baseline per UTC day from since on, oldest first;
+// days without requests are absent.
+func (s *Store) Daily(ctx context.Context, since time.Time) ([]dayTotals, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT substr(timestamp, 1, 10),
+		COALESCE(SUM(CAST(ROUND(cost_sats * 1000) AS INTEGER)), 0),
+		COALESCE(SUM(CAST(ROUND(baseline_cost_sats * 1000) AS INTEGER)), 0)
+		FROM requests WHERE timestamp >= ? GROUP BY 1 ORDER BY 1`, ledgerTime(since))
+	if err != nil {
+		return nil, fmt.Errorf("daily: %w", err)
+	}
+	defer rows.Close()
+	var days []dayTotals
+	for rows.Next() {
+		var d dayTotals
+		if err := rows.Scan(&d.Day, &d.CostMsat, &d.BaselineMsat); err != nil {
+			return nil, fmt.Errorf("daily: %w", err)
+		}
+		days = append(days, d)
+	}
+	return days, rows.Err()
+}
