@@ -3832,3 +3832,112 @@ func TestMetrics(t *testing.T) {
 		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
 }
+
+// ---- The page ----
+
+// chromiumArgs start Debian's chromium headless in a sandbox-free
+// container, without the background traffic that a closed network refuses.
+func chromiumArgs(t *testing.T) []string {
+	return []string{"--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+		"--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+		"--user-data-dir=" + t.TempDir()}
+}
+
+// TestPageInBrowser renders the page in a real headless browser and checks
+// what a person sees: the totals, the providers, the chart, the requests.
+func TestPageInBrowser(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	cfg := testConfig(prov("cheap-<b>one</b>", up.URL, 10, 20), prov("pricey", up.URL, 50, 100))
+	cfg.Clients = []ClientConfig{{Name: "app", Token: "tok", BudgetSatsPerDay: 1000}}
+	ta := newArbstr(t, cfg)
+	for range 3 {
+		readBody(t, ta.post(t, "/v1/chat/completions", chatBody))
+	}
+	resp, body := ta.get(t, "/")
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET / = %d: %s", resp.StatusCode, body)
+	}
+	if len(body) > 100<<10 {
+		t.Errorf("page is %d bytes; want under 100 KB", len(body))
+	}
+	for _, forbidden := range []string{"<b>one</b>", "http://", "https://", "src="} {
+		if strings.Contains(string(body), forbidden) {
+			t.Errorf("page holds %q (an unescaped value or an external asset)", forbidden)
+		}
+	}
+
+	browser := lookTool(t, "chromium", "chromium-browser", "google-chrome")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, browser, append(chromiumArgs(t), "--dump-dom", ta.URL+"/")...).Output()
+	if err != nil {
+		t.Fatalf("chromium --dump-dom: %v", err)
+	}
+	dom := string(out)
+	// 3 requests of 12 input and 3 output tokens at 10 and 20 sats per 1k:
+	// 0.18 sats each, 0.54 in all; the baseline at 50 and 100 is 0.9 each.
+	for _, want := range []string{
+		"Spent today", "0.54 sats", "saved 2.16 sats",
+		"cheap-&lt;b&gt;one&lt;/b&gt;", "pricey", // escaped, as text
+		"<svg", "Daily cost (solid bars)",
+		"client app", "Last 20 requests", "200",
+	} {
+		if !strings.Contains(dom, want) {
+			t.Errorf("the rendered page lacks %q", want)
+		}
+	}
+	if t.Failed() {
+		t.Logf("DOM:\n%s", dom)
+	}
+	if os.Getenv("ARBSTR_SCREENSHOT") != "" {
+		shot := exec.CommandContext(ctx, browser, append(chromiumArgs(t), "--window-size=1200,1400",
+			"--screenshot="+os.Getenv("ARBSTR_SCREENSHOT"), ta.URL+"/")...)
+		if out, err := shot.CombinedOutput(); err != nil {
+			t.Errorf("screenshot: %v\n%s", err, out)
+		}
+	}
+}
+
+func TestPageBasicAuth(t *testing.T) {
+	cfg := testConfig()
+	cfg.Server.AuthToken = "sekret"
+	ta := newArbstr(t, cfg)
+	resp, _ := ta.get(t, "/")
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("GET / without auth = %d; want 401", resp.StatusCode)
+	}
+	if got := resp.Header.Get("WWW-Authenticate"); got != `Basic realm="arbstr"` {
+		t.Errorf("WWW-Authenticate = %q", got)
+	}
+	for _, tc := range []struct {
+		name string
+		set  func(*http.Request)
+		want int
+	}{
+		{"basic, any user", func(r *http.Request) { r.SetBasicAuth("anyone", "sekret") }, 200},
+		{"basic, wrong password", func(r *http.Request) { r.SetBasicAuth("anyone", "nope") }, 401},
+		{"bearer", func(r *http.Request) { r.Header.Set("Authorization", "Bearer sekret") }, 200},
+	} {
+		req, _ := http.NewRequest(http.MethodGet, ta.URL+"/", nil)
+		tc.set(req)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tc.want {
+			t.Errorf("%s: GET / = %d; want %d", tc.name, resp.StatusCode, tc.want)
+		}
+	}
+	// Basic is for the page; the API still wants a bearer token.
+	req, _ := http.NewRequest(http.MethodGet, ta.URL+"/v1/stats", nil)
+	req.SetBasicAuth("anyone", "sekret")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("GET /v1/stats with Basic = %d; want 401", resp.StatusCode)
+	}
+}
