@@ -1754,7 +1754,9 @@ type streamWait struct {
 
 func (s *server) startWait(w http.ResponseWriter, ex *exchange) *streamWait {
 	sw := &streamWait{w: w, rc: http.NewResponseController(w), id: ex.id}
+	sw.mu.Lock() // tick takes it too: it must see the timer
 	sw.timer = time.AfterFunc(waitHeadersAfter, sw.tick)
+	sw.mu.Unlock()
 	return sw
 }
 
