@@ -1266,7 +1266,7 @@ func (s *server) transportFailure(w http.ResponseWriter, r *http.Request, ex *ex
 	switch {
 	case r.Context().Err() != nil:
 		return s.clientLeft(w, ex, c)
-	case errors.Is(err, errAnswerTooLarge):
+	case errors.Is(err, errAnswerTooLarge) || errors.Is(err, errAnswerMemory):
 		return attemptResult{fail: err.Error(), outcome: outcomeFailure}
 	case timedOut || errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
 		return attemptResult{fail: "timeout", timeout: true, outcome: outcomeFailure}
@@ -1585,7 +1585,10 @@ type sseReader struct {
 	off   int // start of the bytes not yet returned
 	n     int // end of the bytes read
 	ready int // length of the complete event at off, when known; else 0
-	err   error
+	// scanned is how far past off the bytes were scanned for the end of
+	// an event without finding it, up to the start of their last line.
+	scanned int
+	err     error
 }
 
 func newSSEReader(body io.Reader) *sseReader {
@@ -1607,7 +1610,12 @@ func (sr *sseReader) close() {
 // caller can write it before flushing.
 func (sr *sseReader) buffered() bool {
 	if sr.ready == 0 {
-		sr.ready = nextEvent(sr.buf[sr.off:sr.n])
+		n, resume := scanEvent(sr.buf[sr.off+sr.scanned : sr.n])
+		if n > 0 {
+			sr.ready, sr.scanned = sr.scanned+n, 0
+		} else {
+			sr.scanned += resume
+		}
 	}
 	return sr.ready > 0
 }
@@ -1665,6 +1673,15 @@ func (sr *sseReader) fill() error {
 // including the blank line that ends it, or 0 when b holds no complete event
 // yet. Lines end in CRLF, LF or CR, the three forms SSE allows.
 func nextEvent(b []byte) int {
+	n, _ := scanEvent(b)
+	return n
+}
+
+// scanEvent is nextEvent that also says, when b holds no complete event,
+// where its last line starts: a later scan of the same event, with more
+// bytes read, can start there, so that a large event is scanned once, not
+// once per read.
+func scanEvent(b []byte) (n, resume int) {
 	lineStart := 0
 	for i := 0; i < len(b); i++ {
 		c := b[i]
@@ -1678,21 +1695,21 @@ func nextEvent(b []byte) int {
 					// The blank line that ends the event; a LF that may
 					// follow makes an empty event of its own, which SSE
 					// ignores, and the bytes the client gets are the same.
-					return end
+					return end, 0
 				}
-				return 0 // a LF may follow in the next read
+				return 0, lineStart // a LF may follow in the next read
 			}
 			if b[end] == '\n' {
 				end++
 			}
 		}
 		if i == lineStart {
-			return end
+			return end, 0
 		}
 		lineStart = end
 		i = end - 1
 	}
-	return 0
+	return 0, lineStart
 }
 
 // eventData returns the data of an event, its data lines joined by "\n"

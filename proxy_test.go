@@ -1627,28 +1627,35 @@ func FuzzSSE(f *testing.F) {
 // splitEvents feeds stream to nextEvent and eventData step bytes at a time,
 // as reads from a socket would, and returns each event's data.
 func splitEvents(stream []byte, step int) []string {
+	sr := newSSEReader(&stepReader{b: stream, step: step})
+	defer sr.close()
 	var events []string
-	var buf []byte
-	for len(stream) > 0 {
-		n := min(step, len(stream))
-		buf, stream = append(buf, stream[:n]...), stream[n:]
-		for {
-			k := nextEvent(buf)
-			if k == 0 {
-				break
-			}
-			if k > len(buf) {
-				panic("event longer than the buffer")
-			}
-			// Only events with data count: a CR LF split between reads may
-			// add an empty event, which SSE ignores.
-			if d, ok := eventData(buf[:k]); ok {
-				events = append(events, string(d))
-			}
-			buf = buf[k:]
+	for {
+		ev, err := sr.next()
+		if err != nil {
+			return events
+		}
+		// Only events with data count: a CR LF split between reads may
+		// add an empty event, which SSE ignores.
+		if d, ok := eventData(ev); ok {
+			events = append(events, string(d))
 		}
 	}
-	return events
+}
+
+// stepReader returns at most step bytes a read, as a network does.
+type stepReader struct {
+	b    []byte
+	step int
+}
+
+func (r *stepReader) Read(p []byte) (int, error) {
+	if len(r.b) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), r.step)], r.b)
+	r.b = r.b[n:]
+	return n, nil
 }
 
 func TestScanChunk(t *testing.T) {
