@@ -18,6 +18,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strconv"
@@ -2686,6 +2687,528 @@ func BenchmarkStoreRatio(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		s.Ratio("code")
+	}
+}
+
+// storeMoneyFixture records rows that differ in client, endpoint and in how
+// their cost was known. Costs are chosen so that float sums would not be
+// exact (0.1 + 0.2).
+func storeMoneyFixture(t *testing.T) *Store {
+	t.Helper()
+	s := newTestStore(t, ":memory:")
+	row := func(id, client, endpoint, source string, cost, quoted msats, stream bool, latency int64, at time.Duration) ledgerRow {
+		r := storeTestRow(id, storeFixtureT0.Add(at))
+		r.Client, r.Endpoint, r.Streaming = client, endpoint, stream
+		r.Cost, r.QuotedCost, r.CostSource = new(cost), new(quoted), new(source)
+		r.LatencyMs = new(latency)
+		return r
+	}
+	for _, r := range []ledgerRow{
+		row("m1", "alice", "chat", "provider", 300, 100, false, 40, -4*time.Minute),     // overcharged by 0.2
+		row("m2", "alice", "responses", "provider", 100, 200, true, 10, -3*time.Minute), // undercharged by 0.1
+		row("m3", "bob", "chat", "rates", 700, 700, true, 30, -2*time.Minute),
+		row("m4", "", "embeddings", "estimate", 5, 5, false, 20, -time.Minute),
+	} {
+		s.Record(r)
+	}
+	syncTestStore(t, s)
+	return s
+}
+
+func TestStoreStatsMoney(t *testing.T) {
+	s := storeMoneyFixture(t)
+	type group struct {
+		key                      string
+		requests                 int64
+		cost, quoted, overcharge float64
+	}
+	tests := []struct {
+		name   string
+		q      statsQuery
+		groups []group
+	}{
+		{"by client", statsQuery{GroupBy: "client", Until: storeFixtureT0},
+			[]group{{"", 1, 0.005, 0.005, 0}, {"alice", 2, 0.4, 0.3, 0.1}, {"bob", 1, 0.7, 0.7, 0}}},
+		{"by endpoint", statsQuery{GroupBy: "endpoint", Until: storeFixtureT0},
+			[]group{{"chat", 2, 1, 0.8, 0.2}, {"embeddings", 1, 0.005, 0.005, 0}, {"responses", 1, 0.1, 0.2, -0.1}}},
+		{"client filter", statsQuery{GroupBy: "endpoint", Until: storeFixtureT0, ledgerMatch: ledgerMatch{Client: "alice"}},
+			[]group{{"chat", 1, 0.3, 0.1, 0.2}, {"responses", 1, 0.1, 0.2, -0.1}}},
+		{"endpoint filter", statsQuery{GroupBy: "client", Until: storeFixtureT0, ledgerMatch: ledgerMatch{Endpoint: "chat"}},
+			[]group{{"alice", 1, 0.3, 0.1, 0.2}, {"bob", 1, 0.7, 0.7, 0}}},
+		{"streaming filter", statsQuery{GroupBy: "client", Until: storeFixtureT0, ledgerMatch: ledgerMatch{Streaming: new(true)}},
+			[]group{{"alice", 1, 0.1, 0.2, -0.1}, {"bob", 1, 0.7, 0.7, 0}}},
+	}
+	for _, tt := range tests {
+		res, err := s.Stats(context.Background(), tt.q)
+		if err != nil {
+			t.Fatalf("%s: Stats: %v", tt.name, err)
+		}
+		var got []group
+		for _, g := range res.Groups {
+			got = append(got, group{g.Key, g.Requests, g.CostSats, g.QuotedCostSats, g.OverchargeSats})
+		}
+		if !reflect.DeepEqual(got, tt.groups) {
+			t.Errorf("%s: Stats groups = %+v; want %+v", tt.name, got, tt.groups)
+		}
+	}
+	res, err := s.Stats(context.Background(), statsQuery{Until: storeFixtureT0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Exact to the millisat: 0.3 + 0.1 + 0.7 + 0.005 in float64 is not 1.105.
+	if res.Total.CostSats != 1.105 {
+		t.Errorf("Total.CostSats = %v; want 1.105", res.Total.CostSats)
+	}
+	if res.Total.QuotedCostSats != 1.005 {
+		t.Errorf("Total.QuotedCostSats = %v; want 1.005", res.Total.QuotedCostSats)
+	}
+	if res.Total.OverchargeSats != 0.1 {
+		t.Errorf("Total.OverchargeSats = %v; want 0.1", res.Total.OverchargeSats)
+	}
+}
+
+func TestStoreRequestsSortAndWindow(t *testing.T) {
+	s := storeMoneyFixture(t)
+	t0 := storeFixtureT0
+	tests := []struct {
+		q    requestsQuery
+		want string
+	}{
+		{requestsQuery{}, "m4 m3 m2 m1"},
+		{requestsQuery{Order: "asc"}, "m1 m2 m3 m4"},
+		{requestsQuery{Sort: "cost_sats"}, "m3 m1 m2 m4"},
+		{requestsQuery{Sort: "cost_sats", Order: "asc", Limit: 2}, "m4 m2"},
+		{requestsQuery{Sort: "latency_ms", Order: "asc"}, "m2 m4 m3 m1"},
+		{requestsQuery{Since: t0.Add(-3 * time.Minute), Until: t0.Add(-2 * time.Minute)}, "m3 m2"},
+		{requestsQuery{Since: t0.Add(-time.Minute)}, "m4"},
+		{requestsQuery{ledgerMatch: ledgerMatch{Client: "alice"}}, "m2 m1"},
+		{requestsQuery{ledgerMatch: ledgerMatch{Endpoint: "embeddings"}}, "m4"},
+		{requestsQuery{ledgerMatch: ledgerMatch{Streaming: new(false)}}, "m4 m1"},
+	}
+	for _, tt := range tests {
+		list, err := s.Requests(context.Background(), tt.q)
+		if err != nil {
+			t.Fatalf("Requests(%+v): %v", tt.q, err)
+		}
+		var ids []string
+		for _, r := range list {
+			ids = append(ids, r.RequestID)
+		}
+		if got := strings.Join(ids, " "); got != tt.want {
+			t.Errorf("Requests(%+v) = %q; want %q", tt.q, got, tt.want)
+		}
+	}
+	for _, q := range []requestsQuery{{Sort: "id; DROP TABLE requests"}, {Order: "sideways"}} {
+		if _, err := s.Requests(context.Background(), q); err == nil {
+			t.Errorf("Requests(%+v) = nil error; want an error", q)
+		}
+	}
+}
+
+// TestLedgerReadParameters checks the query strings of /v1/requests and
+// /v1/stats: every value that cannot be read is a 400 in OpenAI's shape,
+// never a silent default.
+func TestLedgerReadParameters(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	ta := newArbstr(t, testConfig(prov("a", up.URL, 1, 1)))
+	for range 3 {
+		readBody(t, ta.post(t, "/v1/chat/completions", chatBody))
+	}
+	now := time.Now().UTC()
+	tests := []struct {
+		path   string
+		status int
+		code   string // for a 400
+		rows   int    // for a 200 of /v1/requests
+	}{
+		{"/v1/requests?limit=%zz", 400, "invalid_query", 0},
+		{"/v1/requests?limit=5;x", 400, "invalid_query", 0},
+		{"/v1/requests?limit=", 400, "invalid_limit", 0},
+		{"/v1/requests?streaming=maybe", 400, "invalid_streaming", 0},
+		{"/v1/requests?since=" + now.Format(time.RFC3339) + "&until=" + now.Add(-time.Hour).Format(time.RFC3339), 400, "invalid_since", 0},
+		{"/v1/requests?range=2h", 400, "invalid_range", 0},
+		{"/v1/requests?page=1&limit=2", 400, "invalid_page", 0},
+		{"/v1/requests?per_page=2&offset=1", 400, "invalid_page", 0},
+		{"/v1/requests?per_page=101", 400, "invalid_per_page", 0},
+		{"/v1/requests?page=0", 400, "invalid_page", 0},
+		{"/v1/requests?sort=id", 400, "invalid_sort", 0},
+		{"/v1/requests?order=up", 400, "invalid_order", 0},
+		{"/v1/stats?group_by=color", 400, "invalid_group_by", 0},
+		{"/v1/stats?provider=%zz", 400, "invalid_query", 0},
+		{"/v1/stats?streaming=maybe", 400, "invalid_streaming", 0},
+		{"/v1/requests", 200, "", 3},
+		{"/v1/requests?page=2&per_page=2", 200, "", 1},
+		{"/v1/requests?per_page=2", 200, "", 2},
+		{"/v1/requests?range=1h&sort=latency_ms&order=asc", 200, "", 3},
+		{"/v1/requests?streaming=true", 200, "", 0},
+		{"/v1/requests?endpoint=chat&client=", 200, "", 3},
+		{"/v1/stats?group_by=client", 200, "", 0},
+		{"/v1/stats?group_by=endpoint&endpoint=chat", 200, "", 0},
+	}
+	for _, tt := range tests {
+		resp, out := ta.get(t, tt.path)
+		if resp.StatusCode != tt.status {
+			t.Errorf("GET %s = %d; want %d (%s)", tt.path, resp.StatusCode, tt.status, out)
+			continue
+		}
+		if tt.status == 400 {
+			if typ, code, _ := apiErr(t, string(out)); typ != "invalid_request_error" || code != tt.code {
+				t.Errorf("GET %s error = %q, %q; want invalid_request_error, %q", tt.path, typ, code, tt.code)
+			}
+			continue
+		}
+		if !strings.HasPrefix(tt.path, "/v1/requests") {
+			continue
+		}
+		var list struct{ Data []ledgerRow }
+		if err := json.Unmarshal(out, &list); err != nil {
+			t.Fatalf("GET %s: %v", tt.path, err)
+		}
+		if len(list.Data) != tt.rows {
+			t.Errorf("GET %s = %d rows; want %d", tt.path, len(list.Data), tt.rows)
+		}
+	}
+}
+
+// TestStoreLockedLedgerKeepsRows holds the write lock from another
+// connection past busy_timeout, as a long backup would: the rows wait,
+// Health says why, reads and new requests are not held up behind it, and
+// once the lock is released every row is written.
+func TestStoreLockedLedgerKeepsRows(t *testing.T) {
+	var logs storeTestLogBuffer
+	path := filepath.Join(t.TempDir(), "arbstr.db")
+	s, err := openStore(path, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.queueSize = 2
+	s.retryFirst, s.retryMax = 10*time.Millisecond, 50*time.Millisecond
+	other, err := sql.Open("sqlite", ledgerDSN(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	conn, err := other.Conn(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.ExecContext(context.Background(), "BEGIN EXCLUSIVE"); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"l1", "l2"} {
+		s.Record(storeTestRow(id, time.Now()))
+	}
+	waitForStore(t, "Health() != nil", func() bool { return s.Health() != nil })
+	if err := s.Health(); !strings.Contains(err.Error(), "2 rows waiting") {
+		t.Errorf("Health() = %q; want it to count the 2 rows waiting", err)
+	}
+	syncTestStore(t, s) // returns while the lock is held
+	if err := s.Admit(context.Background()); !errors.Is(err, ErrLedgerUnavailable) {
+		t.Errorf("Admit with a full queue that cannot be written = %v; want ErrLedgerUnavailable", err)
+	}
+	s.Record(storeTestRow("l3", time.Now())) // an admitted request's row is still taken
+	if _, err := conn.ExecContext(context.Background(), "ROLLBACK"); err != nil {
+		t.Fatal(err)
+	}
+	waitForStore(t, "Health() == nil", func() bool { return s.Health() == nil })
+	syncTestStore(t, s)
+	if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"); got != 3 {
+		t.Errorf("rows after the lock is released = %d; want 3", got)
+	}
+	if err := s.Admit(context.Background()); err != nil {
+		t.Errorf("Admit after recovery = %v; want nil", err)
+	}
+	if got := strings.Count(logs.String(), "ledger write failing"); got != 1 {
+		t.Errorf("failing log lines = %d; want 1 in %s", got, logs.String())
+	}
+}
+
+// TestStoreAdmitWaitsWhenSlow: a full queue whose rows are being written
+// holds a new request back (backpressure) rather than refuse it.
+func TestStoreAdmitWaitsWhenSlow(t *testing.T) {
+	s, path := newTestStoreFile(t)
+	s.queueSize = 1
+	other, err := sql.Open("sqlite", ledgerDSN(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	tx, err := other.Begin() // the writer waits in busy_timeout: slow, not failing
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Record(storeTestRow("slow", time.Now()))
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := s.Admit(ctx); err != context.DeadlineExceeded {
+		t.Errorf("Admit while the queue is full and slow = %v; want %v", err, context.DeadlineExceeded)
+	}
+	tx.Rollback()
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel2()
+	if err := s.Admit(ctx2); err != nil {
+		t.Errorf("Admit once the row is written = %v; want nil", err)
+	}
+}
+
+// TestStoreCloseGivesUp: Close on a ledger that cannot write returns after
+// closeTimeout, logs each unwritten row, and leaves them in the journal,
+// which the next open writes.
+func TestStoreCloseGivesUp(t *testing.T) {
+	storeTestRegisterFail()
+	var logs storeTestLogBuffer
+	path := filepath.Join(t.TempDir(), "arbstr.db")
+	s, err := openStore(path, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.retryFirst, s.retryMax, s.closeTimeout = time.Millisecond, 5*time.Millisecond, 50*time.Millisecond
+	if _, err := s.db.Exec(`CREATE TRIGGER test_fail BEFORE INSERT ON requests BEGIN SELECT store_test_fail(); END`); err != nil {
+		t.Fatal(err)
+	}
+	storeTestFailures.Store(1 << 30)
+	defer storeTestFailures.Store(0)
+	for _, id := range []string{"c1", "c2"} {
+		s.Record(storeTestRow(id, time.Now()))
+	}
+	if err := s.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	for _, id := range []string{"c1", "c2"} {
+		if !strings.Contains(logs.String(), "request_id="+id) {
+			t.Errorf("log after Close = %s; want request_id=%s", logs.String(), id)
+		}
+	}
+	storeTestFailures.Store(0)
+	s = newTestStore(t, path)
+	if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"); got != 2 {
+		t.Errorf("rows after reopen = %d; want 2 from the journal", got)
+	}
+}
+
+// TestStoreJournalReplay opens a ledger beside a journal left by a crash:
+// rows already committed are not written twice nor learned from twice, a
+// line cut short is skipped, and the journal is emptied.
+func TestStoreJournalReplay(t *testing.T) {
+	s, path := newTestStoreFile(t)
+	done := storeTestRow("done", storeFixtureT0)
+	s.Record(done)
+	syncTestStore(t, s)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var journal bytes.Buffer
+	for _, r := range []ledgerRow{done, storeTestRow("lost-1", storeFixtureT0), storeTestRow("lost-2", storeFixtureT0)} {
+		b, _ := json.Marshal(r)
+		journal.Write(append(b, '\n'))
+	}
+	journal.WriteString(`{"request_id":"cut","timest`)
+	if err := os.WriteFile(path+".pending", journal.Bytes(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s = newTestStore(t, path)
+	for _, tt := range []struct {
+		query string
+		want  int64
+	}{
+		{"SELECT COUNT(*) FROM requests", 3},
+		{"SELECT COUNT(*) FROM requests WHERE request_id IN ('done', 'lost-1', 'lost-2')", 3},
+		{"SELECT sample_count FROM token_ratios WHERE policy = ''", 3},
+	} {
+		if got := queryTestInt(t, s.db, tt.query); got != tt.want {
+			t.Errorf("%s = %d; want %d", tt.query, got, tt.want)
+		}
+	}
+	if fi, err := os.Stat(path + ".pending"); err != nil || fi.Size() != 0 {
+		t.Errorf("journal after open = %v, %v; want empty", fi, err)
+	}
+}
+
+// TestStoreJournalEmptied: once every journaled row is committed, the
+// journal is empty again, so that it does not grow with the ledger.
+func TestStoreJournalEmptied(t *testing.T) {
+	s, path := newTestStoreFile(t)
+	for i := range 100 {
+		s.Record(storeTestRow(fmt.Sprintf("j%d", i), time.Now()))
+	}
+	syncTestStore(t, s)
+	waitForStore(t, "an empty journal", func() bool {
+		fi, err := os.Stat(path + ".pending")
+		return err == nil && fi.Size() == 0
+	})
+	if _, err := os.Stat(":memory:.pending"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("stat(%q) = %v; want no journal for an in-memory ledger", ":memory:.pending", err)
+	}
+}
+
+// TestStoreCrashKeepsRecordedRows kills a process that records rows, with
+// SIGKILL, and checks that every row whose Record had returned is in the
+// ledger once it is opened again. The test binary is its own child: with
+// storeCrashEnv set, the test records rows until it is killed, printing each
+// request_id once Record has returned.
+const storeCrashEnv = "ARBSTR_TEST_STORE_CRASH_DB"
+
+func TestStoreCrashKeepsRecordedRows(t *testing.T) {
+	if path := os.Getenv(storeCrashEnv); path != "" {
+		storeCrashChild(path)
+		return
+	}
+	path := filepath.Join(t.TempDir(), "arbstr.db")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestStoreCrashKeepsRecordedRows$")
+	cmd.Env = append(os.Environ(), storeCrashEnv+"="+path)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(out)
+	var ids []string
+	for len(ids) < 2000 && sc.Scan() {
+		if id, ok := strings.CutPrefix(sc.Text(), "recorded "); ok {
+			ids = append(ids, id)
+		}
+	}
+	if err := cmd.Process.Kill(); err != nil { // SIGKILL
+		t.Fatal(err)
+	}
+	for sc.Scan() { // what it printed before it died counts too
+		if id, ok := strings.CutPrefix(sc.Text(), "recorded "); ok {
+			ids = append(ids, id)
+		}
+	}
+	cmd.Wait()
+	if len(ids) < 2000 {
+		t.Fatalf("the child printed %d ids before it ended; want 2000 (did it fail?)", len(ids))
+	}
+	s := newTestStore(t, path)
+	var missing []string
+	for _, id := range ids {
+		if queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests WHERE request_id = ?", id) != 1 {
+			missing = append(missing, id)
+		}
+	}
+	if len(missing) > 0 {
+		t.Errorf("after kill -9, %d of %d recorded rows are not in the ledger once, such as %q",
+			len(missing), len(ids), missing[:min(len(missing), 5)])
+	}
+}
+
+// storeCrashChild records rows from several goroutines until it is killed.
+func storeCrashChild(path string) {
+	s, err := openStore(path, storeTestLogger)
+	if err != nil {
+		fmt.Println("error", err)
+		os.Exit(1)
+	}
+	var mu sync.Mutex
+	for g := range 4 {
+		go func() {
+			for i := 0; ; i++ {
+				id := fmt.Sprintf("g%d-%d", g, i)
+				s.Record(storeTestRow(id, time.Now()))
+				mu.Lock()
+				fmt.Println("recorded " + id)
+				mu.Unlock()
+			}
+		}()
+	}
+	select {}
+}
+
+// TestStoreFileReplaced: a database file deleted or replaced under a
+// running ledger is reported, once, in the log and by Health.
+func TestStoreFileReplaced(t *testing.T) {
+	tests := []struct {
+		name   string
+		change func(path string) error
+		want   string
+	}{
+		{"deleted", os.Remove, "is gone"},
+		{"replaced", func(path string) error {
+			if err := os.WriteFile(path+".new", nil, 0o600); err != nil {
+				return err
+			}
+			return os.Rename(path+".new", path)
+		}, "was replaced"},
+	}
+	old := ledgerFileCheckInterval
+	ledgerFileCheckInterval = 5 * time.Millisecond
+	defer func() { ledgerFileCheckInterval = old }()
+	for _, tt := range tests {
+		var logs storeTestLogBuffer
+		path := filepath.Join(t.TempDir(), "arbstr.db")
+		s, err := openStore(path, slog.New(slog.NewTextHandler(&logs, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Health(); err != nil {
+			t.Errorf("%s: Health() before = %v; want nil", tt.name, err)
+		}
+		if err := tt.change(path); err != nil {
+			t.Fatal(err)
+		}
+		waitForStore(t, "Health() != nil", func() bool { return s.Health() != nil })
+		if err := s.Health(); !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: Health() = %q; want %q", tt.name, err, tt.want)
+		}
+		time.Sleep(20 * time.Millisecond) // a few more checks, which must not log again
+		if got := strings.Count(logs.String(), "ledger file changed"); got != 1 {
+			t.Errorf("%s: log lines = %d; want 1 in %s", tt.name, got, logs.String())
+		}
+		s.Close()
+	}
+}
+
+// TestStoreForeignDatabase: a file whose tables another program wrote is
+// refused at open, and left exactly as it was.
+func TestStoreForeignDatabase(t *testing.T) {
+	tests := []struct {
+		name   string
+		schema string
+		want   string
+	}{
+		{"other requests table", `CREATE TABLE requests (id INTEGER PRIMARY KEY, url TEXT, method TEXT)`, "missing (request_id"},
+		{"a column short", strings.Replace(storeV1Schema, "  error TEXT\n", "  error_text TEXT\n", 1), "unknown (error_text)"},
+		{"other token_ratios", `CREATE TABLE token_ratios (policy TEXT, ratio REAL)`, "token_ratios"},
+	}
+	for _, tt := range tests {
+		path := filepath.Join(t.TempDir(), "foreign.db")
+		db, err := sql.Open("sqlite", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, stmt := range []string{tt.schema, "PRAGMA user_version = 7"} {
+			if _, err := db.Exec(stmt); err != nil {
+				t.Fatalf("%s: %v", tt.name, err)
+			}
+		}
+		db.Close()
+		before, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := openStore(path, storeTestLogger)
+		if err == nil {
+			s.Close()
+			t.Fatalf("%s: openStore = nil error; want a refusal", tt.name)
+		}
+		if !strings.Contains(err.Error(), "not an arbstr ledger") || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: openStore error = %q; want %q and %q", tt.name, err, "not an arbstr ledger", tt.want)
+		}
+		after, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(before, after) {
+			t.Errorf("%s: the refused file changed", tt.name)
+		}
+		if _, err := os.Stat(path + ".pending"); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s: a journal was created beside the refused file: %v", tt.name, err)
+		}
 	}
 }
 
