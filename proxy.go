@@ -522,7 +522,9 @@ func (ex *exchange) setHeaders(h http.Header) {
 
 // finish writes the ledger row and the log line of an exchange. It is called
 // before the last bytes go to the client, so that a client that reads the
-// ledger right after its answer finds the row (§8.3).
+// ledger right after its answer finds the row, and so that the row, which
+// Record journals before it returns, survives a crash of the process once
+// the answer has reached the client.
 func (s *server) finish(ex *exchange) {
 	latency := time.Since(ex.start)
 	row := ledgerRow{

@@ -125,18 +125,25 @@ var ledgerMigrations = []string{
 	ALTER TABLE requests ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat';`,
 }
 
-// ledgerShapes are the column lists, in order, that a requests table of an
-// arbstr ledger has: before migration 3, and since. A file whose table has
-// any other shape belongs to another program and is not touched.
-var ledgerShapes = [][]string{
-	strings.Fields(`id request_id timestamp policy model provider streaming
+// ledgerShapes are the column lists, in order, that the requests table of
+// an arbstr ledger has from a schema version on, oldest first. A file whose
+// table has another shape, or a shape its version does not match, belongs
+// to another program (or was edited by hand) and is not touched.
+var ledgerShapes = []struct {
+	since   int // the first user_version with these columns
+	columns []string
+}{
+	{0, strings.Fields(`id request_id timestamp policy model provider streaming
 		input_tokens output_tokens usage_estimated cost_sats baseline_cost_sats
-		latency_ms ttft_ms attempts success status error`),
-	strings.Fields(`id request_id timestamp policy model provider streaming
+		latency_ms ttft_ms attempts success status error`)},
+	{3, strings.Fields(`id request_id timestamp policy model provider streaming
 		input_tokens output_tokens usage_estimated cost_sats baseline_cost_sats
 		latency_ms ttft_ms attempts success status error
-		client quoted_cost_sats cost_source endpoint`),
+		client quoted_cost_sats cost_source endpoint`)},
 }
+
+// ledgerRatioColumns are the columns of token_ratios, which no step changes.
+var ledgerRatioColumns = []string{"policy", "avg_ratio", "sample_count"}
 
 // ledgerColumns are the columns of requests that a ledgerRow holds, in the
 // order of ledgerRow.fields. Adding a column means a migration step, a field
@@ -390,9 +397,10 @@ func ledgerFileURI(path string) string {
 	return "file:" + u.EscapedPath() + fmt.Sprintf("?_pragma=busy_timeout(%d)", ledgerBusyTimeoutMs)
 }
 
-// checkLedgerShape refuses a file whose requests or token_ratios table is
-// not one that arbstr wrote, reading it only: no pragma that writes, no
-// migration. A file that does not exist yet is fine.
+// checkLedgerShape refuses a file that arbstr did not write, or that a newer
+// arbstr did, reading it only: no pragma that writes, no migration, so that
+// the file is left exactly as it was. A file that does not exist yet is
+// fine.
 func checkLedgerShape(path string) error {
 	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -402,38 +410,49 @@ func checkLedgerShape(path string) error {
 		return err
 	}
 	defer db.Close()
-	tables := []struct {
-		name   string
-		shapes [][]string
-	}{
-		{"requests", ledgerShapes},
-		{"token_ratios", [][]string{{"policy", "avg_ratio", "sample_count"}}},
+	var version int
+	if err := db.QueryRow("PRAGMA user_version").Scan(&version); err != nil {
+		return fmt.Errorf("read %s: %w", path, err)
 	}
-	for _, t := range tables {
+	if version > len(ledgerMigrations) {
+		return fmt.Errorf("%s: schema version %d is newer than this arbstr knows (%d)", path, version, len(ledgerMigrations))
+	}
+	want := ledgerShapes[0].columns
+	for _, shape := range ledgerShapes {
+		if shape.since <= version {
+			want = shape.columns
+		}
+	}
+	for _, t := range []struct {
+		name string
+		want []string
+	}{{"requests", want}, {"token_ratios", ledgerRatioColumns}} {
 		cols, err := tableColumns(db, t.name)
 		if err != nil {
 			return fmt.Errorf("read %s: %w", path, err)
 		}
-		if len(cols) == 0 || slices.ContainsFunc(t.shapes, func(s []string) bool { return slices.Equal(s, cols) }) {
-			continue
+		if len(cols) > 0 && !slices.Equal(cols, t.want) {
+			return foreignTableError(path, t.name, version, cols, t.want)
 		}
-		want := t.shapes[len(t.shapes)-1]
-		var missing, extra []string
-		for _, c := range want {
-			if !slices.Contains(cols, c) {
-				missing = append(missing, c)
-			}
-		}
-		for _, c := range cols {
-			if !slices.Contains(want, c) {
-				extra = append(extra, c)
-			}
-		}
-		return fmt.Errorf("%s is not an arbstr ledger: its table %s has columns (%s), missing (%s), unknown (%s); "+
-			"refusing to change it (point database.path at another file)",
-			path, t.name, strings.Join(cols, ", "), strings.Join(missing, ", "), strings.Join(extra, ", "))
 	}
 	return nil
+}
+
+func foreignTableError(path, table string, version int, cols, want []string) error {
+	var missing, extra []string
+	for _, c := range want {
+		if !slices.Contains(cols, c) {
+			missing = append(missing, c)
+		}
+	}
+	for _, c := range cols {
+		if !slices.Contains(want, c) {
+			extra = append(extra, c)
+		}
+	}
+	return fmt.Errorf("%s is not an arbstr ledger of schema version %d: its table %s has columns (%s), "+
+		"missing (%s), unknown (%s); refusing to change it (point database.path at another file)",
+		path, version, table, strings.Join(cols, ", "), strings.Join(missing, ", "), strings.Join(extra, ", "))
 }
 
 func tableColumns(db *sql.DB, table string) ([]string, error) {
@@ -645,6 +664,10 @@ func (s *Store) appendJournal(line []byte, requestID string) {
 	_, err := s.journal.Write(line)
 	if err == nil {
 		s.journalSize += int64(len(line))
+	} else {
+		// A short write (a full disk) would glue the next line to half of
+		// this one; cut it off.
+		s.journal.Truncate(s.journalSize)
 	}
 	if (err == nil) == (s.journalErr == nil) {
 		return // no change to report
