@@ -2663,17 +2663,21 @@ func TestStoreOpenError(t *testing.T) {
 }
 
 // BenchmarkLedgerWriter measures the rows per second the writer commits to a
-// file: each iteration records one row, and the clock stops once the last
-// is committed.
+// file: each iteration admits and records one row, as a request does, and
+// the clock stops once the last is committed.
 func BenchmarkLedgerWriter(b *testing.B) {
 	s, _ := newTestStoreFile(b)
 	row := storeTestRow("", time.Now())
 	row.Policy = new("code")
+	ctx := context.Background()
 	b.ReportAllocs()
 	start := time.Now()
 	n := 0
 	for b.Loop() {
 		row.RequestID = "bench-" + strconv.Itoa(n)
+		if err := s.Admit(ctx); err != nil {
+			b.Fatal(err)
+		}
 		s.Record(row)
 		n++
 	}

@@ -314,6 +314,7 @@ type Store struct {
 	closeBy     time.Time     // after Close, when the writer gives up on rows it cannot write
 	journal     *os.File      // path+".pending"; nil for ":memory:"
 	journalSize int64         // bytes appended to journal since it was last emptied
+	rewriteAt   int64         // the journalSize at which trimJournal rewrites a journal it cannot empty
 	journalErr  error         // the last failed append to journal, nil once one succeeds
 	writeErr    error         // the last failed commit while rows wait to be retried; nil when writing works
 	fileErr     error         // the database file was deleted or replaced
@@ -503,6 +504,7 @@ func newStore(db *sql.DB, path string, memory bool, logger *slog.Logger) (*Store
 		retryMax:       ledgerRetryMax,
 		closeTimeout:   ledgerCloseTimeout,
 		fileCheckEvery: ledgerFileCheckInterval,
+		rewriteAt:      ledgerJournalRewrite,
 		ratios:         ratios,
 	}
 	if s.insertRow, err = db.PrepareContext(ctx, ledgerInsert); err != nil {
@@ -608,7 +610,9 @@ func loadTokenRatios(ctx context.Context, db *sql.DB) (map[string]tokenRatio, er
 
 // ledgerJournalRewrite is the size past which the writer rewrites the
 // journal with only the rows not yet committed, should it never find the
-// queue empty to truncate it.
+// queue empty to truncate it. After a rewrite, the next waits until the
+// journal has doubled, so that a queue that stays long is not rewritten on
+// every commit.
 const ledgerJournalRewrite = 8 << 20
 
 func (s *Store) journalPath() string { return s.path + ".pending" }
@@ -694,10 +698,10 @@ func (s *Store) trimJournal() {
 			s.logger.Error("ledger journal not emptied", "file", s.journalPath(), "err", err)
 			return
 		}
-		s.journalSize = 0
+		s.journalSize, s.rewriteAt = 0, ledgerJournalRewrite
 		return
 	}
-	if s.journalSize < ledgerJournalRewrite {
+	if s.journalSize < s.rewriteAt {
 		return
 	}
 	var buf bytes.Buffer
@@ -721,6 +725,7 @@ func (s *Store) trimJournal() {
 	}
 	s.journal.Close()
 	s.journal, s.journalSize = f, int64(buf.Len())
+	s.rewriteAt = max(ledgerJournalRewrite, 2*s.journalSize)
 }
 
 // Admit is called before a request spends anything upstream. It returns at
@@ -947,9 +952,10 @@ func (s *Store) take(batch []ledgerRow) []ledgerRow {
 	}
 	k := min(len(s.queue), ledgerBatchSize)
 	batch = append(batch, s.queue[:k]...)
-	rest := copy(s.queue, s.queue[k:])
-	clear(s.queue[rest:])
-	s.queue = s.queue[:rest]
+	// Taken from the front without moving the rest: append reallocates
+	// once the end is reached, copying only the rows still queued.
+	clear(s.queue[:k])
+	s.queue = s.queue[k:]
 	s.writing = k
 	s.mu.Unlock()
 	return batch
