@@ -50,9 +50,9 @@ const (
 	// ledgerBusyTimeoutMs is how long a statement waits for a lock held by
 	// another connection (a backup, the sqlite3 shell) before failing.
 	ledgerBusyTimeoutMs = 5000
-	// ledgerSyncWait bounds how long Sync waits for a commit, so that a read
-	// endpoint answers with what is committed rather than hang behind a
-	// ledger that cannot write.
+	// ledgerSyncWait bounds how long Sync waits for a commit to end, so that
+	// a read endpoint answers with what is committed rather than hang behind
+	// a writer that waits for a lock.
 	ledgerSyncWait = 2 * time.Second
 )
 
@@ -811,16 +811,17 @@ func (s *Store) broadcast() {
 // Sync returns once every row whose Record returned before Sync was called
 // is committed, so that the read endpoints count a request made a moment
 // ago. It does not wait behind a ledger that cannot write: while commits
-// fail, or after ledgerSyncWait, it returns at once and the reader sees what
-// is committed. Rows are taken and committed in the order Record queued
-// them, so comparing counts is enough.
+// fail, or once no commit has ended for ledgerSyncWait (the writer waits
+// for a lock), it returns and the reader sees what is committed. Rows are
+// taken and committed in the order Record queued them, so comparing counts
+// is enough.
 func (s *Store) Sync(ctx context.Context) error {
 	s.mu.Lock()
 	target := s.recorded
 	s.mu.Unlock()
 	s.signal(s.flushNow)
-	timeout := time.NewTimer(ledgerSyncWait)
-	defer timeout.Stop()
+	stalled := time.NewTimer(ledgerSyncWait)
+	defer stalled.Stop()
 	for {
 		s.mu.Lock()
 		done := s.handled >= target || s.writeErr != nil
@@ -831,9 +832,10 @@ func (s *Store) Sync(ctx context.Context) error {
 		}
 		select {
 		case <-progress:
+			stalled.Reset(ledgerSyncWait)
 		case <-s.writerDone:
 			return nil
-		case <-timeout.C:
+		case <-stalled.C:
 			return nil
 		case <-ctx.Done():
 			return ctx.Err()
