@@ -920,38 +920,14 @@ func (s *Store) write() {
 	}
 }
 
-// take waits for rows and takes up to a batch of them. It lingers for more
-// unless a batch is full, Sync asks for a commit or Close was called. It
-// returns none once Close was called and the queue is empty.
+// take waits for rows (see ready) and takes up to a batch of them; none
+// once Close was called and the queue is empty.
 func (s *Store) take(batch []ledgerRow) []ledgerRow {
-	var linger <-chan time.Time
-	for {
-		s.mu.Lock()
-		n, closed := len(s.queue), s.closed
-		if n >= ledgerBatchSize || (n > 0 && closed) {
-			break // with s.mu held
-		}
-		s.mu.Unlock()
-		if n == 0 && closed {
-			return batch
-		}
-		if n > 0 && linger == nil {
-			t := time.NewTimer(ledgerLinger)
-			defer t.Stop()
-			linger = t.C
-		}
-		select {
-		case <-s.wake:
-			continue
-		case <-s.flushNow:
-		case <-linger:
-		}
-		s.mu.Lock()
-		if len(s.queue) > 0 {
-			break
-		}
-		s.mu.Unlock()
+	if !s.ready() {
+		return batch
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	k := min(len(s.queue), ledgerBatchSize)
 	batch = append(batch, s.queue[:k]...)
 	// Taken from the front without moving the rest: append reallocates
@@ -959,8 +935,39 @@ func (s *Store) take(batch []ledgerRow) []ledgerRow {
 	clear(s.queue[:k])
 	s.queue = s.queue[k:]
 	s.writing = k
-	s.mu.Unlock()
 	return batch
+}
+
+// ready waits until rows are queued and it is time to commit them: a batch
+// is full, Sync asked for a commit, Close was called, or the rows have
+// lingered for ledgerLinger. It returns false once Close was called and the
+// queue is empty.
+func (s *Store) ready() bool {
+	var linger <-chan time.Time
+	flush := false
+	for {
+		s.mu.Lock()
+		n, closed := len(s.queue), s.closed
+		s.mu.Unlock()
+		flush = flush && n > 0 // a flush asked when nothing waits is done
+		switch {
+		case n == 0 && closed:
+			return false
+		case n >= ledgerBatchSize || (n > 0 && (closed || flush)):
+			return true
+		case n > 0 && linger == nil:
+			t := time.NewTimer(ledgerLinger)
+			defer t.Stop()
+			linger = t.C
+		}
+		select {
+		case <-s.wake:
+		case <-s.flushNow:
+			flush = true
+		case <-linger:
+			return true
+		}
+	}
 }
 
 // writeBatch commits rows, retrying with a growing pause for as long as it
@@ -1014,7 +1021,8 @@ func (s *Store) setWriteErr(err error, rows int) {
 }
 
 // abandon logs the rows that Close could not write, the batch and whatever
-// is queued behind it. They stay in the journal, for the next open.
+// is queued behind it. They stay in the journal, for the next open; an
+// in-memory ledger has none, and loses them.
 func (s *Store) abandon(batch []ledgerRow) {
 	s.mu.Lock()
 	rows := append(batch, s.queue...)
@@ -1023,9 +1031,12 @@ func (s *Store) abandon(batch []ledgerRow) {
 	err := s.writeErr
 	s.broadcast()
 	s.mu.Unlock()
+	msg, where := "ledger row lost at shutdown: the ledger is in memory", ""
+	if s.journal != nil {
+		msg, where = "ledger row not written before shutdown; kept in the journal for the next start", s.journalPath()
+	}
 	for i := range rows {
-		s.logger.Error("ledger row not written before shutdown; kept in the journal for the next start",
-			"request_id", rows[i].RequestID, "journal", s.journalPath(), "err", err)
+		s.logger.Error(msg, "request_id", rows[i].RequestID, "journal", where, "err", err)
 	}
 }
 
