@@ -146,8 +146,8 @@ var ledgerShapes = []struct {
 var ledgerRatioColumns = []string{"policy", "avg_ratio", "sample_count"}
 
 // ledgerColumns are the columns of requests that a ledgerRow holds, in the
-// order of ledgerRow.fields. Adding a column means a migration step, a field
-// and its place here and in fields.
+// order of ledgerRow.fields. Adding a column means a migration step, an
+// entry in ledgerShapes, a field, and its place here and in fields.
 const ledgerColumns = `request_id, timestamp, policy, model, provider, streaming,
 	input_tokens, output_tokens, usage_estimated, cost_sats, baseline_cost_sats,
 	latency_ms, ttft_ms, attempts, success, status, error,
