@@ -858,6 +858,9 @@ type answer struct {
 	estimated bool // they were estimated from the text
 	in, out   int64
 	ttft      time.Duration
+	// charged: the provider reported what it charged, chargedMsat.
+	charged     bool
+	chargedMsat int64
 }
 
 // setHeaders sets the x-arbstr-* headers known so far. c is the provider
@@ -881,48 +884,73 @@ func estimateTokens(bytes int64) int64 { return (bytes + 3) / 4 }
 // finish writes the ledger row and the log line of an exchange. c is the
 // provider of the last attempt, nil when none was made. It is called before
 // the last bytes go to the client, so that a client that reads the ledger
-// right after its answer finds the row.
+// right after its answer finds the row, and so that the row, which Record
+// journals before it returns, survives a crash of the process once the
+// answer has reached the client.
 func (s *server) finish(ex *exchange, c *candidate, a answer) {
 	latency := time.Since(ex.start)
 	row := ledgerRow{
 		RequestID:      ex.id,
-		Time:           ex.start,
+		Time:           ledgerStamp{ex.start},
 		Model:          ex.req.Model,
 		Streaming:      ex.req.Stream,
-		HasUsage:       a.hasUsage,
-		InputTokens:    a.in,
-		OutputTokens:   a.out,
 		UsageEstimated: a.estimated,
-		LatencyMs:      latency.Milliseconds(),
-		TTFTMs:         a.ttft.Milliseconds(),
+		LatencyMs:      new(latency.Milliseconds()),
 		Attempts:       ex.attempts,
 		Success:        a.success,
 		Status:         a.status,
-		Error:          a.errMsg,
+		Endpoint:       ex.ep.name,
 	}
-	if ex.route != nil {
-		row.Policy = ex.route.policyName()
+	if ex.route != nil && ex.route.policy != nil {
+		row.Policy = new(ex.route.policy.Name)
 	}
 	if c != nil {
 		row.Provider = c.p.Name
 	}
+	if ex.req.Stream {
+		row.TTFTMs = new(a.ttft.Milliseconds())
+	}
+	if a.errMsg != "" {
+		row.Error = new(a.errMsg)
+	}
 	if a.hasUsage {
-		row.CostMsat = c.price.cost(a.in, a.out)
-		row.BaselineMsat = max(ex.route.baseline(a.in, a.out), row.CostMsat)
+		s.price(&row, ex, c, a)
 	}
 	if s.cfg.Logging.LogRequests {
 		s.store.Record(row)
 	}
-	s.metrics.request(&row, "", s.modelLabel(row.Model), a.ttft)
+	s.metrics.request(&row, s.modelLabel(row.Model), a.ttft)
 	level := slog.LevelInfo
 	if !a.success && a.status >= 500 {
 		level = slog.LevelWarn
 	}
+	var cost msats
+	if row.Cost != nil {
+		cost = *row.Cost
+	}
 	s.log.Log(context.Background(), level, "request",
-		"id", ex.id, "policy", row.Policy, "model", row.Model, "provider", row.Provider,
-		"stream", row.Streaming, "status", row.Status, "input_tokens", row.InputTokens,
-		"output_tokens", row.OutputTokens, "cost_sats", msatToSats(row.CostMsat),
-		"latency_ms", row.LatencyMs, "attempts", row.Attempts, "err", row.Error)
+		"id", ex.id, "policy", ex.route.policyName(), "model", row.Model, "provider", row.Provider,
+		"stream", row.Streaming, "status", row.Status, "input_tokens", a.in,
+		"output_tokens", a.out, "cost_sats", cost.sats(),
+		"latency_ms", latency.Milliseconds(), "attempts", row.Attempts, "err", a.errMsg)
+}
+
+// price fills in what a request with known tokens cost. The quote is the
+// tokens at the price list in force; when the provider reported what it
+// charged, the charge is the cost. The baseline is the same tokens at the
+// priciest qualified candidate's price list.
+func (s *server) price(row *ledgerRow, ex *exchange, c *candidate, a answer) {
+	quoted := msats(c.price.cost(a.in, a.out))
+	cost, source := quoted, "rates"
+	switch {
+	case a.charged:
+		cost, source = msats(a.chargedMsat), "provider"
+	case a.estimated:
+		source = "estimate"
+	}
+	row.InputTokens, row.OutputTokens = new(a.in), new(a.out)
+	row.Cost, row.QuotedCost, row.CostSource = new(cost), new(quoted), new(source)
+	row.BaselineCost = new(max(msats(ex.route.baseline(a.in, a.out)), quoted))
 }
 
 // fail answers the client with e and records the exchange. c is the
@@ -2268,55 +2296,97 @@ func (s *server) handleProviders(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"providers": list})
 }
 
-// statsRanges are the named windows of GET /v1/stats.
+// statsRanges are the named windows of GET /v1/stats and /v1/requests.
 var statsRanges = map[string]time.Duration{
 	"1h": time.Hour, "24h": 24 * time.Hour, "7d": 7 * 24 * time.Hour, "30d": 30 * 24 * time.Hour, "all": 0,
 }
 
-func (s *server) handleStats(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	now := time.Now().UTC()
-	sq := statsQuery{
-		GroupBy:  q.Get("group_by"),
+// ledgerParams reads the query string of a ledger read endpoint. url.Query
+// drops a malformed pair silently (limit=%zz, limit=5;x); ParseQuery
+// reports it, and a parameter that cannot be read is a 400, never a silent
+// default.
+func ledgerParams(r *http.Request) (url.Values, *apiError) {
+	q, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		return nil, badRequest("invalid_query", "malformed query string: %v", err)
+	}
+	return q, nil
+}
+
+// ledgerFilters reads the filters that stats and requests share.
+func ledgerFilters(q url.Values) (ledgerMatch, *apiError) {
+	m := ledgerMatch{
 		Provider: q.Get("provider"), Model: q.Get("model"), Policy: q.Get("policy"),
+		Client: q.Get("client"), Endpoint: q.Get("endpoint"),
 	}
-	if sq.GroupBy == "" {
-		sq.GroupBy = "provider"
+	for _, p := range []struct {
+		name string
+		dst  **bool
+	}{{"streaming", &m.Streaming}, {"success", &m.Success}} {
+		if v := q.Get(p.name); v != "" {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return m, badRequest("invalid_"+p.name, "%s must be true or false, got %q", p.name, v)
+			}
+			*p.dst = &b
+		}
 	}
-	if sq.GroupBy != "provider" && sq.GroupBy != "model" && sq.GroupBy != "policy" {
-		writeError(w, badRequest("invalid_group_by", "group_by must be provider, model or policy, got %q", sq.GroupBy))
-		return
-	}
-	// The default window, 24h, applies only when no bound is given.
+	return m, nil
+}
+
+// ledgerWindow reads range, or since and until (RFC 3339). def is the range
+// used when none of the three is given ("" for all time).
+func ledgerWindow(q url.Values, def string) (since, until time.Time, e *apiError) {
 	rng := strings.TrimPrefix(q.Get("range"), "last_")
 	if rng == "" && q.Get("since") == "" && q.Get("until") == "" {
-		rng = "24h"
+		rng = def
 	}
 	if rng != "" {
 		d, ok := statsRanges[rng]
 		if !ok {
-			writeError(w, badRequest("invalid_range", "range must be one of 1h, 24h, 7d, 30d, all, got %q", q.Get("range")))
-			return
+			return since, until, badRequest("invalid_range", "range must be one of 1h, 24h, 7d, 30d, all, got %q", q.Get("range"))
 		}
 		if d > 0 {
-			sq.Since = now.Add(-d)
+			since = time.Now().UTC().Add(-d)
 		}
 	}
 	for _, p := range []struct {
 		name string
 		dst  *time.Time
-	}{{"since", &sq.Since}, {"until", &sq.Until}} {
+	}{{"since", &since}, {"until", &until}} {
 		if v := q.Get(p.name); v != "" {
 			t, err := time.Parse(time.RFC3339Nano, v)
 			if err != nil {
-				writeError(w, badRequest("invalid_"+p.name, "%s must be an RFC 3339 time such as 2026-01-02T15:04:05Z, got %q", p.name, v))
-				return
+				return since, until, badRequest("invalid_"+p.name, "%s must be an RFC 3339 time such as 2026-01-02T15:04:05Z, got %q", p.name, v)
 			}
 			*p.dst = t.UTC()
 		}
 	}
-	if !sq.Until.IsZero() && sq.Since.After(sq.Until) {
-		writeError(w, badRequest("invalid_since", "since is after until"))
+	if !until.IsZero() && since.After(until) {
+		return since, until, badRequest("invalid_since", "since is after until")
+	}
+	return since, until, nil
+}
+
+func (s *server) handleStats(w http.ResponseWriter, r *http.Request) {
+	q, e := ledgerParams(r)
+	if e != nil {
+		writeError(w, e)
+		return
+	}
+	var sq statsQuery
+	sq.GroupBy = q.Get("group_by")
+	if _, ok := statsGroupColumns[sq.GroupBy]; !ok {
+		writeError(w, badRequest("invalid_group_by", "group_by must be provider, model, policy, client or endpoint, got %q", sq.GroupBy))
+		return
+	}
+	if sq.ledgerMatch, e = ledgerFilters(q); e != nil {
+		writeError(w, e)
+		return
+	}
+	// The default window, 24h, applies only when no bound is given.
+	if sq.Since, sq.Until, e = ledgerWindow(q, "24h"); e != nil {
+		writeError(w, e)
 		return
 	}
 	if err := s.store.Sync(r.Context()); err != nil {
@@ -2331,30 +2401,66 @@ func (s *server) handleStats(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *server) handleRequests(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	rq := requestsQuery{Limit: 50, Provider: q.Get("provider"), Model: q.Get("model"), Policy: q.Get("policy")}
+	q, e := ledgerParams(r)
+	if e == nil {
+		var rq requestsQuery
+		if rq, e = requestsParams(q); e == nil {
+			s.listRequests(w, r, rq)
+			return
+		}
+	}
+	writeError(w, e)
+}
+
+// requestsParams reads the parameters of GET /v1/requests: limit (1 to
+// 1000, default 50) and offset, or page and per_page (1-based, per_page at
+// most 100) but not both; the filters; a window (range, since, until; all
+// time by default); sort and order.
+func requestsParams(q url.Values) (requestsQuery, *apiError) {
+	rq := requestsQuery{Limit: 50, Sort: q.Get("sort"), Order: q.Get("order")}
+	if q.Has("page") || q.Has("per_page") {
+		if q.Has("limit") || q.Has("offset") {
+			return rq, badRequest("invalid_page", "page and per_page cannot be given with limit or offset")
+		}
+	}
+	page, perPage := 1, 0
 	for _, p := range []struct {
 		name     string
 		dst      *int
 		min, max int
-	}{{"limit", &rq.Limit, 1, 1000}, {"offset", &rq.Offset, 0, 1 << 30}} {
-		if v := q.Get(p.name); v != "" {
-			n, err := strconv.Atoi(v)
+	}{
+		{"limit", &rq.Limit, 1, 1000}, {"offset", &rq.Offset, 0, 1 << 30},
+		{"page", &page, 1, 1 << 20}, {"per_page", &perPage, 1, 100},
+	} {
+		if v, ok := q[p.name]; ok {
+			n, err := strconv.Atoi(v[0])
 			if err != nil || n < p.min || n > p.max {
-				writeError(w, badRequest("invalid_"+p.name, "%s must be an integer from %d to %d, got %q", p.name, p.min, p.max, v))
-				return
+				return rq, badRequest("invalid_"+p.name, "%s must be an integer from %d to %d, got %q", p.name, p.min, p.max, v[0])
 			}
 			*p.dst = n
 		}
 	}
-	if v := q.Get("success"); v != "" {
-		b, err := strconv.ParseBool(v)
-		if err != nil {
-			writeError(w, badRequest("invalid_success", "success must be true or false, got %q", v))
-			return
+	if q.Has("page") || q.Has("per_page") {
+		if perPage == 0 {
+			perPage = 50
 		}
-		rq.Success = &b
+		rq.Limit, rq.Offset = perPage, (page-1)*perPage
 	}
+	if _, ok := requestsSortColumns[rq.Sort]; !ok {
+		return rq, badRequest("invalid_sort", "sort must be timestamp, cost_sats or latency_ms, got %q", rq.Sort)
+	}
+	if rq.Order != "" && rq.Order != "asc" && rq.Order != "desc" {
+		return rq, badRequest("invalid_order", "order must be asc or desc, got %q", rq.Order)
+	}
+	var e *apiError
+	if rq.ledgerMatch, e = ledgerFilters(q); e != nil {
+		return rq, e
+	}
+	rq.Since, rq.Until, e = ledgerWindow(q, "")
+	return rq, e
+}
+
+func (s *server) listRequests(w http.ResponseWriter, r *http.Request, rq requestsQuery) {
 	if err := s.store.Sync(r.Context()); err != nil {
 		return
 	}
@@ -2362,9 +2468,6 @@ func (s *server) handleRequests(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		s.ledgerError(w, r, err)
 		return
-	}
-	if rows == nil {
-		rows = []ledgerRow{}
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": rows})
 }
@@ -2739,18 +2842,24 @@ func (m *metrics) attempt(provider string, o outcome) {
 }
 
 // request counts one recorded request.
-func (m *metrics) request(row *ledgerRow, client, model string, ttft time.Duration) {
+func (m *metrics) request(row *ledgerRow, model string, ttft time.Duration) {
 	class := strconv.Itoa(row.Status/100) + "xx"
-	rs := load(&m.requests, requestKey{row.Provider, model, row.Policy, client, class}, newOf[requestSeries])
+	policy := ""
+	if row.Policy != nil {
+		policy = *row.Policy
+	}
+	rs := load(&m.requests, requestKey{row.Provider, model, policy, row.Client, class}, newOf[requestSeries])
 	rs.count.Add(1)
-	rs.costMsat.Add(row.CostMsat)
-	rs.baselineMsat.Add(row.BaselineMsat)
-	rs.in.Add(row.InputTokens)
-	rs.out.Add(row.OutputTokens)
+	if row.Cost != nil {
+		rs.costMsat.Add(int64(*row.Cost))
+		rs.baselineMsat.Add(int64(*row.BaselineCost))
+		rs.in.Add(*row.InputTokens)
+		rs.out.Add(*row.OutputTokens)
+	}
 	if row.Provider == "" {
 		return
 	}
-	load(&m.duration, row.Provider, newOf[histogram]).observe(time.Duration(row.LatencyMs) * time.Millisecond)
+	load(&m.duration, row.Provider, newOf[histogram]).observe(time.Duration(*row.LatencyMs) * time.Millisecond)
 	if row.Streaming && ttft > 0 {
 		load(&m.ttft, row.Provider, newOf[histogram]).observe(ttft)
 	}
@@ -3051,15 +3160,23 @@ func (s *server) pageData(ctx context.Context) (*pageData, error) {
 }
 
 func pageRequestOf(row ledgerRow) pageRequest {
-	pr := pageRequest{Time: row.Time.UTC().Format("Jan 2 15:04:05"), Endpoint: "chat", Model: row.Model,
-		Provider: row.Provider, Status: row.Status, Success: row.Success, Tokens: "–", Cost: "–",
-		Latency: strconv.FormatInt(row.LatencyMs, 10) + " ms"}
-	if row.HasUsage {
-		pr.Tokens = fmt.Sprintf("%d / %d", row.InputTokens, row.OutputTokens)
-		pr.Cost = strconv.FormatFloat(msatToSats(row.CostMsat), 'f', -1, 64)
+	pr := pageRequest{Time: row.Time.UTC().Format("Jan 2 15:04:05"), Endpoint: row.Endpoint, Model: row.Model,
+		Provider: row.Provider, Client: row.Client, Status: row.Status, Success: row.Success,
+		Tokens: "–", Cost: "–", Latency: "–"}
+	if pr.Endpoint == "" {
+		pr.Endpoint = "chat"
+	}
+	if row.LatencyMs != nil {
+		pr.Latency = strconv.FormatInt(*row.LatencyMs, 10) + " ms"
+	}
+	if row.InputTokens != nil && row.OutputTokens != nil {
+		pr.Tokens = fmt.Sprintf("%d / %d", *row.InputTokens, *row.OutputTokens)
 		if row.UsageEstimated {
 			pr.Tokens += " (est.)"
 		}
+	}
+	if row.Cost != nil {
+		pr.Cost = strconv.FormatFloat(row.Cost.sats(), 'f', -1, 64)
 	}
 	return pr
 }

@@ -323,7 +323,7 @@ func TestChatForwardsBodyAndHeaders(t *testing.T) {
 	}
 	r := rows[0]
 	if r.RequestID != resp.Header.Get("X-Arbstr-Request-Id") || r.Provider != "p1" || !r.Success ||
-		r.InputTokens != 10 || r.OutputTokens != 20 || r.CostMsat != 170 || r.UsageEstimated || r.Status != 200 {
+		deref(r.InputTokens) != 10 || deref(r.OutputTokens) != 20 || deref(r.Cost) != 170 || r.UsageEstimated || r.Status != 200 {
 		t.Errorf("row = %+v", r)
 	}
 }
@@ -438,7 +438,7 @@ func TestStreamFlushedPerEvent(t *testing.T) {
 		t.Errorf("summary = %+v", summary)
 	}
 	rows := ta.rows(t)
-	if len(rows) != 1 || !rows[0].Success || !rows[0].Streaming || rows[0].InputTokens != 5 || rows[0].OutputTokens != 3 || rows[0].UsageEstimated {
+	if len(rows) != 1 || !rows[0].Success || !rows[0].Streaming || deref(rows[0].InputTokens) != 5 || deref(rows[0].OutputTokens) != 3 || rows[0].UsageEstimated {
 		t.Errorf("rows = %+v", rows)
 	}
 }
@@ -467,11 +467,11 @@ func TestStreamUsageChunk(t *testing.T) {
 			if len(rows) != 1 || rows[0].UsageEstimated != tc.wantEstimated || !rows[0].Success {
 				t.Fatalf("rows = %+v", rows)
 			}
-			if !tc.wantEstimated && (rows[0].InputTokens != 12 || rows[0].OutputTokens != 3) {
-				t.Errorf("tokens = %d/%d; want 12/3", rows[0].InputTokens, rows[0].OutputTokens)
+			if !tc.wantEstimated && (deref(rows[0].InputTokens) != 12 || deref(rows[0].OutputTokens) != 3) {
+				t.Errorf("tokens = %d/%d; want 12/3", deref(rows[0].InputTokens), deref(rows[0].OutputTokens))
 			}
-			if tc.wantEstimated && rows[0].OutputTokens != 3 { // "Hello world" is 11 bytes
-				t.Errorf("estimated output tokens = %d; want 3", rows[0].OutputTokens)
+			if tc.wantEstimated && deref(rows[0].OutputTokens) != 3 { // "Hello world" is 11 bytes
+				t.Errorf("estimated output tokens = %d; want 3", deref(rows[0].OutputTokens))
 			}
 		})
 	}
@@ -511,14 +511,14 @@ func TestStreamShapes(t *testing.T) {
 				t.Fatalf("rows = %d", len(rows))
 			}
 			if rows[0].Success != tc.ok {
-				t.Fatalf("success = %v; want %v (%q)\n%s", rows[0].Success, tc.ok, rows[0].Error, out)
+				t.Fatalf("success = %v; want %v (%q)\n%s", rows[0].Success, tc.ok, deref(rows[0].Error), out)
 			}
 			if !strings.Contains(out, `"a"`) {
 				t.Errorf("content chunk missing:\n%s", out)
 			}
 			if tc.ok {
-				if rows[0].InputTokens != 4 || rows[0].OutputTokens != 2 || strings.Contains(out, `"prompt_tokens":4`) {
-					t.Errorf("usage = %d/%d, or usage chunk leaked:\n%s", rows[0].InputTokens, rows[0].OutputTokens, out)
+				if deref(rows[0].InputTokens) != 4 || deref(rows[0].OutputTokens) != 2 || strings.Contains(out, `"prompt_tokens":4`) {
+					t.Errorf("usage = %d/%d, or usage chunk leaked:\n%s", deref(rows[0].InputTokens), deref(rows[0].OutputTokens), out)
 				}
 				if strings.Count(out, "[DONE]") != 1 || !strings.HasSuffix(strings.TrimRight(out, "\r\n"), "[DONE]") {
 					t.Errorf("[DONE] not once and last:\n%q", out)
@@ -572,7 +572,7 @@ func TestStreamInterrupted(t *testing.T) {
 			}
 			assertInterrupted(t, out)
 			rows := ta.rows(t)
-			if len(rows) != 1 || rows[0].Success || rows[0].Attempts != 1 || !rows[0].UsageEstimated || rows[0].OutputTokens != 4 {
+			if len(rows) != 1 || rows[0].Success || rows[0].Attempts != 1 || !rows[0].UsageEstimated || deref(rows[0].OutputTokens) != 4 {
 				t.Errorf("rows = %+v; want one failure with the 14 bytes seen as 4 tokens", rows)
 			}
 		})
@@ -627,7 +627,7 @@ func TestClientDisconnect(t *testing.T) {
 				}
 				time.Sleep(10 * time.Millisecond)
 			}
-			if len(rows) != 1 || rows[0].Success || !strings.Contains(rows[0].Error, "client disconnected") {
+			if len(rows) != 1 || rows[0].Success || !strings.Contains(deref(rows[0].Error), "client disconnected") {
 				t.Fatalf("rows = %+v", rows)
 			}
 		})
@@ -1183,7 +1183,7 @@ func TestRoutingRefusalsAreRecorded(t *testing.T) {
 		t.Fatalf("rows = %d; want 3", len(rows))
 	}
 	for _, r := range rows {
-		if r.Success || r.Status != 400 || r.Attempts != 0 || r.Provider != "" || r.Error == "" {
+		if r.Success || r.Status != 400 || r.Attempts != 0 || r.Provider != "" || deref(r.Error) == "" {
 			t.Errorf("row = %+v", r)
 		}
 	}
@@ -1447,7 +1447,7 @@ func TestGracefulShutdown(t *testing.T) {
 	}
 	defer store.Close()
 	rows, _ := store.Requests(context.Background(), requestsQuery{Limit: 10})
-	if len(rows) != 1 || !rows[0].Success || rows[0].OutputTokens != 2 {
+	if len(rows) != 1 || !rows[0].Success || deref(rows[0].OutputTokens) != 2 {
 		t.Errorf("rows after shutdown = %+v", rows)
 	}
 }
@@ -1751,7 +1751,7 @@ func FuzzParseChat(f *testing.F) {
 	})
 }
 
-// ---- The ledger itself (store.go, §8) ----
+// ---- The ledger itself (store.go) ----
 // storeTestLogger discards the ledger's log lines; tests that read them build
 // their own.
 var storeTestLogger = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -1774,23 +1774,41 @@ func newTestStoreFile(tb testing.TB) (*Store, string) {
 	return newTestStore(tb, path), path
 }
 
-// storeTestRow is a successful non-streaming request with usage.
+// storeTestRow is a successful non-streaming request with usage, priced
+// from the configured rates.
 func storeTestRow(id string, at time.Time) ledgerRow {
 	return ledgerRow{
 		RequestID:    id,
-		Time:         at,
+		Time:         ledgerStamp{at},
 		Model:        "gpt-4o-mini",
 		Provider:     "alpha",
-		HasUsage:     true,
-		InputTokens:  120,
-		OutputTokens: 80,
-		CostMsat:     1234,
-		BaselineMsat: 2345,
-		LatencyMs:    321,
+		InputTokens:  new(int64(120)),
+		OutputTokens: new(int64(80)),
+		Cost:         new(msats(1234)),
+		BaselineCost: new(msats(2345)),
+		QuotedCost:   new(msats(1234)),
+		CostSource:   new("rates"),
+		LatencyMs:    new(int64(321)),
 		Attempts:     1,
 		Success:      true,
 		Status:       200,
+		Endpoint:     "chat",
 	}
+}
+
+// deref is *p, or the zero value for a NULL column.
+func deref[T any](p *T) T {
+	if p == nil {
+		var zero T
+		return zero
+	}
+	return *p
+}
+
+// rowJSON shows a row in a failure message, its pointers followed.
+func rowJSON(r ledgerRow) string {
+	b, _ := json.Marshal(r)
+	return string(b)
 }
 
 func syncTestStore(tb testing.TB, s *Store) {
@@ -1841,7 +1859,8 @@ func TestStoreSchema(t *testing.T) {
 	}{
 		{"requests", []string{"id", "request_id", "timestamp", "policy", "model", "provider", "streaming",
 			"input_tokens", "output_tokens", "usage_estimated", "cost_sats", "baseline_cost_sats",
-			"latency_ms", "ttft_ms", "attempts", "success", "status", "error"}},
+			"latency_ms", "ttft_ms", "attempts", "success", "status", "error",
+			"client", "quoted_cost_sats", "cost_source", "endpoint"}},
 		{"token_ratios", []string{"policy", "avg_ratio", "sample_count"}},
 	}
 	for _, tt := range tests {
@@ -1943,35 +1962,35 @@ func TestStoreRoundTrip(t *testing.T) {
 	s, _ := newTestStoreFile(t)
 	at := time.Date(2026, 3, 1, 9, 30, 15, 123456789, time.FixedZone("CET", 3600))
 	full := storeTestRow("full", at)
-	full.Policy = "code"
+	full.Policy = new("code")
 	full.Streaming = true
-	full.TTFTMs = 42
+	full.TTFTMs = new(int64(42))
 	full.UsageEstimated = true
+	full.Client = "alice"
+	full.Endpoint = "responses"
+	full.QuotedCost = new(msats(1000))
+	full.CostSource = new("provider")
 
 	failed := ledgerRow{
-		RequestID: "failed", Time: at, Model: "m", Provider: "beta",
-		LatencyMs: 900, Attempts: 3, Status: 502, Error: "all providers failed",
-		// Not stored: without usage, tokens and costs are NULL; without
-		// streaming, ttft is NULL.
-		InputTokens: 5, CostMsat: 7, TTFTMs: 9,
+		RequestID: "failed", Time: ledgerStamp{at}, Model: "m", Provider: "beta",
+		LatencyMs: new(int64(900)), Attempts: 3, Status: 502, Error: new("all providers failed"),
 	}
-	refused := ledgerRow{RequestID: "refused", Time: at, Model: "m", Status: 400, Error: "no provider"}
-
+	refused := ledgerRow{RequestID: "refused", Time: ledgerStamp{at}, Model: "m", Status: 400, Error: new("no provider")}
+	// Stored: UTC, to the millisecond, and "chat" for an empty endpoint.
+	stored := func(r ledgerRow) ledgerRow {
+		r.Time = ledgerStamp{time.Date(2026, 3, 1, 8, 30, 15, 123000000, time.UTC)}
+		if r.Endpoint == "" {
+			r.Endpoint = "chat"
+		}
+		return r
+	}
 	tests := []struct {
 		in   ledgerRow
 		want ledgerRow
 	}{
-		{full, func() ledgerRow {
-			r := full
-			r.Time = time.Date(2026, 3, 1, 8, 30, 15, 123000000, time.UTC)
-			return r
-		}()},
-		{failed, ledgerRow{
-			RequestID: "failed", Time: time.Date(2026, 3, 1, 8, 30, 15, 123000000, time.UTC),
-			Model: "m", Provider: "beta", LatencyMs: 900, Attempts: 3, Status: 502, Error: "all providers failed",
-		}},
-		{refused, ledgerRow{RequestID: "refused", Time: time.Date(2026, 3, 1, 8, 30, 15, 123000000, time.UTC),
-			Model: "m", Status: 400, Error: "no provider"}},
+		{full, stored(full)},
+		{failed, stored(failed)},
+		{refused, stored(refused)},
 	}
 	for _, tt := range tests {
 		s.Record(tt.in)
@@ -1983,13 +2002,13 @@ func TestStoreRoundTrip(t *testing.T) {
 			t.Fatalf("Request(%q) = %v, %v", tt.in.RequestID, ok, err)
 		}
 		if !reflect.DeepEqual(got, tt.want) {
-			t.Errorf("Request(%q) = %+v; want %+v", tt.in.RequestID, got, tt.want)
+			t.Errorf("Request(%q) = %s; want %s", tt.in.RequestID, rowJSON(got), rowJSON(tt.want))
 		}
 	}
 	if _, ok, err := s.Request(context.Background(), "absent"); ok || err != nil {
 		t.Errorf("Request(%q) = %v, %v; want false, nil", "absent", ok, err)
 	}
-	// The columns hold NULL where the spec says (§8.1).
+	// The columns hold NULL where nothing is known.
 	nulls := []struct {
 		id, column string
 		want       int64
@@ -2002,6 +2021,14 @@ func TestStoreRoundTrip(t *testing.T) {
 		{"full", "ttft_ms", 42},
 		{"full", "cost_sats = 1.234", 1},
 		{"full", "timestamp = '2026-03-01T08:30:15.123Z'", 1},
+		{"full", "quoted_cost_sats = 1.0", 1},
+		{"full", "cost_source = 'provider'", 1},
+		{"full", "client = 'alice'", 1},
+		{"full", "endpoint = 'responses'", 1},
+		{"failed", "quoted_cost_sats IS NULL", 1},
+		{"failed", "cost_source IS NULL", 1},
+		{"failed", "client = ''", 1},
+		{"failed", "endpoint = 'chat'", 1},
 	}
 	for _, tt := range nulls {
 		if got := queryTestInt(t, s.db, "SELECT "+tt.column+" FROM requests WHERE request_id = ?", tt.id); got != tt.want {
@@ -2075,7 +2102,8 @@ func TestStoreRecordAfterClose(t *testing.T) {
 
 // TestStoreSyncWaitsForCommit holds the write lock from another connection,
 // as a backup would, so that the writer waits in busy_timeout: Sync must not
-// return before the row is committed, and must return once it is.
+// return at once, must not wait for ever, and must return once the row is
+// committed.
 func TestStoreSyncWaitsForCommit(t *testing.T) {
 	s, path := newTestStoreFile(t)
 	other, err := sql.Open("sqlite", ledgerDSN(path))
@@ -2092,6 +2120,12 @@ func TestStoreSyncWaitsForCommit(t *testing.T) {
 	defer cancel()
 	if err := s.Sync(ctx); err != context.DeadlineExceeded {
 		t.Errorf("Sync while the lock is held = %v; want %v", err, context.DeadlineExceeded)
+	}
+	// Without a deadline of its own, Sync gives up on a writer stuck on
+	// the lock, and the reader sees what is committed.
+	syncTestStore(t, s)
+	if _, ok, err := s.Request(context.Background(), "held"); ok || err != nil {
+		t.Errorf("Request(%q) while the lock is held = %v, %v; want false, nil", "held", ok, err)
 	}
 	tx.Rollback()
 	syncTestStore(t, s)
@@ -2142,46 +2176,63 @@ var (
 	})
 )
 
-// TestStoreWriteRetry checks that a failure that passes is retried without
-// loss, and that one that lasts past the retries is logged row by row
-// without stopping the writer.
+// TestStoreWriteRetry checks that a batch whose commit keeps failing is
+// neither dropped nor lets the ledger hang its readers: it waits, Health
+// says why, Sync returns, and once commits work again every row is written.
+// The log says once that writing fails and once that it recovered.
 func TestStoreWriteRetry(t *testing.T) {
 	storeTestRegisterFail()
-	tests := []struct {
-		name     string
-		failures int64 // commits that fail
-		wantRows int64
-		wantLost int
-	}{
-		{"transient", 2, 3, 0},
-		{"lasting", 1 << 30, 0, 3},
+	var logs storeTestLogBuffer
+	s, err := openStore(filepath.Join(t.TempDir(), "arbstr.db"), slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
 	}
-	for _, tt := range tests {
-		var logs storeTestLogBuffer
-		s, err := openStore(filepath.Join(t.TempDir(), "arbstr.db"), slog.New(slog.NewTextHandler(&logs, nil)))
-		if err != nil {
-			t.Fatal(err)
+	defer s.Close()
+	s.retryFirst, s.retryMax = time.Millisecond, 5*time.Millisecond
+	if _, err := s.db.Exec(`CREATE TRIGGER test_fail BEFORE INSERT ON requests BEGIN SELECT store_test_fail(); END`); err != nil {
+		t.Fatal(err)
+	}
+	storeTestFailures.Store(1 << 30)
+	for _, id := range []string{"r1", "r2", "r3"} {
+		s.Record(storeTestRow(id, time.Now()))
+	}
+	waitForStore(t, "Health() != nil", func() bool { return s.Health() != nil })
+	if err := s.Health(); !strings.Contains(err.Error(), "injected failure") {
+		t.Errorf("Health() = %q; want the commit's error", err)
+	}
+	syncTestStore(t, s) // returns although nothing can be committed
+	if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"); got != 0 {
+		t.Errorf("rows while failing = %d; want 0", got)
+	}
+	storeTestFailures.Store(0)
+	waitForStore(t, "Health() == nil", func() bool { return s.Health() == nil })
+	syncTestStore(t, s)
+	if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"); got != 3 {
+		t.Errorf("rows after recovery = %d; want 3", got)
+	}
+	for _, tt := range []struct {
+		line string
+		want int
+	}{
+		{"ledger write failing", 1},
+		{"ledger write recovered", 1},
+		{"ledger row not written", 0},
+	} {
+		if got := strings.Count(logs.String(), tt.line); got != tt.want {
+			t.Errorf("log lines %q = %d; want %d in %s", tt.line, got, tt.want, logs.String())
 		}
-		s.retryDelays = []time.Duration{time.Millisecond, time.Millisecond, time.Millisecond}
-		if _, err := s.db.Exec(`CREATE TRIGGER test_fail BEFORE INSERT ON requests BEGIN SELECT store_test_fail(); END`); err != nil {
-			t.Fatal(err)
+	}
+}
+
+// waitForStore polls cond until it holds, failing the test after 30 s.
+func waitForStore(tb testing.TB, what string, cond func() bool) {
+	tb.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			tb.Fatalf("waited 30s for %s", what)
 		}
-		storeTestFailures.Store(tt.failures)
-		for _, id := range []string{"r1", "r2", "r3"} {
-			s.Record(storeTestRow(id, time.Now()))
-		}
-		syncTestStore(t, s)
-		storeTestFailures.Store(0)
-		if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"); got != tt.wantRows {
-			t.Errorf("%s: rows = %d; want %d", tt.name, got, tt.wantRows)
-		}
-		if got := strings.Count(logs.String(), "ledger row not written"); got != tt.wantLost {
-			t.Errorf("%s: lost-row log lines = %d; want %d", tt.name, got, tt.wantLost)
-		}
-		if !strings.Contains(logs.String(), "ledger write failed") {
-			t.Errorf("%s: log = %q; want a retry logged", tt.name, logs.String())
-		}
-		s.Close()
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -2217,16 +2268,20 @@ var storeFixtureT0 = time.Date(2026, 1, 10, 12, 0, 0, 0, time.UTC)
 func storeFixture(t *testing.T) *Store {
 	s, _ := newTestStoreFile(t)
 	t0 := storeFixtureT0
+	at := func(d time.Duration) ledgerStamp { return ledgerStamp{t0.Add(d)} }
 	rows := []ledgerRow{
-		{RequestID: "r1", Time: t0.Add(-2 * time.Hour), Provider: "alpha", Model: "m1", Policy: "code", Success: true, Status: 200,
-			HasUsage: true, InputTokens: 100, OutputTokens: 200, CostMsat: 100, BaselineMsat: 300, LatencyMs: 100, Attempts: 1},
-		{RequestID: "r2", Time: t0.Add(-time.Hour), Provider: "beta", Model: "m1", Success: true, Status: 200, Streaming: true, TTFTMs: 30,
-			HasUsage: true, InputTokens: 10, OutputTokens: 20, CostMsat: 200, BaselineMsat: 200, LatencyMs: 300, Attempts: 2},
-		{RequestID: "r3", Time: t0.Add(-30 * time.Minute), Provider: "alpha", Model: "m2", Policy: "code", Status: 502,
-			LatencyMs: 50, Attempts: 3, Error: "upstream failed"},
-		{RequestID: "r4", Time: t0.Add(-48 * time.Hour), Provider: "beta", Model: "m2", Policy: "chat", Success: true, Status: 200,
-			HasUsage: true, InputTokens: 1, OutputTokens: 1, CostMsat: 1234, BaselineMsat: 2000, LatencyMs: 10, Attempts: 1},
-		{RequestID: "r5", Time: t0, Model: "m1", Status: 400, Error: "no provider"},
+		{RequestID: "r1", Time: at(-2 * time.Hour), Provider: "alpha", Model: "m1", Policy: new("code"), Success: true, Status: 200,
+			InputTokens: new(int64(100)), OutputTokens: new(int64(200)), Cost: new(msats(100)), BaselineCost: new(msats(300)),
+			LatencyMs: new(int64(100)), Attempts: 1},
+		{RequestID: "r2", Time: at(-time.Hour), Provider: "beta", Model: "m1", Success: true, Status: 200, Streaming: true, TTFTMs: new(int64(30)),
+			InputTokens: new(int64(10)), OutputTokens: new(int64(20)), Cost: new(msats(200)), BaselineCost: new(msats(200)),
+			LatencyMs: new(int64(300)), Attempts: 2},
+		{RequestID: "r3", Time: at(-30 * time.Minute), Provider: "alpha", Model: "m2", Policy: new("code"), Status: 502,
+			LatencyMs: new(int64(50)), Attempts: 3, Error: new("upstream failed")},
+		{RequestID: "r4", Time: at(-48 * time.Hour), Provider: "beta", Model: "m2", Policy: new("chat"), Success: true, Status: 200,
+			InputTokens: new(int64(1)), OutputTokens: new(int64(1)), Cost: new(msats(1234)), BaselineCost: new(msats(2000)),
+			LatencyMs: new(int64(10)), Attempts: 1},
+		{RequestID: "r5", Time: at(0), Model: "m1", Status: 400, Error: new("no provider"), LatencyMs: new(int64(0))},
 	}
 	for _, r := range rows {
 		s.Record(r)
@@ -2264,11 +2319,11 @@ func TestStoreStats(t *testing.T) {
 		{"since is inclusive", statsQuery{Since: t0.Add(-30 * time.Minute), Until: t0},
 			statsTotals{Requests: 2, Errors: 2, AvgLatencyMs: 25},
 			[]group{{"", 1, 0}, {"alpha", 1, 0}}},
-		{"provider filter by model", statsQuery{Provider: "alpha", GroupBy: "model", Until: t0},
+		{"provider filter by model", statsQuery{GroupBy: "model", Until: t0, ledgerMatch: ledgerMatch{Provider: "alpha"}},
 			statsTotals{Requests: 2, Success: 1, Errors: 1, InputTokens: 100, OutputTokens: 200,
 				CostSats: 0.1, BaselineCostSats: 0.3, SavedSats: 0.2, AvgLatencyMs: 75},
 			[]group{{"m1", 1, 0.1}, {"m2", 1, 0}}},
-		{"policy and model filter", statsQuery{Policy: "code", Model: "m1", Until: t0},
+		{"policy and model filter", statsQuery{Until: t0, ledgerMatch: ledgerMatch{Policy: "code", Model: "m1"}},
 			statsTotals{Requests: 1, Success: 1, InputTokens: 100, OutputTokens: 200,
 				CostSats: 0.1, BaselineCostSats: 0.3, SavedSats: 0.2, AvgLatencyMs: 100},
 			[]group{{"alpha", 1, 0.1}}},
@@ -2308,9 +2363,9 @@ func TestStoreStatsJSON(t *testing.T) {
 		want string
 	}{
 		{statsQuery{Since: storeFixtureT0.Add(time.Hour), Until: storeFixtureT0.Add(2 * time.Hour)},
-			`{"since":"2026-01-10T13:00:00.000Z","until":"2026-01-10T14:00:00.000Z","total":{"requests":0,"success":0,"errors":0,"streaming":0,"input_tokens":0,"output_tokens":0,"cost_sats":0,"baseline_cost_sats":0,"saved_sats":0,"avg_latency_ms":0},"groups":[]}`},
-		{statsQuery{Until: storeFixtureT0, Policy: "chat"},
-			`{"until":"2026-01-10T12:00:00.000Z","total":{"requests":1,"success":1,"errors":0,"streaming":0,"input_tokens":1,"output_tokens":1,"cost_sats":1.234,"baseline_cost_sats":2,"saved_sats":0.766,"avg_latency_ms":10},"groups":[{"key":"beta","requests":1,"success":1,"errors":0,"streaming":0,"input_tokens":1,"output_tokens":1,"cost_sats":1.234,"baseline_cost_sats":2,"saved_sats":0.766,"avg_latency_ms":10}]}`},
+			`{"since":"2026-01-10T13:00:00.000Z","until":"2026-01-10T14:00:00.000Z","total":{"requests":0,"success":0,"errors":0,"streaming":0,"input_tokens":0,"output_tokens":0,"cost_sats":0,"baseline_cost_sats":0,"saved_sats":0,"avg_latency_ms":0,"quoted_cost_sats":0,"overcharge_sats":0},"groups":[]}`},
+		{statsQuery{Until: storeFixtureT0, ledgerMatch: ledgerMatch{Policy: "chat"}},
+			`{"until":"2026-01-10T12:00:00.000Z","total":{"requests":1,"success":1,"errors":0,"streaming":0,"input_tokens":1,"output_tokens":1,"cost_sats":1.234,"baseline_cost_sats":2,"saved_sats":0.766,"avg_latency_ms":10,"quoted_cost_sats":0,"overcharge_sats":0},"groups":[{"key":"beta","requests":1,"success":1,"errors":0,"streaming":0,"input_tokens":1,"output_tokens":1,"cost_sats":1.234,"baseline_cost_sats":2,"saved_sats":0.766,"avg_latency_ms":10,"quoted_cost_sats":0,"overcharge_sats":0}]}`},
 	}
 	for _, tt := range tests {
 		res, err := s.Stats(context.Background(), tt.q)
@@ -2340,13 +2395,13 @@ func TestStoreRequests(t *testing.T) {
 		{requestsQuery{Offset: 10}, ""},
 		{requestsQuery{Offset: 3}, "r1 r4"},
 		{requestsQuery{Limit: 1 << 20}, "r5 r3 r2 r1 r4"},
-		{requestsQuery{Provider: "alpha"}, "r3 r1"},
-		{requestsQuery{Model: "m2"}, "r3 r4"},
-		{requestsQuery{Policy: "code"}, "r3 r1"},
-		{requestsQuery{Success: &yes}, "r2 r1 r4"},
-		{requestsQuery{Success: &no}, "r5 r3"},
-		{requestsQuery{Model: "m1", Success: &no}, "r5"},
-		{requestsQuery{Provider: "nobody"}, ""},
+		{requestsQuery{ledgerMatch: ledgerMatch{Provider: "alpha"}}, "r3 r1"},
+		{requestsQuery{ledgerMatch: ledgerMatch{Model: "m2"}}, "r3 r4"},
+		{requestsQuery{ledgerMatch: ledgerMatch{Policy: "code"}}, "r3 r1"},
+		{requestsQuery{ledgerMatch: ledgerMatch{Success: &yes}}, "r2 r1 r4"},
+		{requestsQuery{ledgerMatch: ledgerMatch{Success: &no}}, "r5 r3"},
+		{requestsQuery{ledgerMatch: ledgerMatch{Model: "m1", Success: &no}}, "r5"},
+		{requestsQuery{ledgerMatch: ledgerMatch{Provider: "nobody"}}, ""},
 	}
 	for _, tt := range tests {
 		list, err := s.Requests(context.Background(), tt.q)
@@ -2387,14 +2442,15 @@ func TestStoreRequests(t *testing.T) {
 func TestLedgerRowJSON(t *testing.T) {
 	at := time.Date(2026, 1, 2, 3, 4, 5, 6000000, time.UTC)
 	full := storeTestRow("req-1", at)
-	full.Policy, full.Streaming, full.TTFTMs = "code", true, 15
+	full.Policy, full.Streaming, full.TTFTMs = new("code"), true, new(int64(15))
 	tests := []struct {
 		row  ledgerRow
 		want string
 	}{
-		{full, `{"request_id":"req-1","timestamp":"2026-01-02T03:04:05.006Z","policy":"code","model":"gpt-4o-mini","provider":"alpha","streaming":true,"input_tokens":120,"output_tokens":80,"usage_estimated":false,"cost_sats":1.234,"baseline_cost_sats":2.345,"latency_ms":321,"ttft_ms":15,"attempts":1,"success":true,"status":200,"error":null}`},
-		{ledgerRow{RequestID: "req-2", Time: at, Model: "m", Status: 502, Attempts: 3, LatencyMs: 7, Error: "boom"},
-			`{"request_id":"req-2","timestamp":"2026-01-02T03:04:05.006Z","policy":null,"model":"m","provider":"","streaming":false,"input_tokens":null,"output_tokens":null,"usage_estimated":false,"cost_sats":null,"baseline_cost_sats":null,"latency_ms":7,"ttft_ms":null,"attempts":3,"success":false,"status":502,"error":"boom"}`},
+		{full, `{"request_id":"req-1","timestamp":"2026-01-02T03:04:05.006Z","policy":"code","model":"gpt-4o-mini","provider":"alpha","streaming":true,"input_tokens":120,"output_tokens":80,"usage_estimated":false,"cost_sats":1.234,"baseline_cost_sats":2.345,"latency_ms":321,"ttft_ms":15,"attempts":1,"success":true,"status":200,"error":null,"client":"","quoted_cost_sats":1.234,"cost_source":"rates","endpoint":"chat"}`},
+		{ledgerRow{RequestID: "req-2", Time: ledgerStamp{at}, Model: "m", Status: 502, Attempts: 3, LatencyMs: new(int64(7)), Error: new("boom"),
+			Client: "bob", Endpoint: "embeddings"},
+			`{"request_id":"req-2","timestamp":"2026-01-02T03:04:05.006Z","policy":null,"model":"m","provider":"","streaming":false,"input_tokens":null,"output_tokens":null,"usage_estimated":false,"cost_sats":null,"baseline_cost_sats":null,"latency_ms":7,"ttft_ms":null,"attempts":3,"success":false,"status":502,"error":"boom","client":"bob","quoted_cost_sats":null,"cost_source":null,"endpoint":"embeddings"}`},
 	}
 	for _, tt := range tests {
 		b, err := json.Marshal(tt.row)
@@ -2409,7 +2465,7 @@ func TestLedgerRowJSON(t *testing.T) {
 			t.Fatal(err)
 		}
 		if !reflect.DeepEqual(back, tt.row) {
-			t.Errorf("unjson(json(%q)) = %+v; want %+v", tt.row.RequestID, back, tt.row)
+			t.Errorf("unjson(json(%q)) = %s; want %s", tt.row.RequestID, rowJSON(back), rowJSON(tt.row))
 		}
 	}
 	// A slice of rows, as /v1/requests writes it, uses the same form.
@@ -2423,19 +2479,22 @@ func TestStoreRatio(t *testing.T) {
 	s, path := newTestStoreFile(t)
 	row := func(id, policy string, in, out int64, mod func(*ledgerRow)) ledgerRow {
 		r := storeTestRow(id, time.Now())
-		r.Policy, r.InputTokens, r.OutputTokens = policy, in, out
+		r.InputTokens, r.OutputTokens = new(in), new(out)
+		if policy != "" {
+			r.Policy = new(policy)
+		}
 		if mod != nil {
 			mod(&r)
 		}
 		return r
 	}
 	// Two batches, so that the second starts from the first's cache.
-	s.Record(row("c1", "code", 100, 50, nil))                                              // 0.5
-	s.Record(row("c2", "code", 100, 150, nil))                                             // 1.5
-	s.Record(row("x1", "code", 100, 1000, func(r *ledgerRow) { r.UsageEstimated = true })) // estimated: ignored
-	s.Record(row("x2", "code", 100, 1000, func(r *ledgerRow) { r.Success = false }))       // failed: ignored
-	s.Record(row("x3", "code", 100, 1000, func(r *ledgerRow) { r.HasUsage = false }))      // no usage: ignored
-	s.Record(row("x4", "code", 0, 1000, nil))                                              // no input: ignored
+	s.Record(row("c1", "code", 100, 50, nil))                                                               // 0.5
+	s.Record(row("c2", "code", 100, 150, nil))                                                              // 1.5
+	s.Record(row("x1", "code", 100, 1000, func(r *ledgerRow) { r.UsageEstimated = true }))                  // estimated: ignored
+	s.Record(row("x2", "code", 100, 1000, func(r *ledgerRow) { r.Success = false }))                        // failed: ignored
+	s.Record(row("x3", "code", 100, 1000, func(r *ledgerRow) { r.InputTokens, r.OutputTokens = nil, nil })) // no usage: ignored
+	s.Record(row("x4", "code", 0, 1000, nil))                                                               // no input: ignored
 	syncTestStore(t, s)
 	s.Record(row("c3", "code", 200, 100, nil)) // 0.5
 	s.Record(row("n1", "", 10, 30, nil))       // 3.0
@@ -2483,7 +2542,7 @@ func TestStoreRatio(t *testing.T) {
 	}
 }
 
-// storeV1Schema is the §8.1 schema as a first release wrote it, kept here
+// storeV1Schema is the schema as a first release wrote it, kept here
 // verbatim rather than taken from ledgerMigrations, so that the fixture stays
 // what old files hold even if the code changes.
 const storeV1Schema = `CREATE TABLE requests (
@@ -2515,10 +2574,11 @@ CREATE TABLE token_ratios (
 func TestStoreMigrate(t *testing.T) {
 	tests := []struct {
 		name        string
-		userVersion int // 0: an original-arbstr file; 1: this arbstr before indexes
+		userVersion int // 0: an original-arbstr file; 1: before indexes; 2: before the client, cost and endpoint columns
 	}{
 		{"original arbstr, user_version 0", 0},
 		{"version 1", 1},
+		{"version 2", 2},
 	}
 	for _, tt := range tests {
 		path := filepath.Join(t.TempDir(), "old.db")
@@ -2535,7 +2595,11 @@ func TestStoreMigrate(t *testing.T) {
 				('old-2', '2025-12-01T10:00:01.250000+00:00', NULL, 'm1', 'beta', 1, 10, 5, 1, 0.01, 0.02, 80, 20, 2, 1, 200, NULL),
 				('old-3', '2025-12-01T10:00:02.000Z', NULL, 'm2', '', 0, NULL, NULL, 0, NULL, NULL, 1, NULL, 0, 0, 400, 'no provider')`,
 			`INSERT INTO token_ratios VALUES ('code', 0.75, 12)`,
+			`CREATE INDEX requests_timestamp ON requests (timestamp)`,
 		} {
+			if tt.userVersion < 2 && strings.HasPrefix(stmt, "CREATE INDEX") {
+				continue
+			}
 			if _, err := old.Exec(stmt); err != nil {
 				t.Fatalf("%s: fixture: %v", tt.name, err)
 			}
@@ -2564,8 +2628,13 @@ func TestStoreMigrate(t *testing.T) {
 		if err != nil || !ok {
 			t.Fatalf("%s: Request(old-2) = %v, %v", tt.name, ok, err)
 		}
-		if want := time.Date(2025, 12, 1, 10, 0, 1, 250000000, time.UTC); !r.Time.Equal(want) || r.CostMsat != 10 || !r.UsageEstimated {
-			t.Errorf("%s: Request(%q) = %+v; want time %v, 10 msat, estimated", tt.name, "old-2", r, want)
+		if want := time.Date(2025, 12, 1, 10, 0, 1, 250000000, time.UTC); !r.Time.Equal(want) || deref(r.Cost) != 10 || !r.UsageEstimated {
+			t.Errorf("%s: Request(%q) = %s; want time %v, 10 msat, estimated", tt.name, "old-2", rowJSON(r), want)
+		}
+		// The columns added in place read as what a row of before meant.
+		if r.Client != "" || r.Endpoint != "chat" || r.QuotedCost != nil || r.CostSource != nil {
+			t.Errorf("%s: Request(%q) new columns = %q, %q, %v, %v; want \"\", chat, nil, nil",
+				tt.name, "old-2", r.Client, r.Endpoint, r.QuotedCost, r.CostSource)
 		}
 		if avg, n := s.Ratio("code"); avg != 0.75 || n != 12 {
 			t.Errorf("%s: Ratio(%q) = %v, %d; want 0.75, 12", tt.name, "code", avg, n)
@@ -2608,17 +2677,21 @@ func TestStoreOpenError(t *testing.T) {
 }
 
 // BenchmarkLedgerWriter measures the rows per second the writer commits to a
-// file: each iteration records one row, and the clock stops once the last
-// is committed.
+// file: each iteration admits and records one row, as a request does, and
+// the clock stops once the last is committed.
 func BenchmarkLedgerWriter(b *testing.B) {
 	s, _ := newTestStoreFile(b)
 	row := storeTestRow("", time.Now())
-	row.Policy = "code"
+	row.Policy = new("code")
+	ctx := context.Background()
 	b.ReportAllocs()
 	start := time.Now()
 	n := 0
 	for b.Loop() {
 		row.RequestID = "bench-" + strconv.Itoa(n)
+		if err := s.Admit(ctx); err != nil {
+			b.Fatal(err)
+		}
 		s.Record(row)
 		n++
 	}
@@ -2635,52 +2708,559 @@ func BenchmarkStoreRatio(b *testing.B) {
 	}
 }
 
-// UnmarshalJSON reads what ledgerRow.MarshalJSON writes, so that the tests
-// of /v1/requests can decode into a ledgerRow. Only tests need it.
-func (r *ledgerRow) UnmarshalJSON(b []byte) error {
-	var j ledgerRowJSON
-	if err := json.Unmarshal(b, &j); err != nil {
-		return err
+// storeMoneyFixture records rows that differ in client, endpoint and in how
+// their cost was known. Costs are chosen so that float sums would not be
+// exact (0.1 + 0.2).
+func storeMoneyFixture(t *testing.T) *Store {
+	t.Helper()
+	s := newTestStore(t, ":memory:")
+	row := func(id, client, endpoint, source string, cost, quoted msats, stream bool, latency int64, at time.Duration) ledgerRow {
+		r := storeTestRow(id, storeFixtureT0.Add(at))
+		r.Client, r.Endpoint, r.Streaming = client, endpoint, stream
+		r.Cost, r.QuotedCost, r.CostSource = new(cost), new(quoted), new(source)
+		r.LatencyMs = new(latency)
+		return r
 	}
-	t, err := time.Parse(time.RFC3339Nano, j.Timestamp)
+	for _, r := range []ledgerRow{
+		row("m1", "alice", "chat", "provider", 300, 100, false, 40, -4*time.Minute),     // overcharged by 0.2
+		row("m2", "alice", "responses", "provider", 100, 200, true, 10, -3*time.Minute), // undercharged by 0.1
+		row("m3", "bob", "chat", "rates", 700, 700, true, 30, -2*time.Minute),
+		row("m4", "", "embeddings", "estimate", 5, 5, false, 20, -time.Minute),
+	} {
+		s.Record(r)
+	}
+	syncTestStore(t, s)
+	return s
+}
+
+func TestStoreStatsMoney(t *testing.T) {
+	s := storeMoneyFixture(t)
+	type group struct {
+		key                      string
+		requests                 int64
+		cost, quoted, overcharge float64
+	}
+	tests := []struct {
+		name   string
+		q      statsQuery
+		groups []group
+	}{
+		{"by client", statsQuery{GroupBy: "client", Until: storeFixtureT0},
+			[]group{{"", 1, 0.005, 0.005, 0}, {"alice", 2, 0.4, 0.3, 0.1}, {"bob", 1, 0.7, 0.7, 0}}},
+		{"by endpoint", statsQuery{GroupBy: "endpoint", Until: storeFixtureT0},
+			[]group{{"chat", 2, 1, 0.8, 0.2}, {"embeddings", 1, 0.005, 0.005, 0}, {"responses", 1, 0.1, 0.2, -0.1}}},
+		{"client filter", statsQuery{GroupBy: "endpoint", Until: storeFixtureT0, ledgerMatch: ledgerMatch{Client: "alice"}},
+			[]group{{"chat", 1, 0.3, 0.1, 0.2}, {"responses", 1, 0.1, 0.2, -0.1}}},
+		{"endpoint filter", statsQuery{GroupBy: "client", Until: storeFixtureT0, ledgerMatch: ledgerMatch{Endpoint: "chat"}},
+			[]group{{"alice", 1, 0.3, 0.1, 0.2}, {"bob", 1, 0.7, 0.7, 0}}},
+		{"streaming filter", statsQuery{GroupBy: "client", Until: storeFixtureT0, ledgerMatch: ledgerMatch{Streaming: new(true)}},
+			[]group{{"alice", 1, 0.1, 0.2, -0.1}, {"bob", 1, 0.7, 0.7, 0}}},
+	}
+	for _, tt := range tests {
+		res, err := s.Stats(context.Background(), tt.q)
+		if err != nil {
+			t.Fatalf("%s: Stats: %v", tt.name, err)
+		}
+		var got []group
+		for _, g := range res.Groups {
+			got = append(got, group{g.Key, g.Requests, g.CostSats, g.QuotedCostSats, g.OverchargeSats})
+		}
+		if !reflect.DeepEqual(got, tt.groups) {
+			t.Errorf("%s: Stats groups = %+v; want %+v", tt.name, got, tt.groups)
+		}
+	}
+	res, err := s.Stats(context.Background(), statsQuery{Until: storeFixtureT0})
 	if err != nil {
-		return fmt.Errorf("ledger row timestamp: %w", err)
+		t.Fatal(err)
 	}
-	*r = ledgerRow{
-		RequestID:      j.RequestID,
-		Time:           t.UTC(),
-		Model:          j.Model,
-		Provider:       j.Provider,
-		Streaming:      j.Streaming,
-		UsageEstimated: j.UsageEstimated,
-		LatencyMs:      j.LatencyMs,
-		Attempts:       j.Attempts,
-		Success:        j.Success,
-		Status:         j.Status,
+	// Exact to the millisat: 0.3 + 0.1 + 0.7 + 0.005 in float64 is not 1.105.
+	if res.Total.CostSats != 1.105 {
+		t.Errorf("Total.CostSats = %v; want 1.105", res.Total.CostSats)
 	}
-	if j.Policy != nil {
-		r.Policy = *j.Policy
+	if res.Total.QuotedCostSats != 1.005 {
+		t.Errorf("Total.QuotedCostSats = %v; want 1.005", res.Total.QuotedCostSats)
 	}
-	if j.InputTokens != nil {
-		r.HasUsage = true
-		r.InputTokens = *j.InputTokens
+	if res.Total.OverchargeSats != 0.1 {
+		t.Errorf("Total.OverchargeSats = %v; want 0.1", res.Total.OverchargeSats)
 	}
-	if j.OutputTokens != nil {
-		r.OutputTokens = *j.OutputTokens
+}
+
+func TestStoreRequestsSortAndWindow(t *testing.T) {
+	s := storeMoneyFixture(t)
+	t0 := storeFixtureT0
+	tests := []struct {
+		q    requestsQuery
+		want string
+	}{
+		{requestsQuery{}, "m4 m3 m2 m1"},
+		{requestsQuery{Order: "asc"}, "m1 m2 m3 m4"},
+		{requestsQuery{Sort: "cost_sats"}, "m3 m1 m2 m4"},
+		{requestsQuery{Sort: "cost_sats", Order: "asc", Limit: 2}, "m4 m2"},
+		{requestsQuery{Sort: "latency_ms", Order: "asc"}, "m2 m4 m3 m1"},
+		{requestsQuery{Since: t0.Add(-3 * time.Minute), Until: t0.Add(-2 * time.Minute)}, "m3 m2"},
+		{requestsQuery{Since: t0.Add(-time.Minute)}, "m4"},
+		{requestsQuery{ledgerMatch: ledgerMatch{Client: "alice"}}, "m2 m1"},
+		{requestsQuery{ledgerMatch: ledgerMatch{Endpoint: "embeddings"}}, "m4"},
+		{requestsQuery{ledgerMatch: ledgerMatch{Streaming: new(false)}}, "m4 m1"},
 	}
-	if j.CostSats != nil {
-		r.CostMsat = int64(math.Round(*j.CostSats * 1000))
+	for _, tt := range tests {
+		list, err := s.Requests(context.Background(), tt.q)
+		if err != nil {
+			t.Fatalf("Requests(%+v): %v", tt.q, err)
+		}
+		var ids []string
+		for _, r := range list {
+			ids = append(ids, r.RequestID)
+		}
+		if got := strings.Join(ids, " "); got != tt.want {
+			t.Errorf("Requests(%+v) = %q; want %q", tt.q, got, tt.want)
+		}
 	}
-	if j.BaselineCostSats != nil {
-		r.BaselineMsat = int64(math.Round(*j.BaselineCostSats * 1000))
+	for _, q := range []requestsQuery{{Sort: "id; DROP TABLE requests"}, {Order: "sideways"}} {
+		if _, err := s.Requests(context.Background(), q); err == nil {
+			t.Errorf("Requests(%+v) = nil error; want an error", q)
+		}
 	}
-	if j.TTFTMs != nil {
-		r.TTFTMs = *j.TTFTMs
+}
+
+// TestLedgerReadParameters checks the query strings of /v1/requests and
+// /v1/stats: every value that cannot be read is a 400 in OpenAI's shape,
+// never a silent default.
+func TestLedgerReadParameters(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	ta := newArbstr(t, testConfig(prov("a", up.URL, 1, 1)))
+	for range 3 {
+		readBody(t, ta.post(t, "/v1/chat/completions", chatBody))
 	}
-	if j.Error != nil {
-		r.Error = *j.Error
+	now := time.Now().UTC()
+	tests := []struct {
+		path   string
+		status int
+		code   string // for a 400
+		rows   int    // for a 200 of /v1/requests
+	}{
+		{"/v1/requests?limit=%zz", 400, "invalid_query", 0},
+		{"/v1/requests?limit=5;x", 400, "invalid_query", 0},
+		{"/v1/requests?limit=", 400, "invalid_limit", 0},
+		{"/v1/requests?streaming=maybe", 400, "invalid_streaming", 0},
+		{"/v1/requests?since=" + now.Format(time.RFC3339) + "&until=" + now.Add(-time.Hour).Format(time.RFC3339), 400, "invalid_since", 0},
+		{"/v1/requests?range=2h", 400, "invalid_range", 0},
+		{"/v1/requests?page=1&limit=2", 400, "invalid_page", 0},
+		{"/v1/requests?per_page=2&offset=1", 400, "invalid_page", 0},
+		{"/v1/requests?per_page=101", 400, "invalid_per_page", 0},
+		{"/v1/requests?page=0", 400, "invalid_page", 0},
+		{"/v1/requests?sort=id", 400, "invalid_sort", 0},
+		{"/v1/requests?order=up", 400, "invalid_order", 0},
+		{"/v1/stats?group_by=color", 400, "invalid_group_by", 0},
+		{"/v1/stats?provider=%zz", 400, "invalid_query", 0},
+		{"/v1/stats?streaming=maybe", 400, "invalid_streaming", 0},
+		{"/v1/requests", 200, "", 3},
+		{"/v1/requests?page=2&per_page=2", 200, "", 1},
+		{"/v1/requests?per_page=2", 200, "", 2},
+		{"/v1/requests?range=1h&sort=latency_ms&order=asc", 200, "", 3},
+		{"/v1/requests?streaming=true", 200, "", 0},
+		{"/v1/requests?endpoint=chat&client=", 200, "", 3},
+		{"/v1/stats?group_by=client", 200, "", 0},
+		{"/v1/stats?group_by=endpoint&endpoint=chat", 200, "", 0},
 	}
-	return nil
+	for _, tt := range tests {
+		resp, out := ta.get(t, tt.path)
+		if resp.StatusCode != tt.status {
+			t.Errorf("GET %s = %d; want %d (%s)", tt.path, resp.StatusCode, tt.status, out)
+			continue
+		}
+		if tt.status == 400 {
+			if typ, code, _ := apiErr(t, string(out)); typ != "invalid_request_error" || code != tt.code {
+				t.Errorf("GET %s error = %q, %q; want invalid_request_error, %q", tt.path, typ, code, tt.code)
+			}
+			continue
+		}
+		if !strings.HasPrefix(tt.path, "/v1/requests") {
+			continue
+		}
+		var list struct{ Data []ledgerRow }
+		if err := json.Unmarshal(out, &list); err != nil {
+			t.Fatalf("GET %s: %v", tt.path, err)
+		}
+		if len(list.Data) != tt.rows {
+			t.Errorf("GET %s = %d rows; want %d", tt.path, len(list.Data), tt.rows)
+		}
+	}
+}
+
+// TestStoreLockedLedgerKeepsRows holds the write lock from another
+// connection past busy_timeout, as a long backup would: the rows wait,
+// Health says why, reads and new requests are not held up behind it, and
+// once the lock is released every row is written.
+func TestStoreLockedLedgerKeepsRows(t *testing.T) {
+	var logs storeTestLogBuffer
+	path := filepath.Join(t.TempDir(), "arbstr.db")
+	s, err := openStore(path, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.queueSize = 2
+	s.retryFirst, s.retryMax = 10*time.Millisecond, 50*time.Millisecond
+	other, err := sql.Open("sqlite", ledgerDSN(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	conn, err := other.Conn(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.ExecContext(context.Background(), "BEGIN EXCLUSIVE"); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"l1", "l2"} {
+		s.Record(storeTestRow(id, time.Now()))
+	}
+	waitForStore(t, "Health() != nil", func() bool { return s.Health() != nil })
+	if err := s.Health(); !strings.Contains(err.Error(), "2 rows waiting") {
+		t.Errorf("Health() = %q; want it to count the 2 rows waiting", err)
+	}
+	syncTestStore(t, s) // returns while the lock is held
+	if err := s.Admit(context.Background()); !errors.Is(err, ErrLedgerUnavailable) {
+		t.Errorf("Admit with a full queue that cannot be written = %v; want ErrLedgerUnavailable", err)
+	}
+	s.Record(storeTestRow("l3", time.Now())) // an admitted request's row is still taken
+	if _, err := conn.ExecContext(context.Background(), "ROLLBACK"); err != nil {
+		t.Fatal(err)
+	}
+	waitForStore(t, "Health() == nil", func() bool { return s.Health() == nil })
+	syncTestStore(t, s)
+	if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"); got != 3 {
+		t.Errorf("rows after the lock is released = %d; want 3", got)
+	}
+	if err := s.Admit(context.Background()); err != nil {
+		t.Errorf("Admit after recovery = %v; want nil", err)
+	}
+	if got := strings.Count(logs.String(), "ledger write failing"); got != 1 {
+		t.Errorf("failing log lines = %d; want 1 in %s", got, logs.String())
+	}
+}
+
+// TestStoreAdmitWaitsWhenSlow: a full queue whose rows are being written
+// holds a new request back (backpressure) rather than refuse it.
+func TestStoreAdmitWaitsWhenSlow(t *testing.T) {
+	s, path := newTestStoreFile(t)
+	s.queueSize = 1
+	other, err := sql.Open("sqlite", ledgerDSN(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	tx, err := other.Begin() // the writer waits in busy_timeout: slow, not failing
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Record(storeTestRow("slow", time.Now()))
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := s.Admit(ctx); err != context.DeadlineExceeded {
+		t.Errorf("Admit while the queue is full and slow = %v; want %v", err, context.DeadlineExceeded)
+	}
+	tx.Rollback()
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel2()
+	if err := s.Admit(ctx2); err != nil {
+		t.Errorf("Admit once the row is written = %v; want nil", err)
+	}
+}
+
+// TestStoreCloseGivesUp: Close on a ledger that cannot write returns after
+// closeTimeout, logs each unwritten row, and leaves them in the journal,
+// which the next open writes.
+func TestStoreCloseGivesUp(t *testing.T) {
+	storeTestRegisterFail()
+	var logs storeTestLogBuffer
+	path := filepath.Join(t.TempDir(), "arbstr.db")
+	s, err := openStore(path, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.retryFirst, s.retryMax, s.closeTimeout = time.Millisecond, 5*time.Millisecond, 50*time.Millisecond
+	if _, err := s.db.Exec(`CREATE TRIGGER test_fail BEFORE INSERT ON requests BEGIN SELECT store_test_fail(); END`); err != nil {
+		t.Fatal(err)
+	}
+	storeTestFailures.Store(1 << 30)
+	defer storeTestFailures.Store(0)
+	for _, id := range []string{"c1", "c2"} {
+		s.Record(storeTestRow(id, time.Now()))
+	}
+	if err := s.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	for _, id := range []string{"c1", "c2"} {
+		if !strings.Contains(logs.String(), "request_id="+id) {
+			t.Errorf("log after Close = %s; want request_id=%s", logs.String(), id)
+		}
+	}
+	storeTestFailures.Store(0)
+	s = newTestStore(t, path)
+	if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"); got != 2 {
+		t.Errorf("rows after reopen = %d; want 2 from the journal", got)
+	}
+}
+
+// TestStoreJournalReplay opens a ledger beside a journal left by a crash:
+// rows already committed are not written twice nor learned from twice, a
+// line cut short is skipped, and the journal is emptied.
+func TestStoreJournalReplay(t *testing.T) {
+	s, path := newTestStoreFile(t)
+	done := storeTestRow("done", storeFixtureT0)
+	s.Record(done)
+	syncTestStore(t, s)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var journal bytes.Buffer
+	for _, r := range []ledgerRow{done, storeTestRow("lost-1", storeFixtureT0), storeTestRow("lost-2", storeFixtureT0)} {
+		b, _ := json.Marshal(r)
+		journal.Write(append(b, '\n'))
+	}
+	journal.WriteString(`{"request_id":"cut","timest`)
+	if err := os.WriteFile(path+".pending", journal.Bytes(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s = newTestStore(t, path)
+	for _, tt := range []struct {
+		query string
+		want  int64
+	}{
+		{"SELECT COUNT(*) FROM requests", 3},
+		{"SELECT COUNT(*) FROM requests WHERE request_id IN ('done', 'lost-1', 'lost-2')", 3},
+		{"SELECT sample_count FROM token_ratios WHERE policy = ''", 3},
+	} {
+		if got := queryTestInt(t, s.db, tt.query); got != tt.want {
+			t.Errorf("%s = %d; want %d", tt.query, got, tt.want)
+		}
+	}
+	if fi, err := os.Stat(path + ".pending"); err != nil || fi.Size() != 0 {
+		t.Errorf("journal after open = %v, %v; want empty", fi, err)
+	}
+}
+
+// TestStoreJournalEmptied: once every journaled row is committed, the
+// journal is empty again, so that it does not grow with the ledger.
+func TestStoreJournalEmptied(t *testing.T) {
+	s, path := newTestStoreFile(t)
+	for i := range 100 {
+		s.Record(storeTestRow(fmt.Sprintf("j%d", i), time.Now()))
+	}
+	syncTestStore(t, s)
+	waitForStore(t, "an empty journal", func() bool {
+		fi, err := os.Stat(path + ".pending")
+		return err == nil && fi.Size() == 0
+	})
+	if _, err := os.Stat(":memory:.pending"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("stat(%q) = %v; want no journal for an in-memory ledger", ":memory:.pending", err)
+	}
+}
+
+// TestStoreCrashKeepsRecordedRows kills a process that records rows, with
+// SIGKILL, and checks that every row whose Record had returned is in the
+// ledger once it is opened again. The test binary is its own child: with
+// storeCrashEnv set, the test records rows until it is killed, printing each
+// request_id once Record has returned.
+const storeCrashEnv = "ARBSTR_TEST_STORE_CRASH_DB"
+
+func TestStoreCrashKeepsRecordedRows(t *testing.T) {
+	if path := os.Getenv(storeCrashEnv); path != "" {
+		storeCrashChild(path)
+		return
+	}
+	path := filepath.Join(t.TempDir(), "arbstr.db")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestStoreCrashKeepsRecordedRows$")
+	cmd.Env = append(os.Environ(), storeCrashEnv+"="+path)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(out)
+	var ids []string
+	for len(ids) < 2000 && sc.Scan() {
+		if id, ok := strings.CutPrefix(sc.Text(), "recorded "); ok {
+			ids = append(ids, id)
+		}
+	}
+	if err := cmd.Process.Kill(); err != nil { // SIGKILL
+		t.Fatal(err)
+	}
+	for sc.Scan() { // what it printed before it died counts too
+		if id, ok := strings.CutPrefix(sc.Text(), "recorded "); ok {
+			ids = append(ids, id)
+		}
+	}
+	cmd.Wait()
+	if len(ids) < 2000 {
+		t.Fatalf("the child printed %d ids before it ended; want 2000 (did it fail?)", len(ids))
+	}
+	s := newTestStore(t, path)
+	var missing []string
+	for _, id := range ids {
+		if queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests WHERE request_id = ?", id) != 1 {
+			missing = append(missing, id)
+		}
+	}
+	if len(missing) > 0 {
+		t.Errorf("after kill -9, %d of %d recorded rows are not in the ledger once, such as %q",
+			len(missing), len(ids), missing[:min(len(missing), 5)])
+	}
+}
+
+// storeCrashChild records rows from several goroutines until it is killed.
+func storeCrashChild(path string) {
+	s, err := openStore(path, storeTestLogger)
+	if err != nil {
+		fmt.Println("error", err)
+		os.Exit(1)
+	}
+	var mu sync.Mutex
+	for g := range 4 {
+		go func() {
+			for i := 0; ; i++ {
+				id := fmt.Sprintf("g%d-%d", g, i)
+				s.Record(storeTestRow(id, time.Now()))
+				mu.Lock()
+				fmt.Println("recorded " + id)
+				mu.Unlock()
+			}
+		}()
+	}
+	select {}
+}
+
+// TestStoreFileReplaced: a database file deleted or replaced under a
+// running ledger is reported, once, in the log and by Health.
+func TestStoreFileReplaced(t *testing.T) {
+	tests := []struct {
+		name   string
+		change func(path string) error
+		want   string
+	}{
+		{"deleted", os.Remove, "is gone"},
+		{"replaced", func(path string) error {
+			if err := os.WriteFile(path+".new", nil, 0o600); err != nil {
+				return err
+			}
+			return os.Rename(path+".new", path)
+		}, "was replaced"},
+	}
+	old := ledgerFileCheckInterval
+	ledgerFileCheckInterval = 5 * time.Millisecond
+	defer func() { ledgerFileCheckInterval = old }()
+	for _, tt := range tests {
+		var logs storeTestLogBuffer
+		path := filepath.Join(t.TempDir(), "arbstr.db")
+		s, err := openStore(path, slog.New(slog.NewTextHandler(&logs, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Health(); err != nil {
+			t.Errorf("%s: Health() before = %v; want nil", tt.name, err)
+		}
+		if err := tt.change(path); err != nil {
+			t.Fatal(err)
+		}
+		waitForStore(t, "Health() != nil", func() bool { return s.Health() != nil })
+		if err := s.Health(); !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: Health() = %q; want %q", tt.name, err, tt.want)
+		}
+		time.Sleep(20 * time.Millisecond) // a few more checks, which must not log again
+		if got := strings.Count(logs.String(), "ledger file changed"); got != 1 {
+			t.Errorf("%s: log lines = %d; want 1 in %s", tt.name, got, logs.String())
+		}
+		s.Close()
+	}
+}
+
+// TestStoreForeignDatabase: a file whose tables another program wrote is
+// refused at open, and left exactly as it was.
+func TestStoreForeignDatabase(t *testing.T) {
+	tests := []struct {
+		name    string
+		schema  string
+		version int
+		want    string
+	}{
+		{"other requests table", `CREATE TABLE requests (id INTEGER PRIMARY KEY, url TEXT, method TEXT)`, 0, "missing (request_id"},
+		{"a column renamed", strings.Replace(storeV1Schema, "  error TEXT\n", "  error_text TEXT\n", 1), 1, "unknown (error_text)"},
+		{"version 3 without its columns", storeV1Schema, 3, "missing (client, quoted_cost_sats, cost_source, endpoint)"},
+		{"other token_ratios", `CREATE TABLE token_ratios (policy TEXT, ratio REAL)`, 2, "token_ratios"},
+		{"newer arbstr", storeV1Schema, 99, "newer than this arbstr"},
+	}
+	for _, tt := range tests {
+		path := filepath.Join(t.TempDir(), "foreign.db")
+		db, err := sql.Open("sqlite", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, stmt := range []string{tt.schema, fmt.Sprintf("PRAGMA user_version = %d", tt.version)} {
+			if _, err := db.Exec(stmt); err != nil {
+				t.Fatalf("%s: %v", tt.name, err)
+			}
+		}
+		db.Close()
+		before, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := openStore(path, storeTestLogger)
+		if err == nil {
+			s.Close()
+			t.Fatalf("%s: openStore = nil error; want a refusal", tt.name)
+		}
+		if !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: openStore error = %q; want %q", tt.name, err, tt.want)
+		}
+		after, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(before, after) {
+			t.Errorf("%s: the refused file changed", tt.name)
+		}
+		if _, err := os.Stat(path + ".pending"); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s: a journal was created beside the refused file: %v", tt.name, err)
+		}
+	}
+}
+
+// TestStoreJournalRewrite: a journal that grew large while rows kept coming
+// is rewritten with only the rows not yet committed.
+func TestStoreJournalRewrite(t *testing.T) {
+	s, path := newTestStoreFile(t)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.queue = append(s.queue, storeTestRow("q1", time.Now()), storeTestRow("q2", time.Now()))
+	s.recorded += 2
+	s.journalSize = ledgerJournalRewrite
+	s.trimJournal()
+	b, err := os.ReadFile(path + ".pending")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for line := range strings.Lines(string(b)) {
+		var r ledgerRow
+		if err := json.Unmarshal([]byte(line), &r); err != nil {
+			t.Fatalf("journal line %q: %v", line, err)
+		}
+		ids = append(ids, r.RequestID)
+	}
+	if got := strings.Join(ids, " "); got != "q1 q2" {
+		t.Errorf("journal after rewrite = %q; want %q", got, "q1 q2")
+	}
+	if s.journalSize != int64(len(b)) {
+		t.Errorf("journalSize = %d; want %d", s.journalSize, len(b))
+	}
 }
 
 // ---- Benchmarks (§10, issue 5) ----
@@ -2954,7 +3534,7 @@ func TestFailedAttemptUsageNotCharged(t *testing.T) {
 		t.Fatalf("status = %d: %s", resp.StatusCode, out)
 	}
 	rows := ta.rows(t)
-	if len(rows) != 1 || rows[0].HasUsage || rows[0].CostMsat != 0 || rows[0].InputTokens != 0 {
+	if len(rows) != 1 || rows[0].InputTokens != nil || rows[0].Cost != nil {
 		t.Errorf("a failed request was charged: %+v", rows)
 	}
 }
@@ -3447,11 +4027,11 @@ func TestResponses(t *testing.T) {
 		if !w.success {
 			continue
 		}
-		if r.InputTokens != w.in {
-			t.Errorf("row %d: input tokens = %d; want %d", i, r.InputTokens, w.in)
+		if deref(r.InputTokens) != w.in {
+			t.Errorf("row %d: input tokens = %d; want %d", i, deref(r.InputTokens), w.in)
 		}
-		if r.OutputTokens != w.out {
-			t.Errorf("row %d: output tokens = %d; want %d", i, r.OutputTokens, w.out)
+		if deref(r.OutputTokens) != w.out {
+			t.Errorf("row %d: output tokens = %d; want %d", i, deref(r.OutputTokens), w.out)
 		}
 	}
 }
@@ -3504,11 +4084,11 @@ func TestEmbeddings(t *testing.T) {
 	if len(rows) != 1 {
 		t.Fatalf("%d rows; want 1", len(rows))
 	}
-	if rows[0].InputTokens != 8 {
-		t.Errorf("input tokens = %d; want 8", rows[0].InputTokens)
+	if deref(rows[0].InputTokens) != 8 {
+		t.Errorf("input tokens = %d; want 8", deref(rows[0].InputTokens))
 	}
-	if rows[0].OutputTokens != 0 {
-		t.Errorf("output tokens = %d; want 0", rows[0].OutputTokens)
+	if deref(rows[0].OutputTokens) != 0 {
+		t.Errorf("output tokens = %d; want 0", deref(rows[0].OutputTokens))
 	}
 }
 
@@ -3595,8 +4175,8 @@ func TestEstimatesSeeEverything(t *testing.T) {
 			if !rows[0].UsageEstimated {
 				t.Errorf("usage_estimated = false; want true")
 			}
-			if rows[0].OutputTokens != tc.wantOut {
-				t.Errorf("output tokens = %d; want %d", rows[0].OutputTokens, tc.wantOut)
+			if deref(rows[0].OutputTokens) != tc.wantOut {
+				t.Errorf("output tokens = %d; want %d", deref(rows[0].OutputTokens), tc.wantOut)
 			}
 		})
 	}

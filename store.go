@@ -1,41 +1,42 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math"
 	"net/url"
+	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
-
-	"modernc.org/sqlite"
-	sqlite3 "modernc.org/sqlite/lib"
 )
 
-// The ledger (SPEC §8) is one SQLite file. Request handlers hand rows to
-// Record, which only queues them; one writer goroutine owns every write and
-// commits the queue in batches, so that no request waits on the disk (§8.2).
-// Reads (§8.3, /v1/requests) go through the same pool, which WAL lets run
-// beside the writer.
+// The ledger is one SQLite file. Request handlers hand rows to Record, which
+// appends each to a journal file and queues it; one writer goroutine owns
+// every write and commits the queue in batches, so that no request waits on
+// a commit. Reads (/v1/stats, /v1/requests) go through the same pool, which
+// WAL lets run beside the writer.
 
 // ledgerTimeFormat is how timestamps are stored: UTC, RFC 3339, fixed width,
-// milliseconds (§8.1). Fixed width makes string order time order, so every
-// time comparison in SQL formats its parameter with the same layout.
+// milliseconds. Fixed width makes string order time order, so every time
+// comparison in SQL formats its parameter with the same layout.
 const ledgerTimeFormat = "2006-01-02T15:04:05.000Z"
 
 func ledgerTime(t time.Time) string { return t.UTC().Format(ledgerTimeFormat) }
 
 const (
-	// ledgerQueueSize is how many rows may wait for the writer. Beyond it
-	// Record blocks: a full queue slows requests down, it never loses rows
-	// (§8.2).
+	// ledgerQueueSize is how many rows may wait for the writer before new
+	// requests are held at admission (Admit). Record itself never blocks and
+	// never refuses: the row of an admitted request is always taken.
 	ledgerQueueSize = 4096
 	// ledgerBatchSize caps the rows committed in one transaction, so that a
 	// burst does not hold the write lock for long.
@@ -43,27 +44,46 @@ const (
 	// ledgerLinger is how long the writer waits for more rows before it
 	// commits a batch. A commit costs far more than a row; on a small
 	// machine, committing each row alone took CPU from the requests
-	// themselves (issue 3 asks that logging cost no measurable latency).
-	// Readers do not wait it out: Sync asks for the commit at once.
+	// themselves. Readers do not wait it out: Sync asks for the commit at
+	// once.
 	ledgerLinger = 20 * time.Millisecond
 	// ledgerBusyTimeoutMs is how long a statement waits for a lock held by
 	// another connection (a backup, the sqlite3 shell) before failing.
 	ledgerBusyTimeoutMs = 5000
+	// ledgerSyncWait bounds how long Sync waits for a commit to end, so that
+	// a read endpoint answers with what is committed rather than hang behind
+	// a writer that waits for a lock.
+	ledgerSyncWait = 2 * time.Second
 )
 
-// ledgerRetryDelays are the pauses between attempts to commit a batch that
-// failed for a reason that may pass (a lock held past busy_timeout, a full
-// disk being cleaned up). They are bounded so that a broken disk cannot stop
-// shutdown; after the last, each row of the batch is logged, with its
-// request_id, as not written.
-var ledgerRetryDelays = []time.Duration{50 * time.Millisecond, 250 * time.Millisecond, time.Second, 2 * time.Second}
+var (
+	// ledgerRetryFirst and ledgerRetryMax bound the pause between attempts
+	// to commit a batch that failed (a lock held past busy_timeout, a full
+	// disk, a read-only file): it doubles from the first to the max, and
+	// the batch is retried until it is written.
+	ledgerRetryFirst = 50 * time.Millisecond
+	ledgerRetryMax   = 3 * time.Second
+	// ledgerCloseTimeout is how long Close keeps retrying rows that cannot
+	// be written before it gives up on them (they stay in the journal, and
+	// the next start writes them).
+	ledgerCloseTimeout = 10 * time.Second
+	// ledgerFileCheckInterval is how often the writer checks that the
+	// database path still names the file it opened, so that a file deleted
+	// or replaced under a running arbstr is noticed. Tests shorten it.
+	ledgerFileCheckInterval = 15 * time.Second
+)
+
+// ErrLedgerUnavailable is Admit's answer when the queue is full because the
+// ledger cannot write: a request admitted now could not be recorded, so it
+// must be refused before anything is spent on it.
+var ErrLedgerUnavailable = errors.New("the ledger cannot be written and its queue is full")
 
 // ledgerMigrations takes the schema from version i to version i+1; the
 // version is kept in the file as PRAGMA user_version. Each runs in its own
 // transaction, so that a later arbstr migrates an existing file in place
-// without losing rows (§8.1). Append only: never edit a released step.
+// without losing rows. Append only: never edit a released step.
 var ledgerMigrations = []string{
-	// 1: the §8.1 schema. IF NOT EXISTS lets a ledger written by the
+	// 1: the first schema. IF NOT EXISTS lets a ledger written by the
 	// original arbstr, which has these tables and user_version 0, be adopted
 	// as it is.
 	`CREATE TABLE IF NOT EXISTS requests (
@@ -94,153 +114,179 @@ var ledgerMigrations = []string{
 	// 2: an index for the reads. Stats windows and the newest-first listing
 	// scan by timestamp, and filter the window's rows. One index, not one
 	// per filter column: every index is paid for on every insert, and the
-	// writer's rows per second matter more than a filtered read (issue 5).
+	// writer's rows per second matter more than a filtered read.
 	`CREATE INDEX IF NOT EXISTS requests_timestamp ON requests (timestamp);`,
+	// 3: the client that sent the request, what the provider charged
+	// beside what its price list quoted, and the API endpoint. Rows written
+	// before have no client and were all chat completions.
+	`ALTER TABLE requests ADD COLUMN client TEXT NOT NULL DEFAULT '';
+	ALTER TABLE requests ADD COLUMN quoted_cost_sats REAL;
+	ALTER TABLE requests ADD COLUMN cost_source TEXT;
+	ALTER TABLE requests ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat';`,
 }
+
+// ledgerShapes are the column lists, in order, that the requests table of
+// an arbstr ledger has from a schema version on, oldest first. A file whose
+// table has another shape, or a shape its version does not match, belongs
+// to another program (or was edited by hand) and is not touched.
+var ledgerShapes = []struct {
+	since   int // the first user_version with these columns
+	columns []string
+}{
+	{0, strings.Fields(`id request_id timestamp policy model provider streaming
+		input_tokens output_tokens usage_estimated cost_sats baseline_cost_sats
+		latency_ms ttft_ms attempts success status error`)},
+	{3, strings.Fields(`id request_id timestamp policy model provider streaming
+		input_tokens output_tokens usage_estimated cost_sats baseline_cost_sats
+		latency_ms ttft_ms attempts success status error
+		client quoted_cost_sats cost_source endpoint`)},
+}
+
+// ledgerRatioColumns are the columns of token_ratios, which no step changes.
+var ledgerRatioColumns = []string{"policy", "avg_ratio", "sample_count"}
 
 // ledgerColumns are the columns of requests that a ledgerRow holds, in the
-// order of ledgerRow.insertArgs and scanLedgerRow.
+// order of ledgerRow.fields. Adding a column means a migration step, an
+// entry in ledgerShapes, a field, and its place here and in fields.
 const ledgerColumns = `request_id, timestamp, policy, model, provider, streaming,
 	input_tokens, output_tokens, usage_estimated, cost_sats, baseline_cost_sats,
-	latency_ms, ttft_ms, attempts, success, status, error`
+	latency_ms, ttft_ms, attempts, success, status, error,
+	client, quoted_cost_sats, cost_source, endpoint`
 
-// ledgerRow is one request (SPEC §8.1). Costs are integer millisats, as the
-// router computes them (§4.1); the table stores sats as REAL.
+// ledgerRow is one request, as the requests table holds it and as
+// /v1/requests shows it: a nil pointer is a NULL column and a JSON null.
+// Costs are integer millisats (msats), stored and shown as sats.
 type ledgerRow struct {
-	RequestID      string
-	Time           time.Time // when the request arrived
-	Policy         string    // "" → NULL
-	Model          string
-	Provider       string // provider of the last attempt, "" if none
-	Streaming      bool
-	HasUsage       bool // false: input/output tokens, cost and baseline are NULL (no upstream answer)
-	InputTokens    int64
-	OutputTokens   int64
-	UsageEstimated bool
-	CostMsat       int64
-	BaselineMsat   int64
-	LatencyMs      int64
-	TTFTMs         int64 // streaming only; stored NULL when !Streaming
-	Attempts       int
-	Success        bool
-	Status         int
-	Error          string // "" → NULL
+	RequestID      string      `json:"request_id"`
+	Time           ledgerStamp `json:"timestamp"` // when the request arrived
+	Policy         *string     `json:"policy"`
+	Model          string      `json:"model"`
+	Provider       string      `json:"provider"` // provider of the last attempt, "" if none
+	Streaming      bool        `json:"streaming"`
+	InputTokens    *int64      `json:"input_tokens"` // nil without an upstream answer
+	OutputTokens   *int64      `json:"output_tokens"`
+	UsageEstimated bool        `json:"usage_estimated"`
+	Cost           *msats      `json:"cost_sats"`          // what the request cost
+	BaselineCost   *msats      `json:"baseline_cost_sats"` // the same tokens at the priciest qualified candidate
+	LatencyMs      *int64      `json:"latency_ms"`
+	TTFTMs         *int64      `json:"ttft_ms"` // streaming only
+	Attempts       int         `json:"attempts"`
+	Success        bool        `json:"success"`
+	Status         int         `json:"status"`
+	Error          *string     `json:"error"`
+	Client         string      `json:"client"`           // "" without one
+	QuotedCost     *msats      `json:"quoted_cost_sats"` // the same tokens at the price list in force
+	CostSource     *string     `json:"cost_source"`      // "provider", "rates" or "estimate"
+	Endpoint       string      `json:"endpoint"`         // "chat" (also ""), "responses", "embeddings"
 }
 
-func (r *ledgerRow) insertArgs() []any {
-	var in, out, cost, baseline, ttft any // nil is NULL
-	if r.HasUsage {
-		in, out = r.InputTokens, r.OutputTokens
-		cost, baseline = float64(r.CostMsat)/1000, float64(r.BaselineMsat)/1000
-	}
-	if r.Streaming {
-		ttft = r.TTFTMs
-	}
+// fields points at the fields of r in the order of ledgerColumns: Scan
+// fills them, and an INSERT takes them as arguments (database/sql reads a
+// nil pointer as NULL).
+func (r *ledgerRow) fields() []any {
 	return []any{
-		r.RequestID, ledgerTime(r.Time), ledgerNullString(r.Policy), r.Model, r.Provider, r.Streaming,
-		in, out, r.UsageEstimated, cost, baseline,
-		r.LatencyMs, ttft, r.Attempts, r.Success, r.Status, ledgerNullString(r.Error),
+		&r.RequestID, &r.Time, &r.Policy, &r.Model, &r.Provider, &r.Streaming,
+		&r.InputTokens, &r.OutputTokens, &r.UsageEstimated, &r.Cost, &r.BaselineCost,
+		&r.LatencyMs, &r.TTFTMs, &r.Attempts, &r.Success, &r.Status, &r.Error,
+		&r.Client, &r.QuotedCost, &r.CostSource, &r.Endpoint,
 	}
 }
 
-func ledgerNullString(s string) any {
-	if s == "" {
-		return nil
-	}
-	return s
-}
+var ledgerInsert = "INSERT OR IGNORE INTO requests (" + ledgerColumns + ") VALUES (?" +
+	strings.Repeat(", ?", strings.Count(ledgerColumns, ",")) + ")"
 
 // teachesRatio reports whether the row counts toward its policy's learned
-// output/input ratio (§4.1, §8.2): a success whose usage the provider
-// reported. Estimated usage would teach the estimator its own guess.
+// output/input ratio: a success whose usage the provider reported.
+// Estimated usage would teach the estimator its own guess.
 func (r *ledgerRow) teachesRatio() bool {
-	return r.Success && r.HasUsage && !r.UsageEstimated && r.InputTokens > 0
+	return r.Success && r.InputTokens != nil && r.OutputTokens != nil && !r.UsageEstimated && *r.InputTokens > 0
 }
 
-func scanLedgerRow(sc interface{ Scan(...any) error }) (ledgerRow, error) {
-	var (
-		r                      ledgerRow
-		timestamp              string
-		policy, errText        sql.NullString
-		in, out, latency, ttft sql.NullInt64
-		cost, baseline         sql.NullFloat64
-	)
-	err := sc.Scan(&r.RequestID, &timestamp, &policy, &r.Model, &r.Provider, &r.Streaming,
-		&in, &out, &r.UsageEstimated, &cost, &baseline,
-		&latency, &ttft, &r.Attempts, &r.Success, &r.Status, &errText)
+// policyKey is the row's policy as token_ratios keys it: "" for none.
+func (r *ledgerRow) policyKey() string {
+	if r.Policy == nil {
+		return ""
+	}
+	return *r.Policy
+}
+
+// msats is an amount in millisats. Amounts are computed and summed as
+// integers, so that they are exact; the table and the JSON show sats, and
+// reading a REAL back rounds to the millisat it was written from.
+type msats int64
+
+func (m msats) sats() float64 { return float64(m) / 1000 }
+
+func satsToMsats(sats float64) msats { return msats(math.Round(sats * 1000)) }
+
+func (m msats) Value() (driver.Value, error) { return m.sats(), nil }
+
+func (m *msats) Scan(src any) error {
+	switch v := src.(type) {
+	case float64:
+		*m = satsToMsats(v)
+	case int64:
+		*m = msats(v * 1000)
+	default:
+		return fmt.Errorf("cost: %T is not a number", src)
+	}
+	return nil
+}
+
+func (m msats) MarshalJSON() ([]byte, error) { return json.Marshal(m.sats()) }
+
+func (m *msats) UnmarshalJSON(b []byte) error {
+	var f float64
+	if err := json.Unmarshal(b, &f); err != nil {
+		return err
+	}
+	*m = satsToMsats(f)
+	return nil
+}
+
+// ledgerStamp is a request's time as the ledger keeps it: ledgerTimeFormat
+// in the table and in JSON, so that it is UTC with fixed-width milliseconds.
+type ledgerStamp struct{ time.Time }
+
+func (t ledgerStamp) Value() (driver.Value, error) { return ledgerTime(t.Time), nil }
+
+func (t *ledgerStamp) Scan(src any) error {
+	switch v := src.(type) {
+	case string:
+		return t.parse(v)
+	case []byte:
+		return t.parse(string(v))
+	case time.Time:
+		t.Time = v.UTC()
+		return nil
+	}
+	return fmt.Errorf("timestamp: %T is not a time", src)
+}
+
+func (t *ledgerStamp) parse(s string) error {
+	v, err := time.Parse(ledgerTimeFormat, s)
 	if err != nil {
-		return ledgerRow{}, err
-	}
-	if r.Time, err = time.Parse(ledgerTimeFormat, timestamp); err != nil {
 		// A row written by another tool may use another RFC 3339 form.
-		if r.Time, err = time.Parse(time.RFC3339Nano, timestamp); err != nil {
-			return ledgerRow{}, fmt.Errorf("request %s: timestamp %q: %w", r.RequestID, timestamp, err)
+		if v, err = time.Parse(time.RFC3339Nano, s); err != nil {
+			return fmt.Errorf("timestamp %q: %w", s, err)
 		}
-		r.Time = r.Time.UTC()
 	}
-	r.Policy, r.Error = policy.String, errText.String
-	r.HasUsage = in.Valid
-	r.InputTokens, r.OutputTokens = in.Int64, out.Int64
-	r.CostMsat = int64(math.Round(cost.Float64 * 1000))
-	r.BaselineMsat = int64(math.Round(baseline.Float64 * 1000))
-	r.LatencyMs, r.TTFTMs = latency.Int64, ttft.Int64
-	return r, nil
+	t.Time = v.UTC()
+	return nil
 }
 
-// ledgerRowJSON is a ledgerRow as /v1/requests shows it: the §8.1 column
-// names, sats as numbers, and null where the column is NULL.
-type ledgerRowJSON struct {
-	RequestID        string   `json:"request_id"`
-	Timestamp        string   `json:"timestamp"`
-	Policy           *string  `json:"policy"`
-	Model            string   `json:"model"`
-	Provider         string   `json:"provider"`
-	Streaming        bool     `json:"streaming"`
-	InputTokens      *int64   `json:"input_tokens"`
-	OutputTokens     *int64   `json:"output_tokens"`
-	UsageEstimated   bool     `json:"usage_estimated"`
-	CostSats         *float64 `json:"cost_sats"`
-	BaselineCostSats *float64 `json:"baseline_cost_sats"`
-	LatencyMs        int64    `json:"latency_ms"`
-	TTFTMs           *int64   `json:"ttft_ms"`
-	Attempts         int      `json:"attempts"`
-	Success          bool     `json:"success"`
-	Status           int      `json:"status"`
-	Error            *string  `json:"error"`
+func (t ledgerStamp) MarshalJSON() ([]byte, error) { return json.Marshal(ledgerTime(t.Time)) }
+
+func (t *ledgerStamp) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return err
+	}
+	return t.parse(s)
 }
 
-func (r ledgerRow) MarshalJSON() ([]byte, error) {
-	j := ledgerRowJSON{
-		RequestID:      r.RequestID,
-		Timestamp:      ledgerTime(r.Time),
-		Model:          r.Model,
-		Provider:       r.Provider,
-		Streaming:      r.Streaming,
-		UsageEstimated: r.UsageEstimated,
-		LatencyMs:      r.LatencyMs,
-		Attempts:       r.Attempts,
-		Success:        r.Success,
-		Status:         r.Status,
-	}
-	if r.Policy != "" {
-		j.Policy = &r.Policy
-	}
-	if r.HasUsage {
-		cost, baseline := float64(r.CostMsat)/1000, float64(r.BaselineMsat)/1000
-		j.InputTokens, j.OutputTokens = &r.InputTokens, &r.OutputTokens
-		j.CostSats, j.BaselineCostSats = &cost, &baseline
-	}
-	if r.Streaming {
-		j.TTFTMs = &r.TTFTMs
-	}
-	if r.Error != "" {
-		j.Error = &r.Error
-	}
-	return json.Marshal(j)
-}
-
-// tokenRatio is a policy's learned output/input ratio (§4.1): the plain
-// running mean of n per-request ratios.
+// tokenRatio is a policy's learned output/input ratio: the plain running
+// mean of n per-request ratios.
 type tokenRatio struct {
 	avg float64
 	n   int64
@@ -250,30 +296,42 @@ func (t tokenRatio) add(r float64) tokenRatio {
 	return tokenRatio{avg: (t.avg*float64(t.n) + r) / float64(t.n+1), n: t.n + 1}
 }
 
-// Store is the ledger. Record queues rows for the writer goroutine; the read
-// methods query the database directly.
+// Store is the ledger. Record journals and queues rows for the writer
+// goroutine; the read methods query the database directly.
 type Store struct {
 	db     *sql.DB
 	logger *slog.Logger
+	path   string      // the database file; "" for ":memory:"
+	file   os.FileInfo // the database file as opened, to notice it replaced
 
 	insertRow   *sql.Stmt
 	upsertRatio *sql.Stmt
 
-	mu     sync.RWMutex // guards closed and the open state of queue
-	closed bool
-	queue  chan ledgerRow
+	mu          sync.Mutex    // guards the fields up to progress, and appends to journal
+	queue       []ledgerRow   // rows recorded and not yet taken by the writer
+	writing     int           // rows taken by the writer and not yet committed
+	closed      bool          // Close was called; Record takes no more rows
+	closeBy     time.Time     // after Close, when the writer gives up on rows it cannot write
+	journal     *os.File      // path+".pending"; nil for ":memory:"
+	journalSize int64         // bytes appended to journal since it was last emptied
+	rewriteAt   int64         // the journalSize at which trimJournal rewrites a journal it cannot empty
+	journalErr  error         // the last failed append to journal, nil once one succeeds
+	writeErr    error         // the last failed commit while rows wait to be retried; nil when writing works
+	fileErr     error         // the database file was deleted or replaced
+	recorded    int64         // rows taken by Record, ever
+	handled     int64         // rows committed (or given up on), ever; the writer takes rows in order
+	progress    chan struct{} // closed, and replaced, when handled or writeErr changes
 
-	// enqueued counts rows handed to the queue, counted before the send;
-	// handled counts rows the writer has committed (or given up on). Sync
-	// waits for handled to reach enqueued as it was when Sync was called.
-	enqueued   atomic.Int64
-	progressMu sync.Mutex // guards handled and progress
-	handled    int64
-	progress   chan struct{} // closed, and replaced, whenever handled grows
+	wake       chan struct{} // rows arrived, a batch is full, or Close was called
+	flushNow   chan struct{} // Sync's request to commit without lingering
+	writerDone chan struct{} // closed when the writer has exited
 
-	writerDone  chan struct{}   // closed when the writer has drained the queue and exited
-	flushNow    chan struct{}   // Sync's request to commit without lingering
-	retryDelays []time.Duration // ledgerRetryDelays; shortened by tests
+	// Tunables, copied from the package defaults at open; tests shorten them.
+	queueSize      int
+	retryFirst     time.Duration
+	retryMax       time.Duration
+	closeTimeout   time.Duration
+	fileCheckEvery time.Duration
 
 	ratiosMu sync.RWMutex // guards ratios
 	ratios   map[string]tokenRatio
@@ -283,9 +341,17 @@ type Store struct {
 }
 
 // openStore opens (creating and migrating as needed) the ledger at path, a
-// file path or ":memory:", and starts its writer. Close stops it.
+// file path or ":memory:", writes the rows its journal holds from a previous
+// run, and starts its writer. Close stops it.
 func openStore(path string, logger *slog.Logger) (*Store, error) {
 	memory := path == ":memory:"
+	if !memory {
+		// Before the DSN's pragmas switch the file to WAL: a file that
+		// belongs to another program must be left exactly as it is.
+		if err := checkLedgerShape(path); err != nil {
+			return nil, fmt.Errorf("open ledger: %w", err)
+		}
+	}
 	db, err := sql.Open("sqlite", ledgerDSN(path))
 	if err != nil {
 		return nil, fmt.Errorf("open ledger: %w", err)
@@ -299,10 +365,10 @@ func openStore(path string, logger *slog.Logger) (*Store, error) {
 		db.SetConnMaxLifetime(0)
 	} else {
 		// WAL lets readers run beside the one writer; a few connections
-		// are plenty, and each costs memory on a small machine (§10).
+		// are plenty, and each costs memory on a small machine.
 		db.SetMaxOpenConns(8)
 	}
-	s, err := newStore(db, memory, logger)
+	s, err := newStore(db, path, memory, logger)
 	if err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open ledger: %w", err)
@@ -311,25 +377,103 @@ func openStore(path string, logger *slog.Logger) (*Store, error) {
 }
 
 // ledgerDSN sets busy_timeout first, so that the pragmas after it wait for a
-// lock rather than fail, then WAL and synchronous=NORMAL (§8.1): durable
-// across a crash of arbstr, at most the last transactions lost on a power
-// cut, and no fsync per commit. _txlock=immediate takes the write lock at
-// BEGIN, where busy_timeout applies, rather than on the first write of a
+// lock rather than fail, then WAL and synchronous=NORMAL: durable across a
+// crash of arbstr, at most the last transactions lost on a power cut, and
+// no fsync per commit. _txlock=immediate takes the write lock at BEGIN,
+// where busy_timeout applies, rather than on the first write of a
 // transaction, where a lock upgrade can fail at once with SQLITE_BUSY.
 func ledgerDSN(path string) string {
 	if path == ":memory:" {
 		return ":memory:?_txlock=immediate"
 	}
-	// A file: URI, so that a '?' or '#' in the path is escaped rather than
-	// read as the start of the parameters. Clean turns a leading "//",
-	// which a URI would read as an authority, into "/".
-	u := url.URL{Path: filepath.ToSlash(filepath.Clean(path))}
-	return "file:" + u.EscapedPath() +
-		fmt.Sprintf("?_pragma=busy_timeout(%d)", ledgerBusyTimeoutMs) +
-		"&_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)&_txlock=immediate"
+	return ledgerFileURI(path) + "&_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)&_txlock=immediate"
 }
 
-func newStore(db *sql.DB, memory bool, logger *slog.Logger) (*Store, error) {
+// ledgerFileURI is a file: URI for path with busy_timeout set, so that a '?'
+// or '#' in the path is escaped rather than read as the start of the
+// parameters. Clean turns a leading "//", which a URI would read as an
+// authority, into "/".
+func ledgerFileURI(path string) string {
+	u := url.URL{Path: filepath.ToSlash(filepath.Clean(path))}
+	return "file:" + u.EscapedPath() + fmt.Sprintf("?_pragma=busy_timeout(%d)", ledgerBusyTimeoutMs)
+}
+
+// checkLedgerShape refuses a file that arbstr did not write, or that a newer
+// arbstr did, reading it only: no pragma that writes, no migration, so that
+// the file is left exactly as it was. A file that does not exist yet is
+// fine.
+func checkLedgerShape(path string) error {
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	db, err := sql.Open("sqlite", ledgerFileURI(path))
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	var version int
+	if err := db.QueryRow("PRAGMA user_version").Scan(&version); err != nil {
+		return fmt.Errorf("read %s: %w", path, err)
+	}
+	if version > len(ledgerMigrations) {
+		return fmt.Errorf("%s: schema version %d is newer than this arbstr knows (%d)", path, version, len(ledgerMigrations))
+	}
+	want := ledgerShapes[0].columns
+	for _, shape := range ledgerShapes {
+		if shape.since <= version {
+			want = shape.columns
+		}
+	}
+	for _, t := range []struct {
+		name string
+		want []string
+	}{{"requests", want}, {"token_ratios", ledgerRatioColumns}} {
+		cols, err := tableColumns(db, t.name)
+		if err != nil {
+			return fmt.Errorf("read %s: %w", path, err)
+		}
+		if len(cols) > 0 && !slices.Equal(cols, t.want) {
+			return foreignTableError(path, t.name, version, cols, t.want)
+		}
+	}
+	return nil
+}
+
+func foreignTableError(path, table string, version int, cols, want []string) error {
+	var missing, extra []string
+	for _, c := range want {
+		if !slices.Contains(cols, c) {
+			missing = append(missing, c)
+		}
+	}
+	for _, c := range cols {
+		if !slices.Contains(want, c) {
+			extra = append(extra, c)
+		}
+	}
+	return fmt.Errorf("%s is not an arbstr ledger of schema version %d: its table %s has columns (%s), "+
+		"missing (%s), unknown (%s); refusing to change it (point database.path at another file)",
+		path, version, table, strings.Join(cols, ", "), strings.Join(missing, ", "), strings.Join(extra, ", "))
+}
+
+func tableColumns(db *sql.DB, table string) ([]string, error) {
+	rows, err := db.Query("SELECT name FROM pragma_table_info(?) ORDER BY cid", table)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var cols []string
+	for rows.Next() {
+		var name string
+		if err := rows.Scan(&name); err != nil {
+			return nil, err
+		}
+		cols = append(cols, name)
+	}
+	return cols, rows.Err()
+}
+
+func newStore(db *sql.DB, path string, memory bool, logger *slog.Logger) (*Store, error) {
 	ctx := context.Background()
 	var mode string
 	if err := db.QueryRowContext(ctx, "PRAGMA journal_mode").Scan(&mode); err != nil {
@@ -349,28 +493,52 @@ func newStore(db *sql.DB, memory bool, logger *slog.Logger) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{
-		db:          db,
-		logger:      logger,
-		queue:       make(chan ledgerRow, ledgerQueueSize),
-		flushNow:    make(chan struct{}, 1),
-		progress:    make(chan struct{}),
-		writerDone:  make(chan struct{}),
-		ratios:      ratios,
-		retryDelays: ledgerRetryDelays,
+		db:             db,
+		logger:         logger,
+		progress:       make(chan struct{}),
+		wake:           make(chan struct{}, 1),
+		flushNow:       make(chan struct{}, 1),
+		writerDone:     make(chan struct{}),
+		queueSize:      ledgerQueueSize,
+		retryFirst:     ledgerRetryFirst,
+		retryMax:       ledgerRetryMax,
+		closeTimeout:   ledgerCloseTimeout,
+		fileCheckEvery: ledgerFileCheckInterval,
+		rewriteAt:      ledgerJournalRewrite,
+		ratios:         ratios,
 	}
-	s.insertRow, err = db.PrepareContext(ctx,
-		"INSERT INTO requests ("+ledgerColumns+") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-	if err != nil {
+	if s.insertRow, err = db.PrepareContext(ctx, ledgerInsert); err != nil {
 		return nil, err
 	}
 	s.upsertRatio, err = db.PrepareContext(ctx, `INSERT INTO token_ratios (policy, avg_ratio, sample_count) VALUES (?, ?, ?)
 		ON CONFLICT (policy) DO UPDATE SET avg_ratio = excluded.avg_ratio, sample_count = excluded.sample_count`)
+	if err == nil && !memory {
+		s.path = path
+		s.file, err = os.Stat(path)
+		if err == nil {
+			err = s.openJournal()
+		}
+	}
 	if err != nil {
-		s.insertRow.Close()
+		s.closeStatements()
 		return nil, err
 	}
 	go s.write()
+	if !memory {
+		go s.watchFile()
+	}
 	return s, nil
+}
+
+func (s *Store) closeStatements() {
+	for _, st := range []*sql.Stmt{s.insertRow, s.upsertRatio} {
+		if st != nil {
+			st.Close()
+		}
+	}
+	if s.journal != nil {
+		s.journal.Close()
+	}
 }
 
 // migrateLedger brings the schema to len(ledgerMigrations), one step per
@@ -431,80 +599,289 @@ func loadTokenRatios(ctx context.Context, db *sql.DB) (map[string]tokenRatio, er
 	return ratios, rows.Err()
 }
 
-// Record queues row for the writer. It never touches the disk on the
-// caller's goroutine; it blocks only while the queue is full (§8.2). A zero
-// Time is taken as now.
-//
-// Record after Close cannot write: the database is closed. main closes the
-// store only after the HTTP server has drained (§2), so no handler is left to
-// call it; should one, the row is logged with its request_id and Record
-// returns, rather than panic on the closed queue.
-func (s *Store) Record(row ledgerRow) {
-	if row.Time.IsZero() {
-		row.Time = time.Now()
+// The journal, path+".pending", makes a recorded row safe from a crash of
+// the process before the writer commits it: Record appends the row as one
+// line with a single write(2) before it returns, which the kernel keeps
+// whatever happens to the process (a power cut may lose it, as it may lose
+// the last commits under synchronous=NORMAL). The writer empties the journal
+// whenever everything in it is committed; at open, what it still holds is
+// written with INSERT OR IGNORE, so that a row committed just before a crash
+// is not written twice.
+
+// ledgerJournalRewrite is the size past which the writer rewrites the
+// journal with only the rows not yet committed, should it never find the
+// queue empty to truncate it. After a rewrite, the next waits until the
+// journal has doubled, so that a queue that stays long is not rewritten on
+// every commit.
+const ledgerJournalRewrite = 8 << 20
+
+func (s *Store) journalPath() string { return s.path + ".pending" }
+
+// openJournal writes what the journal holds and opens it for appending.
+func (s *Store) openJournal() error {
+	f, err := os.OpenFile(s.journalPath(), os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("open journal: %w", err)
 	}
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	if s.closed {
-		s.logger.Error("ledger closed, row not written", "request_id", row.RequestID)
-		return
+	s.journal = f
+	rows, err := s.readJournal(f)
+	if err != nil {
+		return err
 	}
-	// Counted before the send: see Sync.
-	s.enqueued.Add(1)
-	s.queue <- row
+	for len(rows) > 0 {
+		n := min(len(rows), ledgerBatchSize)
+		if _, err := s.commit(rows[:n]); err != nil {
+			return fmt.Errorf("write the rows of %s: %w", s.journalPath(), err)
+		}
+		rows = rows[n:]
+	}
+	if err := f.Truncate(0); err != nil {
+		return fmt.Errorf("empty journal: %w", err)
+	}
+	return nil
 }
 
-// Sync returns once every row whose Record returned before Sync was called
-// is committed (or, for a row that cannot be written at all, given up on and
-// logged), so that the read endpoints count a request made a moment ago
-// (§8.3).
-//
-// Why counting works: Record counts a row before sending it, so every row
-// ahead of it in the queue was counted before it too. A row recorded before
-// the call therefore sits within the first `target` rows of the queue, and the
-// writer takes the queue in order.
-func (s *Store) Sync(ctx context.Context) error {
-	target := s.enqueued.Load()
-	select {
-	case s.flushNow <- struct{}{}:
-	default: // a request is already pending
+func (s *Store) readJournal(f *os.File) ([]ledgerRow, error) {
+	sc := bufio.NewScanner(f)
+	sc.Buffer(nil, 16<<20)
+	var rows []ledgerRow
+	for sc.Scan() {
+		var r ledgerRow
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			// Only the last line can be cut short, by a crash mid-write.
+			s.logger.Warn("ledger journal line unreadable, skipped", "file", s.journalPath(), "err", err)
+			continue
+		}
+		rows = append(rows, r)
 	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("read journal: %w", err)
+	}
+	if len(rows) > 0 {
+		s.logger.Info("ledger rows recovered from the journal", "file", s.journalPath(), "rows", len(rows))
+	}
+	return rows, nil
+}
+
+// appendJournal appends line to the journal; s.mu is held.
+func (s *Store) appendJournal(line []byte, requestID string) {
+	_, err := s.journal.Write(line)
+	if err == nil {
+		s.journalSize += int64(len(line))
+	} else {
+		// A short write (a full disk) would glue the next line to half of
+		// this one; cut it off.
+		s.journal.Truncate(s.journalSize)
+	}
+	if (err == nil) == (s.journalErr == nil) {
+		return // no change to report
+	}
+	s.journalErr = err
+	if err != nil {
+		s.logger.Error("ledger journal write failed; rows are not safe from a crash until it works again",
+			"file", s.journalPath(), "request_id", requestID, "err", err)
+	} else {
+		s.logger.Info("ledger journal write works again", "file", s.journalPath())
+	}
+}
+
+// trimJournal drops what is committed from the journal; s.mu is held. When
+// rows are still queued, it rewrites the journal with them only once it has
+// grown large, through a new file renamed over the old one, so that a crash
+// at any point leaves a journal holding every uncommitted row.
+func (s *Store) trimJournal() {
+	if s.journal == nil || s.journalSize == 0 {
+		return
+	}
+	if len(s.queue) == 0 {
+		if err := s.journal.Truncate(0); err != nil {
+			s.logger.Error("ledger journal not emptied", "file", s.journalPath(), "err", err)
+			return
+		}
+		s.journalSize, s.rewriteAt = 0, ledgerJournalRewrite
+		return
+	}
+	if s.journalSize < s.rewriteAt {
+		return
+	}
+	var buf bytes.Buffer
+	for i := range s.queue {
+		b, _ := json.Marshal(&s.queue[i]) // a ledgerRow always marshals
+		buf.Write(append(b, '\n'))
+	}
+	tmp := s.journalPath() + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC|os.O_APPEND, 0o600)
+	if err == nil {
+		if _, err = f.Write(buf.Bytes()); err == nil {
+			err = os.Rename(tmp, s.journalPath())
+		}
+		if err != nil {
+			f.Close()
+		}
+	}
+	if err != nil {
+		s.logger.Error("ledger journal not rewritten", "file", s.journalPath(), "err", err)
+		return
+	}
+	s.journal.Close()
+	s.journal, s.journalSize = f, int64(buf.Len())
+	s.rewriteAt = max(ledgerJournalRewrite, 2*s.journalSize)
+}
+
+// Admit is called before a request spends anything upstream. It returns at
+// once while the queue has room. When the queue is full because the ledger
+// cannot write, it returns ErrLedgerUnavailable: the request should be
+// refused, since its row could not be written. When the queue is full of
+// rows that are being written, it waits until there is room or ctx ends:
+// a slow ledger slows requests down rather than lose their rows.
+func (s *Store) Admit(ctx context.Context) error {
 	for {
-		s.progressMu.Lock()
-		handled, progress := s.handled, s.progress
-		s.progressMu.Unlock()
-		if handled >= target {
+		s.mu.Lock()
+		full := len(s.queue)+s.writing >= s.queueSize
+		failing := s.writeErr != nil
+		progress := s.progress
+		s.mu.Unlock()
+		switch {
+		case !full:
 			return nil
+		case failing:
+			return ErrLedgerUnavailable
 		}
 		select {
 		case <-progress:
 		case <-s.writerDone:
-			return nil // the queue is drained
+			return ErrLedgerUnavailable
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}
 }
 
-// Close writes every pending row, stops the writer and closes the database
-// (§2: SIGINT/SIGTERM). It waits for Records blocked on a full queue. Calls
+// Record journals row and queues it for the writer. It never waits for a
+// commit, and never refuses a row: the queue's bound is applied by Admit,
+// before the request starts. Once Record returns, the row survives a crash
+// of the process. A zero Time is taken as now, an empty Endpoint as "chat".
+//
+// Record after Close cannot write: the database is closed. main closes the
+// store only after the HTTP server has drained, so no handler is left to
+// call it; should one, the row is logged with its request_id.
+func (s *Store) Record(row ledgerRow) {
+	if row.Time.IsZero() {
+		row.Time.Time = time.Now()
+	}
+	if row.Endpoint == "" {
+		row.Endpoint = "chat"
+	}
+	var line []byte
+	if s.path != "" {
+		b, _ := json.Marshal(&row) // a ledgerRow always marshals
+		line = append(b, '\n')
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		s.logger.Error("ledger closed, row not written", "request_id", row.RequestID)
+		return
+	}
+	if line != nil {
+		s.appendJournal(line, row.RequestID)
+	}
+	s.queue = append(s.queue, row)
+	s.recorded++
+	n := len(s.queue)
+	s.mu.Unlock()
+	if n == 1 || n == ledgerBatchSize {
+		s.signal(s.wake)
+	}
+}
+
+func (s *Store) signal(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default: // already signalled
+	}
+}
+
+// broadcast wakes everyone waiting on progress; s.mu is held.
+func (s *Store) broadcast() {
+	close(s.progress)
+	s.progress = make(chan struct{})
+}
+
+// Sync returns once every row whose Record returned before Sync was called
+// is committed, so that the read endpoints count a request made a moment
+// ago. It does not wait behind a ledger that cannot write: while commits
+// fail, or once no commit has ended for ledgerSyncWait (the writer waits
+// for a lock), it returns and the reader sees what is committed. Rows are
+// taken and committed in the order Record queued them, so comparing counts
+// is enough.
+func (s *Store) Sync(ctx context.Context) error {
+	s.mu.Lock()
+	target := s.recorded
+	s.mu.Unlock()
+	s.signal(s.flushNow)
+	stalled := time.NewTimer(ledgerSyncWait)
+	defer stalled.Stop()
+	for {
+		s.mu.Lock()
+		done := s.handled >= target || s.writeErr != nil
+		progress := s.progress
+		s.mu.Unlock()
+		if done {
+			return nil
+		}
+		select {
+		case <-progress:
+			stalled.Reset(ledgerSyncWait)
+		case <-s.writerDone:
+			return nil
+		case <-stalled.C:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// Health reports what is wrong with the ledger, nil when nothing is: rows
+// waiting because commits fail, a journal that cannot be appended to, or a
+// database file deleted or replaced since it was opened.
+func (s *Store) Health() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var errs []error
+	if s.writeErr != nil {
+		errs = append(errs, fmt.Errorf("ledger cannot write, %d rows waiting: %w", len(s.queue)+s.writing, s.writeErr))
+	}
+	if s.journalErr != nil {
+		errs = append(errs, fmt.Errorf("ledger journal: %w", s.journalErr))
+	}
+	if s.fileErr != nil {
+		errs = append(errs, s.fileErr)
+	}
+	return errors.Join(errs...)
+}
+
+// Close writes every pending row, stops the writer and closes the database.
+// Rows that still cannot be written after closeTimeout are logged with their
+// request_id and left in the journal, which the next open writes. Calls
 // after the first return the first's result.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
 		s.mu.Lock()
 		s.closed = true
-		close(s.queue)
+		s.closeBy = time.Now().Add(s.closeTimeout)
 		s.mu.Unlock()
+		s.signal(s.wake)
 		<-s.writerDone
-		s.insertRow.Close()
-		s.upsertRatio.Close()
+		s.closeStatements()
 		s.closeErr = s.db.Close()
 	})
 	return s.closeErr
 }
 
 // Ratio returns the learned output/input token ratio of a policy ("" for no
-// policy) and the number of requests it was learned from (§4.1). It reads an
+// policy) and the number of requests it was learned from. It reads an
 // in-memory copy, updated when the writer commits, so it is cheap enough for
 // the routing path and always equals the token_ratios table.
 func (s *Store) Ratio(policy string) (avg float64, n int64) {
@@ -515,104 +892,163 @@ func (s *Store) Ratio(policy string) (avg float64, n int64) {
 }
 
 // write is the writer goroutine: it takes what is queued, lingering a
-// moment for more, up to a batch; commits it in one transaction; and repeats
-// until Close closes the queue and it is drained.
+// moment for more, up to a batch; commits it in one transaction, retrying
+// until it is written; and repeats until Close is called and the queue is
+// drained.
 func (s *Store) write() {
 	defer close(s.writerDone)
 	batch := make([]ledgerRow, 0, ledgerBatchSize)
-	linger := time.NewTimer(ledgerLinger)
-	for row := range s.queue {
-		batch = append(batch[:0], row)
-		linger.Reset(ledgerLinger)
-	fill:
-		for len(batch) < ledgerBatchSize {
-			select {
-			case row, ok := <-s.queue:
-				if !ok {
-					break fill
-				}
-				batch = append(batch, row)
-			case <-s.flushNow:
-				batch = s.takeQueued(batch)
-				break fill
-			case <-linger.C:
-				batch = s.takeQueued(batch)
-				break fill
-			}
+	for {
+		batch = s.take(batch[:0])
+		if len(batch) == 0 {
+			return
 		}
-		linger.Stop()
-		s.writeBatch(batch)
-		clear(batch) // drop the strings for the collector
-		s.progressMu.Lock()
+		written := s.writeBatch(batch)
+		s.mu.Lock()
 		s.handled += int64(len(batch))
-		close(s.progress)
-		s.progress = make(chan struct{})
-		s.progressMu.Unlock()
+		s.writing = 0
+		if written {
+			s.trimJournal()
+		}
+		s.broadcast()
+		s.mu.Unlock()
+		if !written {
+			s.abandon(batch)
+			return
+		}
+		clear(batch) // drop the strings for the collector
 	}
 }
 
-// takeQueued adds to batch what is queued now, without waiting, up to a
-// full batch.
-func (s *Store) takeQueued(batch []ledgerRow) []ledgerRow {
-	for len(batch) < ledgerBatchSize {
-		select {
-		case row, ok := <-s.queue:
-			if !ok {
-				return batch
-			}
-			batch = append(batch, row)
-		default:
-			return batch
-		}
+// take waits for rows (see ready) and takes up to a batch of them; none
+// once Close was called and the queue is empty.
+func (s *Store) take(batch []ledgerRow) []ledgerRow {
+	if !s.ready() {
+		return batch
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k := min(len(s.queue), ledgerBatchSize)
+	batch = append(batch, s.queue[:k]...)
+	// Taken from the front without moving the rest: append reallocates
+	// once the end is reached, copying only the rows still queued.
+	clear(s.queue[:k])
+	s.queue = s.queue[k:]
+	s.writing = k
 	return batch
 }
 
-// writeBatch commits rows, retrying rather than losing them (§8.2: none is
-// dropped), a bounded number of times so that a broken disk cannot stall
-// shutdown for ever. A constraint error (a request_id written twice) will not
-// pass on retry and would sink every row batched with it, so the rows are
-// then written one by one and only the offending row is lost. A lost row is
-// logged with its request_id.
-func (s *Store) writeBatch(rows []ledgerRow) {
-	var err error
-	for attempt := 0; ; attempt++ {
-		if err = s.commit(rows); err == nil {
-			return
+// ready waits until rows are queued and it is time to commit them: a batch
+// is full, Sync asked for a commit, Close was called, or the rows have
+// lingered for ledgerLinger. It returns false once Close was called and the
+// queue is empty.
+func (s *Store) ready() bool {
+	var linger <-chan time.Time
+	flush := false
+	for {
+		s.mu.Lock()
+		n, closed := len(s.queue), s.closed
+		s.mu.Unlock()
+		flush = flush && n > 0 // a flush asked when nothing waits is done
+		switch {
+		case n == 0 && closed:
+			return false
+		case n >= ledgerBatchSize || (n > 0 && (closed || flush)):
+			return true
+		case n > 0 && linger == nil:
+			t := time.NewTimer(ledgerLinger)
+			defer t.Stop()
+			linger = t.C
 		}
-		if isConstraintError(err) {
-			if len(rows) == 1 {
-				break
+		select {
+		case <-s.wake:
+		case <-s.flushNow:
+			flush = true
+		case <-linger:
+			return true
+		}
+	}
+}
+
+// writeBatch commits rows, retrying with a growing pause for as long as it
+// fails: a lock, a full disk or a read-only file may pass, and a row is
+// never dropped for it. Only after Close, and closeTimeout, does it give up
+// and return false. The first failure is logged, and the recovery, not each
+// retry. A row INSERT OR IGNORE skips (its request_id is already in the
+// table) is the one row that may be lost, and is logged.
+func (s *Store) writeBatch(rows []ledgerRow) bool {
+	pause := s.retryFirst
+	for {
+		skipped, err := s.commit(rows)
+		s.setWriteErr(err, len(rows))
+		if err == nil {
+			for _, i := range skipped {
+				s.logger.Error("ledger row not written", "request_id", rows[i].RequestID,
+					"err", "a row with this request_id is already in the ledger")
 			}
-			for i := range rows {
-				s.writeBatch(rows[i : i+1])
+			return true
+		}
+		s.mu.Lock()
+		closed, giveUp := s.closed, s.closeBy
+		s.mu.Unlock()
+		if closed {
+			if !time.Now().Before(giveUp) {
+				return false
 			}
-			return
+			pause = min(pause, time.Until(giveUp))
 		}
-		if attempt == len(s.retryDelays) {
-			break
-		}
-		s.logger.Error("ledger write failed", "err", err, "rows", len(rows), "attempt", attempt+1)
-		time.Sleep(s.retryDelays[attempt])
+		time.Sleep(pause)
+		pause = min(2*pause, s.retryMax)
+	}
+}
+
+// setWriteErr records the outcome of a commit, logging a change only.
+func (s *Store) setWriteErr(err error, rows int) {
+	s.mu.Lock()
+	was := s.writeErr
+	s.writeErr = err
+	waiting := len(s.queue) + s.writing
+	if (was == nil) != (err == nil) {
+		s.broadcast() // Sync and Admit decide on it
+	}
+	s.mu.Unlock()
+	switch {
+	case was == nil && err != nil:
+		s.logger.Error("ledger write failing; rows are kept and retried", "err", err, "rows_waiting", waiting)
+	case was != nil && err == nil:
+		s.logger.Info("ledger write recovered", "rows", rows, "rows_waiting", waiting)
+	}
+}
+
+// abandon logs the rows that Close could not write, the batch and whatever
+// is queued behind it. They stay in the journal, for the next open; an
+// in-memory ledger has none, and loses them.
+func (s *Store) abandon(batch []ledgerRow) {
+	s.mu.Lock()
+	rows := append(batch, s.queue...)
+	s.handled += int64(len(s.queue))
+	s.queue = nil
+	err := s.writeErr
+	s.broadcast()
+	s.mu.Unlock()
+	msg, where := "ledger row lost at shutdown: the ledger is in memory", ""
+	if s.journal != nil {
+		msg, where = "ledger row not written before shutdown; kept in the journal for the next start", s.journalPath()
 	}
 	for i := range rows {
-		s.logger.Error("ledger row not written", "request_id", rows[i].RequestID, "err", err)
+		s.logger.Error(msg, "request_id", rows[i].RequestID, "journal", where, "err", err)
 	}
 }
 
-func isConstraintError(err error) bool {
-	var e *sqlite.Error
-	// Extended result codes carry the primary code in the low byte.
-	return errors.As(err, &e) && e.Code()&0xff == sqlite3.SQLITE_CONSTRAINT
-}
-
-// commit inserts rows and the token ratios they teach in one transaction
-// (§8.2), then, once committed, updates the in-memory ratios to match.
-func (s *Store) commit(rows []ledgerRow) error {
+// commit inserts rows and the token ratios they teach in one transaction,
+// then, once committed, updates the in-memory ratios to match. It returns
+// the indexes of the rows that INSERT OR IGNORE skipped, which teach
+// nothing.
+func (s *Store) commit(rows []ledgerRow) (skipped []int, err error) {
 	ctx := context.Background() // a write is never abandoned halfway
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer tx.Rollback() // after Commit, a no-op
 
@@ -620,30 +1056,36 @@ func (s *Store) commit(rows []ledgerRow) error {
 	var learned map[string]tokenRatio // policies whose ratio this batch moves
 	for i := range rows {
 		r := &rows[i]
-		if _, err := insert.ExecContext(ctx, r.insertArgs()...); err != nil {
-			return fmt.Errorf("insert request %s: %w", r.RequestID, err)
+		res, err := insert.ExecContext(ctx, r.fields()...)
+		if err != nil {
+			return nil, fmt.Errorf("insert request %s: %w", r.RequestID, err)
+		}
+		if n, err := res.RowsAffected(); err == nil && n == 0 {
+			skipped = append(skipped, i)
+			continue
 		}
 		if r.teachesRatio() {
 			if learned == nil {
 				learned = make(map[string]tokenRatio)
 			}
-			cur, ok := learned[r.Policy]
+			policy := r.policyKey()
+			cur, ok := learned[policy]
 			if !ok {
-				cur.avg, cur.n = s.Ratio(r.Policy)
+				cur.avg, cur.n = s.Ratio(policy)
 			}
-			learned[r.Policy] = cur.add(float64(r.OutputTokens) / float64(r.InputTokens))
+			learned[policy] = cur.add(float64(*r.OutputTokens) / float64(*r.InputTokens))
 		}
 	}
 	if len(learned) > 0 {
 		upsert := tx.StmtContext(ctx, s.upsertRatio)
 		for policy, t := range learned {
 			if _, err := upsert.ExecContext(ctx, policy, t.avg, t.n); err != nil {
-				return fmt.Errorf("update token ratio: %w", err)
+				return nil, fmt.Errorf("update token ratio: %w", err)
 			}
 		}
 	}
 	if err := tx.Commit(); err != nil {
-		return err
+		return nil, err
 	}
 	if len(learned) > 0 {
 		s.ratiosMu.Lock()
@@ -652,7 +1094,45 @@ func (s *Store) commit(rows []ledgerRow) error {
 		}
 		s.ratiosMu.Unlock()
 	}
-	return nil
+	return skipped, nil
+}
+
+// watchFile checks, every fileCheckEvery until the writer exits, that the
+// database path still names the file opened at start. A file deleted or
+// replaced under a running arbstr (a restore over it, a cleanup) would take
+// every later row to a file no one can open.
+func (s *Store) watchFile() {
+	tick := time.NewTicker(s.fileCheckEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-s.writerDone:
+			return
+		case <-tick.C:
+			s.checkFile()
+		}
+	}
+}
+
+func (s *Store) checkFile() {
+	var problem error
+	fi, err := os.Stat(s.path)
+	switch {
+	case err != nil:
+		problem = fmt.Errorf("ledger file %s is gone (%v); rows are written to the deleted file, restart arbstr", s.path, err)
+	case !os.SameFile(fi, s.file):
+		problem = fmt.Errorf("ledger file %s was replaced; rows are written to the file opened at start, restart arbstr", s.path)
+	}
+	s.mu.Lock()
+	was := s.fileErr
+	s.fileErr = problem
+	s.mu.Unlock()
+	switch {
+	case was == nil && problem != nil:
+		s.logger.Error("ledger file changed under arbstr", "err", problem)
+	case was != nil && problem == nil:
+		s.logger.Info("ledger file is back", "path", s.path)
+	}
 }
 
 // ledgerFilter builds the WHERE clause shared by Stats and Requests. Only
@@ -673,6 +1153,32 @@ func (f *ledgerFilter) equal(column, value string) {
 	}
 }
 
+// window restricts timestamps to [since, until], inclusive at both ends at
+// millisecond precision; a zero bound is open.
+func (f *ledgerFilter) window(since, until time.Time) {
+	if !since.IsZero() {
+		f.add("timestamp >= ?", ledgerTime(since))
+	}
+	if !until.IsZero() {
+		f.add("timestamp <= ?", ledgerTime(until))
+	}
+}
+
+// match adds the filters that stats and requests share.
+func (f *ledgerFilter) match(m ledgerMatch) {
+	f.equal("provider", m.Provider)
+	f.equal("model", m.Model)
+	f.equal("policy", m.Policy)
+	f.equal("client", m.Client)
+	f.equal("endpoint", m.Endpoint)
+	if m.Streaming != nil {
+		f.add("streaming = ?", *m.Streaming)
+	}
+	if m.Success != nil {
+		f.add("success = ?", *m.Success)
+	}
+}
+
 func (f *ledgerFilter) where() string {
 	if len(f.conds) == 0 {
 		return ""
@@ -680,10 +1186,23 @@ func (f *ledgerFilter) where() string {
 	return " WHERE " + strings.Join(f.conds, " AND ")
 }
 
+// ledgerMatch are the filters of stats and requests: "" and nil match any.
+type ledgerMatch struct {
+	Provider, Model, Policy string
+	Client, Endpoint        string
+	Streaming, Success      *bool
+}
+
 type statsQuery struct {
-	Since, Until            time.Time // Until zero = now; Since zero = all time
-	GroupBy                 string    // "provider" (also ""), "model" or "policy"
-	Provider, Model, Policy string    // optional filters, "" = any
+	Since, Until time.Time // Until zero = now; Since zero = all time
+	GroupBy      string    // "provider" (also ""), "model", "policy", "client" or "endpoint"
+	ledgerMatch
+}
+
+// statsGroupColumns are the columns a stats answer may be grouped by.
+var statsGroupColumns = map[string]string{
+	"": "provider", "provider": "provider", "model": "model", "policy": "policy",
+	"client": "client", "endpoint": "endpoint",
 }
 
 type statsTotals struct {
@@ -697,16 +1216,18 @@ type statsTotals struct {
 	BaselineCostSats float64 `json:"baseline_cost_sats"`
 	SavedSats        float64 `json:"saved_sats"`
 	AvgLatencyMs     float64 `json:"avg_latency_ms"`
+	QuotedCostSats   float64 `json:"quoted_cost_sats"`
+	OverchargeSats   float64 `json:"overcharge_sats"`
 }
 
 // statsGroup is one group of a stats answer; its JSON is the key beside the
-// fields of statsTotals (§8.3).
+// fields of statsTotals.
 type statsGroup struct {
 	Key string `json:"key"`
 	statsTotals
 }
 
-// statsResult is the §8.3 answer. Since is omitted when the window is all
+// statsResult is a stats answer. Since is omitted when the window is all
 // time; Groups is [] rather than null when there are none.
 type statsResult struct {
 	Since  string       `json:"since,omitempty"`
@@ -719,8 +1240,14 @@ type statsResult struct {
 // latency as a sum and a count, so that totals add up from groups.
 type statsSums struct {
 	requests, success, streaming, input, output int64
-	costMsat, baselineMsat, savedMsat           int64
+	cost, baseline, saved, quoted, overcharge   int64 // millisats
 	latencySum, latencyCount                    int64
+}
+
+// scanDest points at the sums in the order of statsSelect.
+func (a *statsSums) scanDest() []any {
+	return []any{&a.requests, &a.success, &a.streaming, &a.input, &a.output,
+		&a.cost, &a.baseline, &a.saved, &a.quoted, &a.overcharge, &a.latencySum, &a.latencyCount}
 }
 
 func (a *statsSums) addSums(b statsSums) {
@@ -729,9 +1256,11 @@ func (a *statsSums) addSums(b statsSums) {
 	a.streaming += b.streaming
 	a.input += b.input
 	a.output += b.output
-	a.costMsat += b.costMsat
-	a.baselineMsat += b.baselineMsat
-	a.savedMsat += b.savedMsat
+	a.cost += b.cost
+	a.baseline += b.baseline
+	a.saved += b.saved
+	a.quoted += b.quoted
+	a.overcharge += b.overcharge
 	a.latencySum += b.latencySum
 	a.latencyCount += b.latencyCount
 }
@@ -744,9 +1273,11 @@ func (a statsSums) totals() statsTotals {
 		Streaming:        a.streaming,
 		InputTokens:      a.input,
 		OutputTokens:     a.output,
-		CostSats:         float64(a.costMsat) / 1000,
-		BaselineCostSats: float64(a.baselineMsat) / 1000,
-		SavedSats:        float64(a.savedMsat) / 1000,
+		CostSats:         msats(a.cost).sats(),
+		BaselineCostSats: msats(a.baseline).sats(),
+		SavedSats:        msats(a.saved).sats(),
+		QuotedCostSats:   msats(a.quoted).sats(),
+		OverchargeSats:   msats(a.overcharge).sats(),
 	}
 	if a.latencyCount > 0 {
 		// To a tenth of a millisecond: finer is noise.
@@ -757,7 +1288,8 @@ func (a statsSums) totals() statsTotals {
 
 // statsSelect sums a group. Costs are summed as integer millisats
 // (ROUND(sats*1000) recovers the integer the row was written from), so sums
-// are exact. saved counts only rows with both a cost and a baseline.
+// are exact. saved counts only rows with both a cost and a baseline;
+// overcharge only rows whose provider reported its charge.
 const statsSelect = `COUNT(*),
 	COALESCE(SUM(success), 0),
 	COALESCE(SUM(streaming), 0),
@@ -767,24 +1299,20 @@ const statsSelect = `COUNT(*),
 	COALESCE(SUM(CAST(ROUND(baseline_cost_sats * 1000) AS INTEGER)), 0),
 	COALESCE(SUM(CASE WHEN cost_sats IS NOT NULL AND baseline_cost_sats IS NOT NULL
 		THEN CAST(ROUND(baseline_cost_sats * 1000) AS INTEGER) - CAST(ROUND(cost_sats * 1000) AS INTEGER) END), 0),
+	COALESCE(SUM(CAST(ROUND(quoted_cost_sats * 1000) AS INTEGER)), 0),
+	COALESCE(SUM(CASE WHEN cost_source = 'provider' AND cost_sats IS NOT NULL AND quoted_cost_sats IS NOT NULL
+		THEN CAST(ROUND(cost_sats * 1000) AS INTEGER) - CAST(ROUND(quoted_cost_sats * 1000) AS INTEGER) END), 0),
 	COALESCE(SUM(latency_ms), 0),
 	COUNT(latency_ms)`
 
-// Stats sums the ledger over a window, with filters, grouped (§8.3). The
-// window [Since, Until] is inclusive at both ends, at millisecond precision,
-// so that a request that arrived in the same millisecond as the query is
+// Stats sums the ledger over a window, with filters, grouped. The window
+// [Since, Until] is inclusive at both ends, at millisecond precision, so
+// that a request that arrived in the same millisecond as the query is
 // counted. Groups are ordered by key; rows without a policy group under the
 // key "", as in token_ratios. The total is the sum of the groups.
 func (s *Store) Stats(ctx context.Context, q statsQuery) (*statsResult, error) {
-	var column string
-	switch q.GroupBy {
-	case "", "provider":
-		column = "provider"
-	case "model":
-		column = "model"
-	case "policy":
-		column = "policy"
-	default:
+	column, ok := statsGroupColumns[q.GroupBy]
+	if !ok {
 		return nil, fmt.Errorf("stats: unknown group_by %q", q.GroupBy)
 	}
 	until := q.Until
@@ -792,15 +1320,12 @@ func (s *Store) Stats(ctx context.Context, q statsQuery) (*statsResult, error) {
 		until = time.Now()
 	}
 	res := &statsResult{Until: ledgerTime(until), Groups: []statsGroup{}}
-	var f ledgerFilter
 	if !q.Since.IsZero() {
 		res.Since = ledgerTime(q.Since)
-		f.add("timestamp >= ?", res.Since)
 	}
-	f.add("timestamp <= ?", res.Until)
-	f.equal("provider", q.Provider)
-	f.equal("model", q.Model)
-	f.equal("policy", q.Policy)
+	var f ledgerFilter
+	f.window(q.Since, until)
+	f.match(q.ledgerMatch)
 
 	rows, err := s.db.QueryContext(ctx,
 		"SELECT COALESCE("+column+", ''), "+statsSelect+" FROM requests"+f.where()+" GROUP BY 1 ORDER BY 1",
@@ -815,8 +1340,7 @@ func (s *Store) Stats(ctx context.Context, q statsQuery) (*statsResult, error) {
 			key string
 			g   statsSums
 		)
-		if err := rows.Scan(&key, &g.requests, &g.success, &g.streaming, &g.input, &g.output,
-			&g.costMsat, &g.baselineMsat, &g.savedMsat, &g.latencySum, &g.latencyCount); err != nil {
+		if err := rows.Scan(append([]any{&key}, g.scanDest()...)...); err != nil {
 			return nil, fmt.Errorf("stats: %w", err)
 		}
 		total.addSums(g)
@@ -829,33 +1353,52 @@ func (s *Store) Stats(ctx context.Context, q statsQuery) (*statsResult, error) {
 	return res, nil
 }
 
-// requestsQuery selects rows for Requests. The §7 bounds of limit (default
-// 50, max 1000) are the HTTP handler's to enforce; here Limit ≤ 0 means every
-// row, which tests and tools use.
+// requestsQuery selects rows for Requests. The bounds of limit are the HTTP
+// handler's to enforce; here Limit ≤ 0 means every row, which tests and
+// tools use.
 type requestsQuery struct {
-	Limit, Offset           int
-	Provider, Model, Policy string // "" = any
-	Success                 *bool  // nil = any
+	Limit, Offset int
+	Since, Until  time.Time // zero = open
+	Sort          string    // "timestamp" (also ""), "cost_sats" or "latency_ms"
+	Order         string    // "desc" (also "") or "asc"
+	ledgerMatch
 }
 
-// Requests lists ledger rows newest first (by timestamp, then insertion
-// order), filtered and paged (§7, GET /v1/requests). It returns [] rather
-// than nil when no row matches.
+// requestsSortColumns are the columns Requests may sort by: a whitelist,
+// since the name enters the SQL text.
+var requestsSortColumns = map[string]string{
+	"": "timestamp", "timestamp": "timestamp", "cost_sats": "cost_sats", "latency_ms": "latency_ms",
+}
+
+// Requests lists ledger rows, filtered, sorted and paged; by default newest
+// first (by timestamp, then insertion order). Rows that sort equal come in
+// insertion order, the same direction. It returns [] rather than nil when no
+// row matches.
 func (s *Store) Requests(ctx context.Context, q requestsQuery) ([]ledgerRow, error) {
+	column, ok := requestsSortColumns[q.Sort]
+	if !ok {
+		return nil, fmt.Errorf("requests: unknown sort %q", q.Sort)
+	}
+	var dir string
+	switch q.Order {
+	case "", "desc":
+		dir = "DESC"
+	case "asc":
+		dir = "ASC"
+	default:
+		return nil, fmt.Errorf("requests: unknown order %q", q.Order)
+	}
 	limit := q.Limit
 	if limit <= 0 {
 		limit = -1 // SQLite: no limit
 	}
 	var f ledgerFilter
-	f.equal("provider", q.Provider)
-	f.equal("model", q.Model)
-	f.equal("policy", q.Policy)
-	if q.Success != nil {
-		f.add("success = ?", *q.Success)
-	}
+	f.window(q.Since, q.Until)
+	f.match(q.ledgerMatch)
 	args := append(f.args, limit, max(q.Offset, 0))
 	rows, err := s.db.QueryContext(ctx,
-		"SELECT "+ledgerColumns+" FROM requests"+f.where()+" ORDER BY timestamp DESC, id DESC LIMIT ? OFFSET ?",
+		"SELECT "+ledgerColumns+" FROM requests"+f.where()+
+			" ORDER BY "+column+" "+dir+", id "+dir+" LIMIT ? OFFSET ?",
 		args...)
 	if err != nil {
 		return nil, fmt.Errorf("requests: %w", err)
@@ -863,8 +1406,8 @@ func (s *Store) Requests(ctx context.Context, q requestsQuery) ([]ledgerRow, err
 	defer rows.Close()
 	list := []ledgerRow{}
 	for rows.Next() {
-		r, err := scanLedgerRow(rows)
-		if err != nil {
+		var r ledgerRow
+		if err := rows.Scan(r.fields()...); err != nil {
 			return nil, fmt.Errorf("requests: %w", err)
 		}
 		list = append(list, r)
@@ -875,11 +1418,12 @@ func (s *Store) Requests(ctx context.Context, q requestsQuery) ([]ledgerRow, err
 	return list, nil
 }
 
-// Request returns the row of one request id (§7, GET /v1/requests/{id});
-// false when there is none.
+// Request returns the row of one request id (GET /v1/requests/{id}); false
+// when there is none.
 func (s *Store) Request(ctx context.Context, requestID string) (ledgerRow, bool, error) {
-	r, err := scanLedgerRow(s.db.QueryRowContext(ctx,
-		"SELECT "+ledgerColumns+" FROM requests WHERE request_id = ?", requestID))
+	var r ledgerRow
+	err := s.db.QueryRowContext(ctx,
+		"SELECT "+ledgerColumns+" FROM requests WHERE request_id = ?", requestID).Scan(r.fields()...)
 	if errors.Is(err, sql.ErrNoRows) {
 		return ledgerRow{}, false, nil
 	}
