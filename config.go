@@ -228,6 +228,99 @@ func loadConfig(path string) (*Config, []string, error) {
 	return cfg, d.warnings, err
 }
 
+// overrides are the settings given on the command line, which take
+// precedence over the config file (see configure).
+type overrides struct {
+	configPath string // -config, or its alias -c
+	listen     string // -listen
+	mock       bool   // -mock
+}
+
+// configured is what configure found: the configuration to run, the file it
+// came from ("" when there is none), whether arbstr serves its built-in mock
+// providers, and the warnings to show.
+type configured struct {
+	cfg      *Config
+	path     string
+	mock     bool
+	warnings []string
+}
+
+// configure builds the configuration arbstr runs with, from the config file
+// and everything that overrides it; serve, check, providers and a reload all
+// go through it. A flag beats the environment, which beats the file, which
+// beats the defaults, with one exception: a provider's api_key in the file
+// beats ARBSTR_<NAME>_API_KEY, which only fills a key the file leaves out.
+// In detail:
+//
+//   - The file is -config (or -c), else $ARBSTR_CONFIG, else ./config.json,
+//     else ./config.toml. With none, arbstr runs on the defaults in mock mode.
+//   - -listen replaces server.listen.
+//   - -mock (or no file) is mock mode: the caller replaces the providers
+//     with mock ones, and database.path becomes ":memory:".
+//   - DATABASE_URL replaces database.path, in mock mode too.
+//   - ARBSTR_LOG_LEVEL replaces logging.level.
+//   - ARBSTR_<NAME>_API_KEY is the key of a provider without api_key (or
+//     with one that is empty).
+//
+// The warnings are the file's, then those about the result: a provider
+// without a key, and a listen address off loopback without auth_token.
+func configure(o overrides) (*configured, error) {
+	path, err := findConfig(o.configPath)
+	if err != nil {
+		return nil, err
+	}
+	c := &configured{cfg: defaultConfig(), path: path, mock: o.mock || path == ""}
+	if path != "" {
+		if c.cfg, c.warnings, err = loadConfig(path); err != nil {
+			return nil, err
+		}
+	}
+	cfg := c.cfg
+	listenFrom := "server.listen"
+	if o.listen != "" {
+		cfg.Server.Listen, listenFrom = o.listen, "-listen"
+	}
+	if c.mock {
+		cfg.Database.Path = ":memory:"
+	}
+	if v := os.Getenv("DATABASE_URL"); v != "" {
+		cfg.Database.Path = databasePath(v)
+	}
+	if v := os.Getenv("ARBSTR_LOG_LEVEL"); v != "" {
+		cfg.Logging.Level = strings.ToLower(v)
+		if !slices.Contains([]string{"debug", "info", "warn", "error"}, cfg.Logging.Level) {
+			return nil, fmt.Errorf("ARBSTR_LOG_LEVEL %q: want debug, info, warn or error", v)
+		}
+	}
+	for i := range cfg.Providers {
+		p := &cfg.Providers[i]
+		env := providerKeyEnv(p.Name)
+		switch {
+		case p.APIKey != "":
+		case os.Getenv(env) != "":
+			p.APIKey, p.KeySource = os.Getenv(env), "env "+env
+		case !c.mock:
+			c.warnings = append(c.warnings, fmt.Sprintf("%s: providers[%d]: provider %q has no API key (no api_key, %s not set): it is sent no Authorization header", path, i, p.Name, env))
+		}
+	}
+	if !isLoopbackListen(cfg.Server.Listen) && cfg.Server.AuthToken == "" {
+		c.warnings = append(c.warnings, fmt.Sprintf("%s %q is not a loopback address and server.auth_token is not set: anyone who can reach it can spend your sats", listenFrom, cfg.Server.Listen))
+	}
+	return c, nil
+}
+
+// databasePath accepts DATABASE_URL as a plain path, sqlite:PATH,
+// sqlite://PATH or file:PATH.
+func databasePath(v string) string {
+	for _, prefix := range []string{"sqlite://", "sqlite:", "file:"} {
+		if rest, ok := strings.CutPrefix(v, prefix); ok {
+			return rest
+		}
+	}
+	return v
+}
+
 // isLoopbackListen reports whether addr, a host:port, serves only this
 // machine: the host is "localhost" or a loopback IP (127.0.0.0/8, ::1). An
 // empty host and 0.0.0.0 listen on every interface.
@@ -772,6 +865,7 @@ func (p *tomlParser) scalar() (any, error) {
 type configDecoder struct {
 	file     string
 	lines    map[string]int // configPath → line; nil for JSON
+	unit     string         // the file's rate_unit, read before its rates
 	warnings []string
 }
 
@@ -804,9 +898,27 @@ func (d *configDecoder) typeError(path, want string, v any) error {
 }
 
 // fields maps the keys of a table to where their values go: a *string,
-// *[]string, *bool, *int, *int64 or *float64, a nested fields, or a func
-// that decodes the value itself.
+// *[]string, *bool, *int, *int64, *float64, number, atLeast, a nested
+// fields, or a func that decodes the value itself.
 type fields map[string]any
+
+// number is a number from 0 to max, for amounts that *float64 (a price up to
+// maxRate) does not fit: budgets, balances, and rates per 1M tokens.
+type number struct {
+	dst *float64
+	max float64
+}
+
+// atLeast is an integer from min up, for counts whose floor is not 1.
+type atLeast struct {
+	dst *int
+	min int64
+}
+
+// maxSats bounds amounts of sats such as budgets: no budget exceeds every
+// bitcoin there will ever be, and at this bound a budget in millisats still
+// fits an int64.
+const maxSats = 21e14
 
 // value decodes v, the value of the key at path, into dst, one of the kinds
 // of fields. Strings get ${VAR} expanded. Integers are counts, from 1 up;
@@ -843,14 +955,20 @@ func (d *configDecoder) value(path string, v any, dst any) error {
 		}
 		*dst = b
 	case *int:
-		n, err := d.count(path, v, math.MaxInt32)
+		n, err := d.count(path, v, 1, math.MaxInt32)
 		*dst = int(n)
 		return err
+	case atLeast:
+		n, err := d.count(path, v, dst.min, math.MaxInt32)
+		*dst.dst = int(n)
+		return err
 	case *int64:
-		n, err := d.count(path, v, math.MaxInt64)
+		n, err := d.count(path, v, 1, math.MaxInt64)
 		*dst = n
 		return err
 	case *float64:
+		return d.value(path, v, number{dst, maxRate})
+	case number:
 		f, ok := v.(float64)
 		if n, isInt := v.(int64); isInt {
 			f, ok = float64(n), true
@@ -860,23 +978,23 @@ func (d *configDecoder) value(path string, v any, dst any) error {
 			return d.typeError(path, "a number", v)
 		case f < 0:
 			return d.errorf(path, "must not be negative, got %g", f)
-		case f > maxRate:
-			return d.errorf(path, "must be at most %g, got %g", maxRate, f)
+		case f > dst.max:
+			return d.errorf(path, "must be at most %g, got %g", dst.max, f)
 		}
-		*dst = f
+		*dst.dst = f
 	default:
 		panic(fmt.Sprintf("config: no decoder for %T", dst))
 	}
 	return nil
 }
 
-func (d *configDecoder) count(path string, v any, limit int64) (int64, error) {
+func (d *configDecoder) count(path string, v any, least, limit int64) (int64, error) {
 	n, ok := v.(int64)
 	switch {
 	case !ok:
 		return 0, d.typeError(path, "an integer", v)
-	case n < 1:
-		return 0, d.errorf(path, "must be at least 1, got %d", n)
+	case n < least:
+		return 0, d.errorf(path, "must be at least %d, got %d", least, n)
 	case n > limit:
 		return 0, d.errorf(path, "must be at most %d, got %d", limit, n)
 	}
@@ -943,12 +1061,16 @@ func (d *configDecoder) expand(path, s string) (string, error) {
 	}
 }
 
-// decode turns the tree into a Config, starting from the defaults of the
-// SPEC §3 table.
+// decode turns the tree into a Config, starting from the defaults.
 func (d *configDecoder) decode(tree map[string]any) (*Config, error) {
 	cfg := defaultConfig()
-	s, pol, l := &cfg.Server, &cfg.Policies, &cfg.Logging
+	if err := d.rateUnit(tree, cfg); err != nil {
+		return nil, err
+	}
+	d.unit = cfg.RateUnit
+	s, pol, l, m := &cfg.Server, &cfg.Policies, &cfg.Logging, &cfg.Market
 	err := d.table("", tree, fields{
+		"rate_unit": func(string, any) error { return nil }, // read by rateUnit
 		"server": fields{
 			"listen":                &s.Listen,
 			"auth_token":            &s.AuthToken,
@@ -956,8 +1078,24 @@ func (d *configDecoder) decode(tree map[string]any) (*Config, error) {
 			"upstream_timeout_secs": &s.UpstreamTimeoutSecs,
 			"max_attempts":          &s.MaxAttempts,
 			"shutdown_timeout_secs": &s.ShutdownTimeoutSecs,
+			"body_timeout_secs":     &s.BodyTimeoutSecs,
+			"allowed_origins":       &s.AllowedOrigins,
+			"allowed_hosts":         &s.AllowedHosts,
 		},
 		"database": fields{"path": &cfg.Database.Path},
+		"market": fields{
+			"refresh_secs":     atLeast{&m.RefreshSecs, 10},
+			"stale_after_secs": &m.StaleAfterSecs,
+			"low_balance_sats": number{&m.LowBalanceSats, maxSats},
+		},
+		"budgets": fields{"default_reserve_tokens": &cfg.Budgets.DefaultReserveTokens},
+		"clients": func(path string, v any) error {
+			return d.array(path, v, func(path string, v any) error {
+				c, err := d.client(path, v)
+				cfg.Clients = append(cfg.Clients, c)
+				return err
+			})
+		},
 		"providers": func(path string, v any) error {
 			return d.array(path, v, func(path string, v any) error {
 				pc, err := d.provider(path, v)
@@ -986,10 +1124,84 @@ func (d *configDecoder) decode(tree map[string]any) (*Config, error) {
 	if len(cfg.Providers) == 0 {
 		d.warnf("", "no providers configured: every chat request will fail")
 	}
-	if !isLoopbackListen(s.Listen) && s.AuthToken == "" {
-		d.warnf("server.listen", "server.listen %q is not a loopback address and server.auth_token is not set: anyone who reaches it can spend your sats", s.Listen)
-	}
 	return cfg, nil
+}
+
+// rateUnit reads rate_unit before the rest of the file, because every rate
+// is read in its unit. arbstr files written since mid-2026 price tokens in
+// sats per 1M tokens with no marker in the file: read per 1k, such a file
+// would make every request cost about 1000 times too much and still load.
+// So a file without rate_unit that holds a key only those files have is
+// refused, with both ways out. A [vault] table asks for billing, which
+// arbstr does not do: serving such a file would give away for free what its
+// author meant to sell, so it is always refused.
+func (d *configDecoder) rateUnit(tree map[string]any, cfg *Config) error {
+	if _, ok := tree["vault"]; ok {
+		return d.errorf("vault", "arbstr does no billing, so it cannot serve a file that asks for it through [vault]: remove the table, and bill elsewhere if you sell access")
+	}
+	if v, ok := tree["rate_unit"]; ok {
+		if err := d.value("rate_unit", v, &cfg.RateUnit); err != nil {
+			return err
+		}
+		if cfg.RateUnit != rateUnitPer1k && cfg.RateUnit != rateUnitPer1m {
+			return d.errorf("rate_unit", "unknown unit %q: want %q or %q", cfg.RateUnit, rateUnitPer1k, rateUnitPer1m)
+		}
+		return nil
+	}
+	if path := newerFileKey(tree); path != "" {
+		return d.errorf(path, "only arbstr files written since mid-2026 have this key, and those price tokens in sats per 1M tokens; "+
+			"without rate_unit this file's rates would be read per 1k tokens, and every request would cost about 1000x too much. "+
+			`Add rate_unit = "sats_per_1m" at the top of the file, or rate_unit = "sats_per_1k" to confirm that its rates are per 1k tokens`)
+	}
+	return nil
+}
+
+// newerFileKey returns the path of the first key in tree that only arbstr
+// files written since mid-2026 have, or "". It reads the raw tree, before
+// any type is checked, so it skips whatever is not of the expected shape.
+func newerFileKey(tree map[string]any) string {
+	for _, k := range []string{"routing", "tokenstats"} {
+		if _, ok := tree[k]; ok {
+			return k
+		}
+	}
+	find := func(list any, path string, keys ...string) string {
+		a, _ := list.([]any)
+		for i, e := range a {
+			m, _ := e.(map[string]any)
+			for _, k := range keys {
+				if _, ok := m[k]; ok {
+					return fmt.Sprintf("%s[%d].%s", path, i, k)
+				}
+			}
+		}
+		return ""
+	}
+	if p := find(tree["providers"], "providers", "tier", "auto_discover"); p != "" {
+		return p
+	}
+	policies, _ := tree["policies"].(map[string]any)
+	return find(policies["rules"], "policies.rules", "max_sats_per_1m_output")
+}
+
+// rate returns the decoder of a token rate into dst. A rate is kept as
+// written, in the file's rate_unit; its bound is maxRate per 1k tokens in
+// either unit. A rate of 1000 sats per 1k tokens (a sat a token) or more is
+// more likely a rate per 1M tokens in a file read per 1k, so it is a warning.
+func (d *configDecoder) rate(dst *float64) func(path string, v any) error {
+	return func(path string, v any) error {
+		per, scale, hint := "1k", 1.0, ` If so, set rate_unit = "sats_per_1m".`
+		if d.unit == rateUnitPer1m {
+			per, scale, hint = "1M", 1000, ""
+		}
+		if err := d.value(path, v, number{dst, maxRate * scale}); err != nil {
+			return err
+		}
+		if *dst >= 1000*scale {
+			d.warnf(path, "%s = %g sats per %s tokens, %g sats a token: is this per 1M?%s", path, *dst, per, *dst/(1000*scale), hint)
+		}
+		return nil
+	}
 }
 
 // provider decodes one providers[] entry and gives it its key (SPEC §3):
@@ -999,6 +1211,7 @@ func (d *configDecoder) decode(tree map[string]any) (*Config, error) {
 func (d *configDecoder) provider(path string, v any) (ProviderConfig, error) {
 	var pc ProviderConfig
 	literal := false // api_key is written out in the file, not a ${VAR}
+	discover := &sameBool{d: d}
 	err := d.table(path, v, fields{
 		"name": &pc.Name,
 		"url":  &pc.URL,
@@ -1007,10 +1220,12 @@ func (d *configDecoder) provider(path string, v any) (ProviderConfig, error) {
 			literal = !strings.Contains(s, "${")
 			return d.value(path, v, &pc.APIKey)
 		},
-		"models":      &pc.Models,
-		"input_rate":  &pc.InputRate,
-		"output_rate": &pc.OutputRate,
-		"base_fee":    &pc.BaseFee,
+		"models":        &pc.Models,
+		"input_rate":    d.rate(&pc.InputRate),
+		"output_rate":   d.rate(&pc.OutputRate),
+		"base_fee":      &pc.BaseFee,
+		"discover":      discover.value(&pc.Discover),
+		"auto_discover": discover.value(&pc.Discover),
 		// model_rates is read last, below, because a model's entry may
 		// leave out a rate that the provider's own rate then fills.
 		"model_rates": func(string, any) error { return nil },
@@ -1018,22 +1233,62 @@ func (d *configDecoder) provider(path string, v any) (ProviderConfig, error) {
 	if m, _ := v.(map[string]any); err == nil && m["model_rates"] != nil {
 		pc.ModelRates, err = d.modelRates(configPath(path, "model_rates"), m["model_rates"], &pc)
 	}
+	if err == nil && discover.disagree {
+		err = d.errorf(path+".auto_discover", "auto_discover is another name of discover, and the two disagree")
+	}
 	if err != nil {
 		return pc, err
 	}
-	env := providerKeyEnv(pc.Name)
-	switch {
-	case pc.APIKey != "":
+	if pc.APIKey != "" {
 		pc.KeySource = "config"
 		if literal {
-			d.warnf(path+".api_key", "provider %q: api_key is written in the file; prefer \"${VAR}\" or the environment variable %s", pc.Name, env)
+			d.warnf(path+".api_key", "provider %q: api_key is written in the file; prefer \"${VAR}\" or the environment variable %s", pc.Name, providerKeyEnv(pc.Name))
 		}
-	case os.Getenv(env) != "":
-		pc.APIKey, pc.KeySource = os.Getenv(env), "env "+env
-	default:
-		d.warnf(path, "provider %q has no API key (no api_key, %s not set): it is sent no Authorization header", pc.Name, env)
 	}
 	return pc, nil
+}
+
+// sameBool decodes two keys that are one setting under two names, such as
+// discover and auto_discover, and notes whether they disagree.
+type sameBool struct {
+	d        *configDecoder
+	seen     bool
+	disagree bool
+}
+
+func (b *sameBool) value(dst *bool) func(path string, v any) error {
+	return func(path string, v any) error {
+		var x bool
+		if err := b.d.value(path, v, &x); err != nil {
+			return err
+		}
+		b.disagree = b.disagree || (b.seen && x != *dst)
+		*dst, b.seen = x, true
+		return nil
+	}
+}
+
+// client decodes one clients[] entry. Its token is checked with the others
+// in check; the warning names the client, never the token.
+func (d *configDecoder) client(path string, v any) (ClientConfig, error) {
+	var c ClientConfig
+	literal := false // the token is written out in the file, not a ${VAR}
+	err := d.table(path, v, fields{
+		"name": &c.Name,
+		"token": func(path string, v any) error {
+			s, _ := v.(string)
+			literal = !strings.Contains(s, "${")
+			return d.value(path, v, &c.Token)
+		},
+		"policies":              &c.Policies,
+		"budget_sats_per_day":   number{&c.BudgetSatsPerDay, maxSats},
+		"budget_sats_per_month": number{&c.BudgetSatsPerMonth, maxSats},
+		"rate_limit_rpm":        atLeast{&c.RateLimitRPM, 0},
+	})
+	if err == nil && literal && c.Token != "" {
+		d.warnf(path+".token", "client %q: token is written in the file; prefer \"${VAR}\"", c.Name)
+	}
+	return c, err
 }
 
 // modelRates decodes model_rates: model → {input_rate, output_rate}. A rate
@@ -1056,7 +1311,7 @@ func (d *configDecoder) modelRates(path string, v any, pc *ProviderConfig) (map[
 			return nil, d.errorf(kp, "model %q is listed twice", model)
 		}
 		r := Rates{InputRate: pc.InputRate, OutputRate: pc.OutputRate}
-		if err := d.table(kp, m[k], fields{"input_rate": &r.InputRate, "output_rate": &r.OutputRate}); err != nil {
+		if err := d.table(kp, m[k], fields{"input_rate": d.rate(&r.InputRate), "output_rate": d.rate(&r.OutputRate)}); err != nil {
 			return nil, err
 		}
 		rates[model] = r
@@ -1075,8 +1330,17 @@ func (d *configDecoder) rule(path string, v any) (PolicyRule, error) {
 			r.MaxSatsPer1kOutput = new(float64)
 			return d.value(path, v, r.MaxSatsPer1kOutput)
 		},
-		"keywords": &r.Keywords,
+		"max_sats_per_1m_output": func(path string, v any) error {
+			r.MaxSatsPer1mOutput = new(float64)
+			return d.value(path, v, number{r.MaxSatsPer1mOutput, maxRate * 1000})
+		},
+		"keywords":              &r.Keywords,
+		"budget_sats_per_day":   number{&r.BudgetSatsPerDay, maxSats},
+		"budget_sats_per_month": number{&r.BudgetSatsPerMonth, maxSats},
 	})
+	if err == nil && r.MaxSatsPer1kOutput != nil && r.MaxSatsPer1mOutput != nil {
+		err = d.errorf(path+".max_sats_per_1m_output", "give max_sats_per_1k_output or max_sats_per_1m_output, not both")
+	}
 	return r, err
 }
 
@@ -1129,11 +1393,74 @@ func (d *configDecoder) check(cfg *Config) error {
 			return err
 		}
 	}
+	for i, c := range cfg.Clients {
+		if err := name("client", fmt.Sprintf("clients[%d]", i), c.Name); err != nil {
+			return err
+		}
+	}
+	if err := d.checkClients(cfg); err != nil {
+		return err
+	}
+	if err := d.checkBrowsers(&cfg.Server); err != nil {
+		return err
+	}
 	level := strings.ToLower(cfg.Logging.Level)
 	if !slices.Contains([]string{"debug", "info", "warn", "error"}, level) {
 		return d.errorf("logging.level", "unknown level %q: want debug, info, warn or error", cfg.Logging.Level)
 	}
 	cfg.Logging.Level = level
+	return nil
+}
+
+// checkClients checks what clients' names leave: each has a token of its
+// own, distinct from the other clients' and from server.auth_token (a token
+// says who is asking), and may use only policies that exist. Messages name
+// the clients, never a token.
+func (d *configDecoder) checkClients(cfg *Config) error {
+	tokens := make(map[string]string) // token → path of the client that has it
+	for i, c := range cfg.Clients {
+		path := fmt.Sprintf("clients[%d]", i)
+		other, dup := tokens[c.Token]
+		switch {
+		case c.Token == "":
+			return d.errorf(path+".token", "missing or empty")
+		case c.Token == cfg.Server.AuthToken:
+			return d.errorf(path+".token", "the same as server.auth_token: a client needs a token of its own")
+		case dup:
+			return d.errorf(path+".token", "the same token as %s: each client needs a token of its own", other)
+		}
+		tokens[c.Token] = path
+		for j, p := range c.Policies {
+			if !slices.ContainsFunc(cfg.Policies.Rules, func(r PolicyRule) bool { return r.Name == p }) {
+				return d.errorf(fmt.Sprintf("%s.policies[%d]", path, j), "no policy rule is named %q", p)
+			}
+		}
+	}
+	return nil
+}
+
+// checkBrowsers checks the origins and hosts that browsers may reach
+// arbstr from. A browser sends an Origin of scheme://host[:port] in lower
+// case, so an origin is checked for that shape and folded to lower case: an
+// entry that can never match would be a silent mistake. "*" is refused: it
+// would let any web page the user opens spend their sats.
+func (d *configDecoder) checkBrowsers(s *ServerConfig) error {
+	for i, o := range s.AllowedOrigins {
+		path := fmt.Sprintf("server.allowed_origins[%d]", i)
+		if o == "*" {
+			return d.errorf(path, `"*" would let any web page you open spend your sats through arbstr: list each origin that may`)
+		}
+		u, err := url.Parse(o)
+		if err != nil || u.Scheme == "" || u.Host == "" || u.User != nil || u.Path != "" || u.RawQuery != "" || u.Fragment != "" || strings.HasSuffix(o, "?") || strings.HasSuffix(o, "#") {
+			return d.errorf(path, "want scheme://host[:port] with no path, such as http://localhost:3000, got %q", o)
+		}
+		s.AllowedOrigins[i] = strings.ToLower(o)
+	}
+	for i, h := range s.AllowedHosts {
+		if h == "" || strings.ContainsAny(h, "/ \t") || strings.ContainsFunc(h, unicode.IsControl) {
+			return d.errorf(fmt.Sprintf("server.allowed_hosts[%d]", i), "want a host name, such as arbstr.lan, got %q", h)
+		}
+	}
 	return nil
 }
 
