@@ -22,27 +22,31 @@ import (
 	"unicode/utf8"
 )
 
-// This file loads the configuration of SPEC §3. A JSON file and a TOML file
+// This file loads arbstr's configuration. A JSON file and a TOML file
 // are each parsed into the same generic tree (map[string]any of strings,
 // int64, float64, bool, []any and map[string]any) and one walker, the
 // configDecoder, turns that tree into a Config. The two formats therefore
 // cannot drift apart: types, defaults, ${VAR} expansion, validation and
 // warnings are written once.
 
-// Config is arbstr's configuration (SPEC §3). JSON and TOML files decode into
-// the same structure; defaultConfig holds the defaults of the §3 table.
+// Config is arbstr's configuration. JSON and TOML files decode into the same
+// structure; defaultConfig holds the defaults. Nothing marshals it through
+// encoding/json, so it has no struct tags, but for the json:"-" that keeps
+// secrets out of any output should that change.
 type Config struct {
 	// RateUnit is the unit of every token rate in the file: "sats_per_1k"
-	// (the default) or "sats_per_1m". base_fee is always sats per request.
-	RateUnit  string           `json:"rate_unit"`
-	Server    ServerConfig     `json:"server"`
-	Database  DatabaseConfig   `json:"database"`
-	Providers []ProviderConfig `json:"providers"`
-	Policies  PoliciesConfig   `json:"policies"`
-	Logging   LoggingConfig    `json:"logging"`
-	Market    MarketConfig     `json:"market"`
-	Clients   []ClientConfig   `json:"clients"`
-	Budgets   BudgetsConfig    `json:"budgets"`
+	// (the default) or "sats_per_1m". The rates of ProviderConfig and its
+	// ModelRates are kept as written, in this unit; base_fee is always sats
+	// per request.
+	RateUnit  string
+	Server    ServerConfig
+	Database  DatabaseConfig
+	Providers []ProviderConfig
+	Policies  PoliciesConfig
+	Logging   LoggingConfig
+	Market    MarketConfig
+	Clients   []ClientConfig
+	Budgets   BudgetsConfig
 }
 
 // Rate units of Config.RateUnit.
@@ -77,62 +81,63 @@ type BudgetsConfig struct {
 }
 
 type ServerConfig struct {
-	Listen              string   `json:"listen"`
-	AuthToken           string   `json:"auth_token"`
-	MaxBodyBytes        int64    `json:"max_body_bytes"`
-	UpstreamTimeoutSecs int      `json:"upstream_timeout_secs"`
-	MaxAttempts         int      `json:"max_attempts"`
-	ShutdownTimeoutSecs int      `json:"shutdown_timeout_secs"`
+	Listen              string
+	AuthToken           string
+	MaxBodyBytes        int64
+	UpstreamTimeoutSecs int
+	MaxAttempts         int
+	ShutdownTimeoutSecs int
 	BodyTimeoutSecs     int      // default 30
 	AllowedOrigins      []string // browser origins that may call arbstr (CORS)
 	AllowedHosts        []string // Host names served besides loopback ones
 }
 
 type DatabaseConfig struct {
-	Path string `json:"path"`
+	Path string
 }
 
 type ProviderConfig struct {
-	Name       string           `json:"name"`
-	URL        string           `json:"url"`
-	APIKey     string           `json:"-"` // never serialized anywhere (SPEC §9)
-	Models     []string         `json:"models"`
-	InputRate  float64          `json:"input_rate"`
-	OutputRate float64          `json:"output_rate"`
-	BaseFee    float64          `json:"base_fee"`
-	ModelRates map[string]Rates `json:"model_rates,omitempty"`
+	Name       string
+	URL        string
+	APIKey     string `json:"-"` // never serialized anywhere: keys stay out of every output
+	Models     []string
+	InputRate  float64
+	OutputRate float64
+	BaseFee    float64
+	ModelRates map[string]Rates
 	// KeySource says where APIKey came from, for `providers` and warnings:
 	// "config", "env ARBSTR_X_API_KEY", or "" when there is no key.
-	KeySource string `json:"-"`
+	KeySource string
 	// Discover: read the provider's listing (GET {base}/models) for its
 	// models and prices, and its balance (GET {base}/balance/info).
 	Discover bool
 }
 
+// Rates keeps its struct tags: GET /providers shows model_rates through it.
 type Rates struct {
 	InputRate  float64 `json:"input_rate"`
 	OutputRate float64 `json:"output_rate"`
 }
 
 type PoliciesConfig struct {
-	DefaultStrategy string       `json:"default_strategy"`
-	Rules           []PolicyRule `json:"rules"`
+	DefaultStrategy string
+	Rules           []PolicyRule
 }
 
 type PolicyRule struct {
-	Name               string   `json:"name"`
-	AllowedModels      []string `json:"allowed_models"`
-	Strategy           string   `json:"strategy"`
-	MaxSatsPer1kOutput *float64 `json:"max_sats_per_1k_output,omitempty"`
+	Name               string
+	AllowedModels      []string
+	Strategy           string
+	MaxSatsPer1kOutput *float64
 	MaxSatsPer1mOutput *float64 // at most one of the two is set
-	Keywords           []string `json:"keywords"`
-	BudgetSatsPerDay   float64  // 0: none
-	BudgetSatsPerMonth float64  // 0: none
+	Keywords           []string
+	BudgetSatsPerDay   float64 // 0: none
+	BudgetSatsPerMonth float64 // 0: none
 }
 
 type LoggingConfig struct {
-	Level       string `json:"level"`
-	LogRequests bool   `json:"log_requests"`
+	Level       string
+	LogRequests bool
 }
 
 func defaultConfig() *Config {
@@ -155,7 +160,7 @@ func defaultConfig() *Config {
 }
 
 // findConfig returns the config file to load, the first that exists of the
-// -config flag, $ARBSTR_CONFIG, ./config.json and ./config.toml (SPEC §2). It
+// -config flag, $ARBSTR_CONFIG, ./config.json and ./config.toml. It
 // returns "" and no error when there is none; the caller then serves in mock
 // mode. A file named by the flag or the variable must exist: a typo there
 // should stop arbstr, not quietly start it with mock providers.
@@ -190,7 +195,7 @@ func findConfig(flagPath string) (string, error) {
 	return "", nil
 }
 
-// loadConfig reads, decodes and validates the config file at path (SPEC §3).
+// loadConfig reads, decodes and validates the config file at path.
 // The format follows the extension. Errors name the file and, for TOML, the
 // line ("config.toml:12: providers[1].input_rate: want a number, got
 // string"). Warnings are returned for the caller to show, in the same form.
@@ -330,7 +335,7 @@ func isLoopbackListen(addr string) bool {
 }
 
 // providerKeyEnv is the environment variable that holds the key of a provider
-// without api_key (SPEC §3): ARBSTR_<NAME>_API_KEY, NAME upper-cased with every
+// without api_key: ARBSTR_<NAME>_API_KEY, NAME upper-cased with every
 // character outside A-Z and 0-9 made "_". Only ASCII letters are upper-cased,
 // so that the name of the variable never depends on Unicode case tables.
 func providerKeyEnv(name string) string {
@@ -348,7 +353,7 @@ func providerKeyEnv(name string) string {
 // configSyntaxError is a parse error at a line of the file. loadConfig turns
 // it into "config.toml:12: msg". Its message never quotes the text it failed
 // on (but for the one character encoding/json quotes): that text may be an
-// API key pasted in the wrong place (SPEC §9).
+// API key pasted in the wrong place, and keys never appear in messages.
 type configSyntaxError struct {
 	line int
 	msg  string
@@ -378,7 +383,7 @@ const bareKeyChars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345
 const maxNesting = 64
 
 // maxRate bounds every price (sats per 1000 tokens, or per request). The
-// router computes costs in integer micro-sats (SPEC §4.1): at this bound, the
+// router computes costs in integer micro-sats: at this bound, the
 // largest request body of the default max_body_bytes still costs far less
 // than int64 holds, and no real price comes near it (it is 1000 sats a
 // token).
@@ -387,7 +392,8 @@ const maxRate = 1e6
 // ---- JSON ----
 
 // parseJSON reads a JSON config into the tree the walker expects. Only
-// syntax errors get a line: SPEC §3 asks for lines in TOML files only.
+// syntax errors get a line: the walker knows lines of TOML files only, and
+// a JSON key is easy to find by its path.
 func parseJSON(data []byte) (map[string]any, error) {
 	lineAt := func(off int64) int { return 1 + bytes.Count(data[:min(off, int64(len(data)))], []byte("\n")) }
 	dec := json.NewDecoder(bytes.NewReader(data))
@@ -449,7 +455,7 @@ func jsonTree(path string, v any) (_ any, err error) {
 
 // ---- TOML ----
 
-// parseTOML parses the TOML subset of SPEC §3: comments, bare, quoted and
+// parseTOML parses arbstr's TOML subset: comments, bare, quoted and
 // dotted keys, [tables], [[arrays of tables]], basic and literal strings,
 // decimal integers and floats, booleans, arrays and inline tables, all as
 // TOML 1.0 defines them. Everything else in TOML (multi-line strings, dates,
@@ -858,7 +864,7 @@ func (p *tomlParser) scalar() (any, error) {
 
 // ---- The walker ----
 
-// configDecoder walks the tree of either format into a Config (SPEC §3).
+// configDecoder walks the tree of either format into a Config.
 // Types and ranges are checked where a value is read, and the rest (names,
 // urls, strategies) by check once all is read; either way the error names
 // the key, and its line when the parser gave one.
@@ -921,11 +927,13 @@ type atLeast struct {
 const maxSats = 21e14
 
 // value decodes v, the value of the key at path, into dst, one of the kinds
-// of fields. Strings get ${VAR} expanded. Integers are counts, from 1 up;
-// int is 32 bits on linux/arm (SPEC §1), so an int is bounded by MaxInt32 on
-// every platform: a config means the same on a Raspberry Pi as on a server,
-// and a number of seconds times time.Second cannot overflow. Floats are
-// prices, from 0 to maxRate, and may be written as integers.
+// of fields. Strings get ${VAR} expanded. Integers are counts, from 1 up
+// (from atLeast's min for an atLeast); int is 32 bits on linux/arm, a
+// target arbstr supports, so an int is bounded by MaxInt32 on every
+// platform: a config means the same on a Raspberry Pi as on a server, and a
+// number of seconds times time.Second cannot overflow. Floats are prices,
+// from 0 to maxRate (to number's max for a number), and may be written as
+// integers.
 func (d *configDecoder) value(path string, v any, dst any) error {
 	switch dst := dst.(type) {
 	case fields:
@@ -1002,7 +1010,7 @@ func (d *configDecoder) count(path string, v any, least, limit int64) (int64, er
 }
 
 // table decodes the table v. Unknown keys are warnings, so that configs
-// written for other arbstr versions still load (SPEC §3).
+// written for other arbstr versions still load.
 func (d *configDecoder) table(path string, v any, fs fields) error {
 	m, ok := v.(map[string]any)
 	if !ok {
@@ -1034,7 +1042,7 @@ func (d *configDecoder) array(path string, v any, each func(path string, v any) 
 
 var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
-// expand replaces each ${VAR} in s by the environment variable VAR (SPEC §3).
+// expand replaces each ${VAR} in s by the environment variable VAR.
 // $VAR without braces is left alone. An unset variable is an error naming it
 // and the key; the message never holds the value, which may be a key.
 func (d *configDecoder) expand(path, s string) (string, error) {
@@ -1204,10 +1212,10 @@ func (d *configDecoder) rate(dst *float64) func(path string, v any) error {
 	}
 }
 
-// provider decodes one providers[] entry and gives it its key (SPEC §3):
-// api_key when set, else ARBSTR_<NAME>_API_KEY, else none. An api_key that
-// expands to "" counts as unset. The warnings name the provider, never the
-// key.
+// provider decodes one providers[] entry. A provider whose api_key is
+// missing or expands to "" gets ARBSTR_<NAME>_API_KEY later, from
+// configure, with the other overrides. The warnings name the provider,
+// never the key.
 func (d *configDecoder) provider(path string, v any) (ProviderConfig, error) {
 	var pc ProviderConfig
 	literal := false // api_key is written out in the file, not a ${VAR}
@@ -1344,7 +1352,7 @@ func (d *configDecoder) rule(path string, v any) (PolicyRule, error) {
 	return r, err
 }
 
-// check enforces the rules that the walker leaves (SPEC §3): listen and
+// check enforces the rules that the walker leaves: listen and
 // database.path, provider and rule names, urls, strategies and the level.
 // It folds the strategy alias and the level's case.
 func (d *configDecoder) check(cfg *Config) error {
@@ -1354,8 +1362,8 @@ func (d *configDecoder) check(cfg *Config) error {
 	if cfg.Database.Path == "" {
 		return d.errorf("database.path", "must not be empty")
 	}
-	// Names travel in response headers (x-arbstr-provider, x-arbstr-policy,
-	// SPEC §5.2), where a control character would break the response.
+	// Names travel in response headers (x-arbstr-provider,
+	// x-arbstr-policy), where a control character would break the response.
 	seen := make(map[string]string) // kind and name → path
 	name := func(kind, path, name string) error {
 		other, dup := seen[kind+" "+name]
@@ -1464,7 +1472,7 @@ func (d *configDecoder) checkBrowsers(s *ServerConfig) error {
 	return nil
 }
 
-// strategy checks a routing strategy of SPEC §4, and folds lowest_cost, the
+// strategy checks a routing strategy, and folds lowest_cost, the
 // name early arbstr configs use, into cheapest.
 func (d *configDecoder) strategy(path string, s *string) error {
 	switch *s {

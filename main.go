@@ -290,10 +290,12 @@ func serve(ctx context.Context, o overrides, stderr io.Writer) error {
 			done = true
 		}
 	}
+	return shutdown(httpSrv, srv, store, time.Duration(cfg.Server.ShutdownTimeoutSecs)*time.Second, logger)
+}
 
-	// Stop accepting, let requests and streams finish, then write every
-	// pending ledger row before the file closes.
-	grace := time.Duration(cfg.Server.ShutdownTimeoutSecs) * time.Second
+// shutdown stops accepting, lets requests and streams finish for up to
+// grace, then writes every pending ledger row before the file closes.
+func shutdown(httpSrv *http.Server, srv *server, store *Store, grace time.Duration, logger *slog.Logger) error {
 	logger.Info("shutting down", "grace", grace)
 	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()

@@ -15,8 +15,8 @@ import (
 	"time"
 )
 
-// The tests of config.go: the TOML subset, the JSON reader, and the walker
-// that gives both the meaning of SPEC §3.
+// The tests of config.go: the TOML subset, the JSON reader, the walker that
+// gives both their meaning, and configure, which applies the overrides.
 
 // tomlAccepted are inputs of the TOML subset and the trees they parse into.
 var tomlAccepted = []struct {
@@ -290,8 +290,8 @@ func TestParseTOMLRejects(t *testing.T) {
 	}
 }
 
-// A pasted key in the wrong place must not come back in a parse error (SPEC
-// §9): parse errors describe, they never quote.
+// A pasted key in the wrong place must not come back in a parse error, since
+// keys never appear in messages: parse errors describe, they never quote.
 func TestParseErrorsQuoteNoSecret(t *testing.T) {
 	const secret = "sk-Zq9XwV7pL3mN8bR2"
 	tests := []struct{ name, text string }{
@@ -375,7 +375,7 @@ func TestParseTOMLLines(t *testing.T) {
 }
 
 // early2026TOML is the config.example.toml of arbstr of early 2026, which
-// must load unchanged (SPEC §3).
+// must load unchanged.
 const early2026TOML = `[server]
 listen = "127.0.0.1:8080"
 
@@ -483,7 +483,9 @@ func TestLoadConfigEarly2026(t *testing.T) {
 
 // exampleTOML is config.example.json written in TOML, the way the README
 // shows it; both must decode to the same Config.
-const exampleTOML = `# arbstr configuration (SPEC §3).
+const exampleTOML = `# arbstr configuration.
+rate_unit = "sats_per_1k"
+
 [server]
 listen = "127.0.0.1:8080"
 auth_token = ""
@@ -491,6 +493,9 @@ max_body_bytes = 16_777_216
 upstream_timeout_secs = 300
 max_attempts = 3
 shutdown_timeout_secs = 30
+body_timeout_secs = 30
+allowed_origins = []
+allowed_hosts = []
 
 [database]
 path = "./arbstr.db"
@@ -503,6 +508,7 @@ models = ["gpt-4o", "gpt-4o-mini", "claude-3.5-sonnet"]
 input_rate = 10
 output_rate = 30
 base_fee = 1
+discover = false
 
 [providers.model_rates]
 gpt-4o-mini = { input_rate = 1.5, output_rate = 6 }
@@ -526,12 +532,23 @@ allowed_models = ["claude-3.5-sonnet", "gpt-4o"]
 strategy = "cheapest"
 max_sats_per_1k_output = 50
 keywords = ["code", "programming", "debug", "function"]
+budget_sats_per_day = 5000
+budget_sats_per_month = 0
 
 [[policies.rules]]
 name = "quick"
 allowed_models = ["gpt-4o-mini"]
 strategy = "lowest_latency"
+max_sats_per_1m_output = 20000
 keywords = ["quick", "simple", "fast"]
+
+[market]
+refresh_secs = 120
+stale_after_secs = 900
+low_balance_sats = 0
+
+[budgets]
+default_reserve_tokens = 4096
 
 [logging]
 level = "info"
@@ -639,7 +656,7 @@ log_requests = false
 	if terr == nil || jerr == nil || stripLocation(terr.Error()) != want || stripLocation(jerr.Error()) != want {
 		t.Errorf("input_rate \"1\": errors %v and %v; want %q", terr, jerr, want)
 	}
-	// Only TOML errors name a line (SPEC §3).
+	// Only TOML errors name a line.
 	if !strings.HasSuffix(strings.Fields(terr.Error())[0], "c.toml:10:") || !strings.HasSuffix(strings.Fields(jerr.Error())[0], "c.json:") {
 		t.Errorf("input_rate \"1\": errors %v and %v; want line 10 in c.toml and no line in c.json", terr, jerr)
 	}
@@ -857,7 +874,7 @@ func TestConfigErrors(t *testing.T) {
 }
 
 // Errors of the JSON reader and of loadConfig itself. JSON errors name a
-// line only for a syntax error (SPEC §3 asks lines of TOML only).
+// line only for a syntax error: the walker knows the lines of TOML only.
 func TestLoadConfigFileErrors(t *testing.T) {
 	tests := []struct {
 		name, text string
@@ -968,7 +985,7 @@ func TestConfigFileModeWarning(t *testing.T) {
 }
 
 // No error or warning ever holds a key, whether written in the file or taken
-// from the environment (SPEC §9).
+// from the environment.
 func TestConfigMessagesHoldNoKey(t *testing.T) {
 	const secret = "sk-Zq9XwV7pL3mN8bR2"
 	t.Setenv("ARBSTR_TEST_SECRET", secret)
