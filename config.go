@@ -921,10 +921,10 @@ type atLeast struct {
 	min int64
 }
 
-// maxSats bounds amounts of sats such as budgets: no budget exceeds every
-// bitcoin there will ever be, and at this bound a budget in millisats still
-// fits an int64.
-const maxSats = 21e14
+// maxSats bounds amounts of sats such as budgets and balances: 10,000
+// bitcoin is far beyond what anyone spends on tokens, and at this bound an
+// amount in micro-sats, the unit costs are computed in, still fits an int64.
+const maxSats = 1e12
 
 // value decodes v, the value of the key at path, into dst, one of the kinds
 // of fields. Strings get ${VAR} expanded. Integers are counts, from 1 up
@@ -1353,8 +1353,9 @@ func (d *configDecoder) rule(path string, v any) (PolicyRule, error) {
 }
 
 // check enforces the rules that the walker leaves: listen and
-// database.path, provider and rule names, urls, strategies and the level.
-// It folds the strategy alias and the level's case.
+// database.path, provider, rule and client names, urls, strategies,
+// clients' tokens and policies, browser origins and hosts, and the level.
+// It folds the strategy alias, the level's case and the origins' case.
 func (d *configDecoder) check(cfg *Config) error {
 	if _, _, err := net.SplitHostPort(cfg.Server.Listen); err != nil {
 		return d.errorf("server.listen", "want host:port, such as 127.0.0.1:8080, got %q", cfg.Server.Listen)
@@ -1420,10 +1421,11 @@ func (d *configDecoder) check(cfg *Config) error {
 	return nil
 }
 
-// checkClients checks what clients' names leave: each has a token of its
-// own, distinct from the other clients' and from server.auth_token (a token
-// says who is asking), and may use only policies that exist. Messages name
-// the clients, never a token.
+// checkClients checks clients' tokens and policies. A token says who is
+// asking, so each client has one of its own, distinct from the other
+// clients' and from server.auth_token; and a client may be allowed only
+// policies that exist, since a misspelt name would silently allow nothing.
+// Messages name the clients, never a token.
 func (d *configDecoder) checkClients(cfg *Config) error {
 	tokens := make(map[string]string) // token → path of the client that has it
 	for i, c := range cfg.Clients {

@@ -1332,7 +1332,7 @@ var secondErrors = []struct {
 		`{"policies": {"rules": [{"name": "r", "budget_sats_per_month": "10"}]}}`,
 		"3: policies.rules[0].budget_sats_per_month: want a number, got string"},
 	{"[[policies.rules]]\nname = \"r\"\nbudget_sats_per_month = 3e15\n", "",
-		"3: policies.rules[0].budget_sats_per_month: must be at most 2.1e+15, got 3e+15"},
+		"3: policies.rules[0].budget_sats_per_month: must be at most 1e+12, got 3e+15"},
 
 	// Server.
 	{"[server]\nbody_timeout_secs = 0\n", `{"server": {"body_timeout_secs": 0}}`, "2: server.body_timeout_secs: must be at least 1, got 0"},
