@@ -223,9 +223,7 @@ func serve(ctx context.Context, o overrides, stderr io.Writer) error {
 	}
 	cfg := c.cfg
 	var level slog.Level
-	if err := level.UnmarshalText([]byte(cfg.Logging.Level)); err != nil {
-		return fmt.Errorf("log level %q: want debug, info, warn or error", cfg.Logging.Level)
-	}
+	level.UnmarshalText([]byte(cfg.Logging.Level)) // configure checked it
 	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	for _, w := range c.warnings {
 		logger.Warn("config", "file", c.path, "warning", w)
