@@ -22,27 +22,31 @@ import (
 	"unicode/utf8"
 )
 
-// This file loads the configuration of SPEC §3. A JSON file and a TOML file
+// This file loads arbstr's configuration. A JSON file and a TOML file
 // are each parsed into the same generic tree (map[string]any of strings,
 // int64, float64, bool, []any and map[string]any) and one walker, the
 // configDecoder, turns that tree into a Config. The two formats therefore
 // cannot drift apart: types, defaults, ${VAR} expansion, validation and
 // warnings are written once.
 
-// Config is arbstr's configuration (SPEC §3). JSON and TOML files decode into
-// the same structure; defaultConfig holds the defaults of the §3 table.
+// Config is arbstr's configuration. JSON and TOML files decode into the same
+// structure; defaultConfig holds the defaults. Nothing marshals it through
+// encoding/json, so it has no struct tags, but for the json:"-" that keeps
+// secrets out of any output should that change.
 type Config struct {
 	// RateUnit is the unit of every token rate in the file: "sats_per_1k"
-	// (the default) or "sats_per_1m". base_fee is always sats per request.
-	RateUnit  string           `json:"rate_unit"`
-	Server    ServerConfig     `json:"server"`
-	Database  DatabaseConfig   `json:"database"`
-	Providers []ProviderConfig `json:"providers"`
-	Policies  PoliciesConfig   `json:"policies"`
-	Logging   LoggingConfig    `json:"logging"`
-	Market    MarketConfig     `json:"market"`
-	Clients   []ClientConfig   `json:"clients"`
-	Budgets   BudgetsConfig    `json:"budgets"`
+	// (the default) or "sats_per_1m". The rates of ProviderConfig and its
+	// ModelRates are kept as written, in this unit; base_fee is always sats
+	// per request.
+	RateUnit  string
+	Server    ServerConfig
+	Database  DatabaseConfig
+	Providers []ProviderConfig
+	Policies  PoliciesConfig
+	Logging   LoggingConfig
+	Market    MarketConfig
+	Clients   []ClientConfig
+	Budgets   BudgetsConfig
 }
 
 // Rate units of Config.RateUnit.
@@ -77,62 +81,63 @@ type BudgetsConfig struct {
 }
 
 type ServerConfig struct {
-	Listen              string   `json:"listen"`
-	AuthToken           string   `json:"auth_token"`
-	MaxBodyBytes        int64    `json:"max_body_bytes"`
-	UpstreamTimeoutSecs int      `json:"upstream_timeout_secs"`
-	MaxAttempts         int      `json:"max_attempts"`
-	ShutdownTimeoutSecs int      `json:"shutdown_timeout_secs"`
+	Listen              string
+	AuthToken           string
+	MaxBodyBytes        int64
+	UpstreamTimeoutSecs int
+	MaxAttempts         int
+	ShutdownTimeoutSecs int
 	BodyTimeoutSecs     int      // default 30
 	AllowedOrigins      []string // browser origins that may call arbstr (CORS)
 	AllowedHosts        []string // Host names served besides loopback ones
 }
 
 type DatabaseConfig struct {
-	Path string `json:"path"`
+	Path string
 }
 
 type ProviderConfig struct {
-	Name       string           `json:"name"`
-	URL        string           `json:"url"`
-	APIKey     string           `json:"-"` // never serialized anywhere (SPEC §9)
-	Models     []string         `json:"models"`
-	InputRate  float64          `json:"input_rate"`
-	OutputRate float64          `json:"output_rate"`
-	BaseFee    float64          `json:"base_fee"`
-	ModelRates map[string]Rates `json:"model_rates,omitempty"`
+	Name       string
+	URL        string
+	APIKey     string `json:"-"` // never serialized anywhere: keys stay out of every output
+	Models     []string
+	InputRate  float64
+	OutputRate float64
+	BaseFee    float64
+	ModelRates map[string]Rates
 	// KeySource says where APIKey came from, for `providers` and warnings:
 	// "config", "env ARBSTR_X_API_KEY", or "" when there is no key.
-	KeySource string `json:"-"`
+	KeySource string
 	// Discover: read the provider's listing (GET {base}/models) for its
 	// models and prices, and its balance (GET {base}/balance/info).
 	Discover bool
 }
 
+// Rates keeps its struct tags: GET /providers shows model_rates through it.
 type Rates struct {
 	InputRate  float64 `json:"input_rate"`
 	OutputRate float64 `json:"output_rate"`
 }
 
 type PoliciesConfig struct {
-	DefaultStrategy string       `json:"default_strategy"`
-	Rules           []PolicyRule `json:"rules"`
+	DefaultStrategy string
+	Rules           []PolicyRule
 }
 
 type PolicyRule struct {
-	Name               string   `json:"name"`
-	AllowedModels      []string `json:"allowed_models"`
-	Strategy           string   `json:"strategy"`
-	MaxSatsPer1kOutput *float64 `json:"max_sats_per_1k_output,omitempty"`
+	Name               string
+	AllowedModels      []string
+	Strategy           string
+	MaxSatsPer1kOutput *float64
 	MaxSatsPer1mOutput *float64 // at most one of the two is set
-	Keywords           []string `json:"keywords"`
-	BudgetSatsPerDay   float64  // 0: none
-	BudgetSatsPerMonth float64  // 0: none
+	Keywords           []string
+	BudgetSatsPerDay   float64 // 0: none
+	BudgetSatsPerMonth float64 // 0: none
 }
 
 type LoggingConfig struct {
-	Level       string `json:"level"`
-	LogRequests bool   `json:"log_requests"`
+	Level       string
+	LogRequests bool
 }
 
 func defaultConfig() *Config {
@@ -155,7 +160,7 @@ func defaultConfig() *Config {
 }
 
 // findConfig returns the config file to load, the first that exists of the
-// -config flag, $ARBSTR_CONFIG, ./config.json and ./config.toml (SPEC §2). It
+// -config flag, $ARBSTR_CONFIG, ./config.json and ./config.toml. It
 // returns "" and no error when there is none; the caller then serves in mock
 // mode. A file named by the flag or the variable must exist: a typo there
 // should stop arbstr, not quietly start it with mock providers.
@@ -190,7 +195,7 @@ func findConfig(flagPath string) (string, error) {
 	return "", nil
 }
 
-// loadConfig reads, decodes and validates the config file at path (SPEC §3).
+// loadConfig reads, decodes and validates the config file at path.
 // The format follows the extension. Errors name the file and, for TOML, the
 // line ("config.toml:12: providers[1].input_rate: want a number, got
 // string"). Warnings are returned for the caller to show, in the same form.
@@ -228,6 +233,99 @@ func loadConfig(path string) (*Config, []string, error) {
 	return cfg, d.warnings, err
 }
 
+// overrides are the settings given on the command line, which take
+// precedence over the config file (see configure).
+type overrides struct {
+	configPath string // -config, or its alias -c
+	listen     string // -listen
+	mock       bool   // -mock
+}
+
+// configured is what configure found: the configuration to run, the file it
+// came from ("" when there is none), whether arbstr serves its built-in mock
+// providers, and the warnings to show.
+type configured struct {
+	cfg      *Config
+	path     string
+	mock     bool
+	warnings []string
+}
+
+// configure builds the configuration arbstr runs with, from the config file
+// and everything that overrides it; serve, check, providers and a reload all
+// go through it. A flag beats the environment, which beats the file, which
+// beats the defaults, with one exception: a provider's api_key in the file
+// beats ARBSTR_<NAME>_API_KEY, which only fills a key the file leaves out.
+// In detail:
+//
+//   - The file is -config (or -c), else $ARBSTR_CONFIG, else ./config.json,
+//     else ./config.toml. With none, arbstr runs on the defaults in mock mode.
+//   - -listen replaces server.listen.
+//   - -mock (or no file) is mock mode: the caller replaces the providers
+//     with mock ones, and database.path becomes ":memory:".
+//   - DATABASE_URL replaces database.path, in mock mode too.
+//   - ARBSTR_LOG_LEVEL replaces logging.level.
+//   - ARBSTR_<NAME>_API_KEY is the key of a provider without api_key (or
+//     with one that is empty).
+//
+// The warnings are the file's, then those about the result: a provider
+// without a key, and a listen address off loopback without auth_token.
+func configure(o overrides) (*configured, error) {
+	path, err := findConfig(o.configPath)
+	if err != nil {
+		return nil, err
+	}
+	c := &configured{cfg: defaultConfig(), path: path, mock: o.mock || path == ""}
+	if path != "" {
+		if c.cfg, c.warnings, err = loadConfig(path); err != nil {
+			return nil, err
+		}
+	}
+	cfg := c.cfg
+	listenFrom := "server.listen"
+	if o.listen != "" {
+		cfg.Server.Listen, listenFrom = o.listen, "-listen"
+	}
+	if c.mock {
+		cfg.Database.Path = ":memory:"
+	}
+	if v := os.Getenv("DATABASE_URL"); v != "" {
+		cfg.Database.Path = databasePath(v)
+	}
+	if v := os.Getenv("ARBSTR_LOG_LEVEL"); v != "" {
+		cfg.Logging.Level = strings.ToLower(v)
+		if !slices.Contains([]string{"debug", "info", "warn", "error"}, cfg.Logging.Level) {
+			return nil, fmt.Errorf("ARBSTR_LOG_LEVEL %q: want debug, info, warn or error", v)
+		}
+	}
+	for i := range cfg.Providers {
+		p := &cfg.Providers[i]
+		env := providerKeyEnv(p.Name)
+		switch {
+		case p.APIKey != "":
+		case os.Getenv(env) != "":
+			p.APIKey, p.KeySource = os.Getenv(env), "env "+env
+		case !c.mock:
+			c.warnings = append(c.warnings, fmt.Sprintf("%s: providers[%d]: provider %q has no API key (no api_key, %s not set): it is sent no Authorization header", path, i, p.Name, env))
+		}
+	}
+	if !isLoopbackListen(cfg.Server.Listen) && cfg.Server.AuthToken == "" {
+		c.warnings = append(c.warnings, fmt.Sprintf("%s %q is not a loopback address and server.auth_token is not set: anyone who can reach it can spend your sats", listenFrom, cfg.Server.Listen))
+	}
+	return c, nil
+}
+
+// databasePath accepts DATABASE_URL as a plain path, sqlite:PATH,
+// sqlite://PATH or file:PATH.
+func databasePath(v string) string {
+	for _, prefix := range []string{"sqlite://", "sqlite:", "file:"} {
+		if rest, ok := strings.CutPrefix(v, prefix); ok {
+			return rest
+		}
+	}
+	return v
+}
+
 // isLoopbackListen reports whether addr, a host:port, serves only this
 // machine: the host is "localhost" or a loopback IP (127.0.0.0/8, ::1). An
 // empty host and 0.0.0.0 listen on every interface.
@@ -237,7 +335,7 @@ func isLoopbackListen(addr string) bool {
 }
 
 // providerKeyEnv is the environment variable that holds the key of a provider
-// without api_key (SPEC §3): ARBSTR_<NAME>_API_KEY, NAME upper-cased with every
+// without api_key: ARBSTR_<NAME>_API_KEY, NAME upper-cased with every
 // character outside A-Z and 0-9 made "_". Only ASCII letters are upper-cased,
 // so that the name of the variable never depends on Unicode case tables.
 func providerKeyEnv(name string) string {
@@ -255,7 +353,7 @@ func providerKeyEnv(name string) string {
 // configSyntaxError is a parse error at a line of the file. loadConfig turns
 // it into "config.toml:12: msg". Its message never quotes the text it failed
 // on (but for the one character encoding/json quotes): that text may be an
-// API key pasted in the wrong place (SPEC §9).
+// API key pasted in the wrong place, and keys never appear in messages.
 type configSyntaxError struct {
 	line int
 	msg  string
@@ -285,7 +383,7 @@ const bareKeyChars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345
 const maxNesting = 64
 
 // maxRate bounds every price (sats per 1000 tokens, or per request). The
-// router computes costs in integer micro-sats (SPEC §4.1): at this bound, the
+// router computes costs in integer micro-sats: at this bound, the
 // largest request body of the default max_body_bytes still costs far less
 // than int64 holds, and no real price comes near it (it is 1000 sats a
 // token).
@@ -294,7 +392,8 @@ const maxRate = 1e6
 // ---- JSON ----
 
 // parseJSON reads a JSON config into the tree the walker expects. Only
-// syntax errors get a line: SPEC §3 asks for lines in TOML files only.
+// syntax errors get a line: the walker knows lines of TOML files only, and
+// a JSON key is easy to find by its path.
 func parseJSON(data []byte) (map[string]any, error) {
 	lineAt := func(off int64) int { return 1 + bytes.Count(data[:min(off, int64(len(data)))], []byte("\n")) }
 	dec := json.NewDecoder(bytes.NewReader(data))
@@ -356,7 +455,7 @@ func jsonTree(path string, v any) (_ any, err error) {
 
 // ---- TOML ----
 
-// parseTOML parses the TOML subset of SPEC §3: comments, bare, quoted and
+// parseTOML parses arbstr's TOML subset: comments, bare, quoted and
 // dotted keys, [tables], [[arrays of tables]], basic and literal strings,
 // decimal integers and floats, booleans, arrays and inline tables, all as
 // TOML 1.0 defines them. Everything else in TOML (multi-line strings, dates,
@@ -765,13 +864,14 @@ func (p *tomlParser) scalar() (any, error) {
 
 // ---- The walker ----
 
-// configDecoder walks the tree of either format into a Config (SPEC §3).
+// configDecoder walks the tree of either format into a Config.
 // Types and ranges are checked where a value is read, and the rest (names,
 // urls, strategies) by check once all is read; either way the error names
 // the key, and its line when the parser gave one.
 type configDecoder struct {
 	file     string
 	lines    map[string]int // configPath → line; nil for JSON
+	unit     string         // the file's rate_unit, read before its rates
 	warnings []string
 }
 
@@ -804,16 +904,36 @@ func (d *configDecoder) typeError(path, want string, v any) error {
 }
 
 // fields maps the keys of a table to where their values go: a *string,
-// *[]string, *bool, *int, *int64 or *float64, a nested fields, or a func
-// that decodes the value itself.
+// *[]string, *bool, *int, *int64, *float64, number, atLeast, a nested
+// fields, or a func that decodes the value itself.
 type fields map[string]any
 
+// number is a number from 0 to max, for amounts that *float64 (a price up to
+// maxRate) does not fit: budgets, balances, and rates per 1M tokens.
+type number struct {
+	dst *float64
+	max float64
+}
+
+// atLeast is an integer from min up, for counts whose floor is not 1.
+type atLeast struct {
+	dst *int
+	min int64
+}
+
+// maxSats bounds amounts of sats such as budgets and balances: 10,000
+// bitcoin is far beyond what anyone spends on tokens, and at this bound an
+// amount in micro-sats, the unit costs are computed in, still fits an int64.
+const maxSats = 1e12
+
 // value decodes v, the value of the key at path, into dst, one of the kinds
-// of fields. Strings get ${VAR} expanded. Integers are counts, from 1 up;
-// int is 32 bits on linux/arm (SPEC §1), so an int is bounded by MaxInt32 on
-// every platform: a config means the same on a Raspberry Pi as on a server,
-// and a number of seconds times time.Second cannot overflow. Floats are
-// prices, from 0 to maxRate, and may be written as integers.
+// of fields. Strings get ${VAR} expanded. Integers are counts, from 1 up
+// (from atLeast's min for an atLeast); int is 32 bits on linux/arm, a
+// target arbstr supports, so an int is bounded by MaxInt32 on every
+// platform: a config means the same on a Raspberry Pi as on a server, and a
+// number of seconds times time.Second cannot overflow. Floats are prices,
+// from 0 to maxRate (to number's max for a number), and may be written as
+// integers.
 func (d *configDecoder) value(path string, v any, dst any) error {
 	switch dst := dst.(type) {
 	case fields:
@@ -843,14 +963,20 @@ func (d *configDecoder) value(path string, v any, dst any) error {
 		}
 		*dst = b
 	case *int:
-		n, err := d.count(path, v, math.MaxInt32)
+		n, err := d.count(path, v, 1, math.MaxInt32)
 		*dst = int(n)
 		return err
+	case atLeast:
+		n, err := d.count(path, v, dst.min, math.MaxInt32)
+		*dst.dst = int(n)
+		return err
 	case *int64:
-		n, err := d.count(path, v, math.MaxInt64)
+		n, err := d.count(path, v, 1, math.MaxInt64)
 		*dst = n
 		return err
 	case *float64:
+		return d.value(path, v, number{dst, maxRate})
+	case number:
 		f, ok := v.(float64)
 		if n, isInt := v.(int64); isInt {
 			f, ok = float64(n), true
@@ -860,23 +986,23 @@ func (d *configDecoder) value(path string, v any, dst any) error {
 			return d.typeError(path, "a number", v)
 		case f < 0:
 			return d.errorf(path, "must not be negative, got %g", f)
-		case f > maxRate:
-			return d.errorf(path, "must be at most %g, got %g", maxRate, f)
+		case f > dst.max:
+			return d.errorf(path, "must be at most %g, got %g", dst.max, f)
 		}
-		*dst = f
+		*dst.dst = f
 	default:
 		panic(fmt.Sprintf("config: no decoder for %T", dst))
 	}
 	return nil
 }
 
-func (d *configDecoder) count(path string, v any, limit int64) (int64, error) {
+func (d *configDecoder) count(path string, v any, least, limit int64) (int64, error) {
 	n, ok := v.(int64)
 	switch {
 	case !ok:
 		return 0, d.typeError(path, "an integer", v)
-	case n < 1:
-		return 0, d.errorf(path, "must be at least 1, got %d", n)
+	case n < least:
+		return 0, d.errorf(path, "must be at least %d, got %d", least, n)
 	case n > limit:
 		return 0, d.errorf(path, "must be at most %d, got %d", limit, n)
 	}
@@ -884,7 +1010,7 @@ func (d *configDecoder) count(path string, v any, limit int64) (int64, error) {
 }
 
 // table decodes the table v. Unknown keys are warnings, so that configs
-// written for other arbstr versions still load (SPEC §3).
+// written for other arbstr versions still load.
 func (d *configDecoder) table(path string, v any, fs fields) error {
 	m, ok := v.(map[string]any)
 	if !ok {
@@ -916,7 +1042,7 @@ func (d *configDecoder) array(path string, v any, each func(path string, v any) 
 
 var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
-// expand replaces each ${VAR} in s by the environment variable VAR (SPEC §3).
+// expand replaces each ${VAR} in s by the environment variable VAR.
 // $VAR without braces is left alone. An unset variable is an error naming it
 // and the key; the message never holds the value, which may be a key.
 func (d *configDecoder) expand(path, s string) (string, error) {
@@ -943,12 +1069,16 @@ func (d *configDecoder) expand(path, s string) (string, error) {
 	}
 }
 
-// decode turns the tree into a Config, starting from the defaults of the
-// SPEC §3 table.
+// decode turns the tree into a Config, starting from the defaults.
 func (d *configDecoder) decode(tree map[string]any) (*Config, error) {
 	cfg := defaultConfig()
-	s, pol, l := &cfg.Server, &cfg.Policies, &cfg.Logging
+	if err := d.rateUnit(tree, cfg); err != nil {
+		return nil, err
+	}
+	d.unit = cfg.RateUnit
+	s, pol, l, m := &cfg.Server, &cfg.Policies, &cfg.Logging, &cfg.Market
 	err := d.table("", tree, fields{
+		"rate_unit": func(string, any) error { return nil }, // read by rateUnit
 		"server": fields{
 			"listen":                &s.Listen,
 			"auth_token":            &s.AuthToken,
@@ -956,8 +1086,24 @@ func (d *configDecoder) decode(tree map[string]any) (*Config, error) {
 			"upstream_timeout_secs": &s.UpstreamTimeoutSecs,
 			"max_attempts":          &s.MaxAttempts,
 			"shutdown_timeout_secs": &s.ShutdownTimeoutSecs,
+			"body_timeout_secs":     &s.BodyTimeoutSecs,
+			"allowed_origins":       &s.AllowedOrigins,
+			"allowed_hosts":         &s.AllowedHosts,
 		},
 		"database": fields{"path": &cfg.Database.Path},
+		"market": fields{
+			"refresh_secs":     atLeast{&m.RefreshSecs, 10},
+			"stale_after_secs": &m.StaleAfterSecs,
+			"low_balance_sats": number{&m.LowBalanceSats, maxSats},
+		},
+		"budgets": fields{"default_reserve_tokens": &cfg.Budgets.DefaultReserveTokens},
+		"clients": func(path string, v any) error {
+			return d.array(path, v, func(path string, v any) error {
+				c, err := d.client(path, v)
+				cfg.Clients = append(cfg.Clients, c)
+				return err
+			})
+		},
 		"providers": func(path string, v any) error {
 			return d.array(path, v, func(path string, v any) error {
 				pc, err := d.provider(path, v)
@@ -986,19 +1132,94 @@ func (d *configDecoder) decode(tree map[string]any) (*Config, error) {
 	if len(cfg.Providers) == 0 {
 		d.warnf("", "no providers configured: every chat request will fail")
 	}
-	if !isLoopbackListen(s.Listen) && s.AuthToken == "" {
-		d.warnf("server.listen", "server.listen %q is not a loopback address and server.auth_token is not set: anyone who reaches it can spend your sats", s.Listen)
-	}
 	return cfg, nil
 }
 
-// provider decodes one providers[] entry and gives it its key (SPEC §3):
-// api_key when set, else ARBSTR_<NAME>_API_KEY, else none. An api_key that
-// expands to "" counts as unset. The warnings name the provider, never the
-// key.
+// rateUnit reads rate_unit before the rest of the file, because every rate
+// is read in its unit. arbstr files written since mid-2026 price tokens in
+// sats per 1M tokens with no marker in the file: read per 1k, such a file
+// would make every request cost about 1000 times too much and still load.
+// So a file without rate_unit that holds a key only those files have is
+// refused, with both ways out. A [vault] table asks for billing, which
+// arbstr does not do: serving such a file would give away for free what its
+// author meant to sell, so it is always refused.
+func (d *configDecoder) rateUnit(tree map[string]any, cfg *Config) error {
+	if _, ok := tree["vault"]; ok {
+		return d.errorf("vault", "arbstr does no billing, so it cannot serve a file that asks for it through [vault]: remove the table, and bill elsewhere if you sell access")
+	}
+	if v, ok := tree["rate_unit"]; ok {
+		if err := d.value("rate_unit", v, &cfg.RateUnit); err != nil {
+			return err
+		}
+		if cfg.RateUnit != rateUnitPer1k && cfg.RateUnit != rateUnitPer1m {
+			return d.errorf("rate_unit", "unknown unit %q: want %q or %q", cfg.RateUnit, rateUnitPer1k, rateUnitPer1m)
+		}
+		return nil
+	}
+	if path := newerFileKey(tree); path != "" {
+		return d.errorf(path, "only arbstr files written since mid-2026 have this key, and those price tokens in sats per 1M tokens; "+
+			"without rate_unit this file's rates would be read per 1k tokens, and every request would cost about 1000x too much. "+
+			`Add rate_unit = "sats_per_1m" at the top of the file, or rate_unit = "sats_per_1k" to confirm that its rates are per 1k tokens`)
+	}
+	return nil
+}
+
+// newerFileKey returns the path of the first key in tree that only arbstr
+// files written since mid-2026 have, or "". It reads the raw tree, before
+// any type is checked, so it skips whatever is not of the expected shape.
+func newerFileKey(tree map[string]any) string {
+	for _, k := range []string{"routing", "tokenstats"} {
+		if _, ok := tree[k]; ok {
+			return k
+		}
+	}
+	find := func(list any, path string, keys ...string) string {
+		a, _ := list.([]any)
+		for i, e := range a {
+			m, _ := e.(map[string]any)
+			for _, k := range keys {
+				if _, ok := m[k]; ok {
+					return fmt.Sprintf("%s[%d].%s", path, i, k)
+				}
+			}
+		}
+		return ""
+	}
+	if p := find(tree["providers"], "providers", "tier", "auto_discover"); p != "" {
+		return p
+	}
+	policies, _ := tree["policies"].(map[string]any)
+	return find(policies["rules"], "policies.rules", "max_sats_per_1m_output")
+}
+
+// rate returns the decoder of a token rate into dst. A rate is kept as
+// written, in the file's rate_unit; its bound is maxRate per 1k tokens in
+// either unit. A rate of 1000 sats per 1k tokens (a sat a token) or more is
+// more likely a rate per 1M tokens in a file read per 1k, so it is a warning.
+func (d *configDecoder) rate(dst *float64) func(path string, v any) error {
+	return func(path string, v any) error {
+		per, scale, hint := "1k", 1.0, ` If so, set rate_unit = "sats_per_1m".`
+		if d.unit == rateUnitPer1m {
+			per, scale, hint = "1M", 1000, ""
+		}
+		if err := d.value(path, v, number{dst, maxRate * scale}); err != nil {
+			return err
+		}
+		if *dst >= 1000*scale {
+			d.warnf(path, "%s = %g sats per %s tokens, %g sats a token: is this per 1M?%s", path, *dst, per, *dst/(1000*scale), hint)
+		}
+		return nil
+	}
+}
+
+// provider decodes one providers[] entry. A provider whose api_key is
+// missing or expands to "" gets ARBSTR_<NAME>_API_KEY later, from
+// configure, with the other overrides. The warnings name the provider,
+// never the key.
 func (d *configDecoder) provider(path string, v any) (ProviderConfig, error) {
 	var pc ProviderConfig
 	literal := false // api_key is written out in the file, not a ${VAR}
+	discover := &sameBool{d: d}
 	err := d.table(path, v, fields{
 		"name": &pc.Name,
 		"url":  &pc.URL,
@@ -1007,10 +1228,12 @@ func (d *configDecoder) provider(path string, v any) (ProviderConfig, error) {
 			literal = !strings.Contains(s, "${")
 			return d.value(path, v, &pc.APIKey)
 		},
-		"models":      &pc.Models,
-		"input_rate":  &pc.InputRate,
-		"output_rate": &pc.OutputRate,
-		"base_fee":    &pc.BaseFee,
+		"models":        &pc.Models,
+		"input_rate":    d.rate(&pc.InputRate),
+		"output_rate":   d.rate(&pc.OutputRate),
+		"base_fee":      &pc.BaseFee,
+		"discover":      discover.value(&pc.Discover),
+		"auto_discover": discover.value(&pc.Discover),
 		// model_rates is read last, below, because a model's entry may
 		// leave out a rate that the provider's own rate then fills.
 		"model_rates": func(string, any) error { return nil },
@@ -1018,22 +1241,62 @@ func (d *configDecoder) provider(path string, v any) (ProviderConfig, error) {
 	if m, _ := v.(map[string]any); err == nil && m["model_rates"] != nil {
 		pc.ModelRates, err = d.modelRates(configPath(path, "model_rates"), m["model_rates"], &pc)
 	}
+	if err == nil && discover.disagree {
+		err = d.errorf(path+".auto_discover", "auto_discover is another name of discover, and the two disagree")
+	}
 	if err != nil {
 		return pc, err
 	}
-	env := providerKeyEnv(pc.Name)
-	switch {
-	case pc.APIKey != "":
+	if pc.APIKey != "" {
 		pc.KeySource = "config"
 		if literal {
-			d.warnf(path+".api_key", "provider %q: api_key is written in the file; prefer \"${VAR}\" or the environment variable %s", pc.Name, env)
+			d.warnf(path+".api_key", "provider %q: api_key is written in the file; prefer \"${VAR}\" or the environment variable %s", pc.Name, providerKeyEnv(pc.Name))
 		}
-	case os.Getenv(env) != "":
-		pc.APIKey, pc.KeySource = os.Getenv(env), "env "+env
-	default:
-		d.warnf(path, "provider %q has no API key (no api_key, %s not set): it is sent no Authorization header", pc.Name, env)
 	}
 	return pc, nil
+}
+
+// sameBool decodes two keys that are one setting under two names, such as
+// discover and auto_discover, and notes whether they disagree.
+type sameBool struct {
+	d        *configDecoder
+	seen     bool
+	disagree bool
+}
+
+func (b *sameBool) value(dst *bool) func(path string, v any) error {
+	return func(path string, v any) error {
+		var x bool
+		if err := b.d.value(path, v, &x); err != nil {
+			return err
+		}
+		b.disagree = b.disagree || (b.seen && x != *dst)
+		*dst, b.seen = x, true
+		return nil
+	}
+}
+
+// client decodes one clients[] entry. Its token is checked with the others
+// in check; the warning names the client, never the token.
+func (d *configDecoder) client(path string, v any) (ClientConfig, error) {
+	var c ClientConfig
+	literal := false // the token is written out in the file, not a ${VAR}
+	err := d.table(path, v, fields{
+		"name": &c.Name,
+		"token": func(path string, v any) error {
+			s, _ := v.(string)
+			literal = !strings.Contains(s, "${")
+			return d.value(path, v, &c.Token)
+		},
+		"policies":              &c.Policies,
+		"budget_sats_per_day":   number{&c.BudgetSatsPerDay, maxSats},
+		"budget_sats_per_month": number{&c.BudgetSatsPerMonth, maxSats},
+		"rate_limit_rpm":        atLeast{&c.RateLimitRPM, 0},
+	})
+	if err == nil && literal && c.Token != "" {
+		d.warnf(path+".token", "client %q: token is written in the file; prefer \"${VAR}\"", c.Name)
+	}
+	return c, err
 }
 
 // modelRates decodes model_rates: model → {input_rate, output_rate}. A rate
@@ -1056,7 +1319,7 @@ func (d *configDecoder) modelRates(path string, v any, pc *ProviderConfig) (map[
 			return nil, d.errorf(kp, "model %q is listed twice", model)
 		}
 		r := Rates{InputRate: pc.InputRate, OutputRate: pc.OutputRate}
-		if err := d.table(kp, m[k], fields{"input_rate": &r.InputRate, "output_rate": &r.OutputRate}); err != nil {
+		if err := d.table(kp, m[k], fields{"input_rate": d.rate(&r.InputRate), "output_rate": d.rate(&r.OutputRate)}); err != nil {
 			return nil, err
 		}
 		rates[model] = r
@@ -1075,14 +1338,24 @@ func (d *configDecoder) rule(path string, v any) (PolicyRule, error) {
 			r.MaxSatsPer1kOutput = new(float64)
 			return d.value(path, v, r.MaxSatsPer1kOutput)
 		},
-		"keywords": &r.Keywords,
+		"max_sats_per_1m_output": func(path string, v any) error {
+			r.MaxSatsPer1mOutput = new(float64)
+			return d.value(path, v, number{r.MaxSatsPer1mOutput, maxRate * 1000})
+		},
+		"keywords":              &r.Keywords,
+		"budget_sats_per_day":   number{&r.BudgetSatsPerDay, maxSats},
+		"budget_sats_per_month": number{&r.BudgetSatsPerMonth, maxSats},
 	})
+	if err == nil && r.MaxSatsPer1kOutput != nil && r.MaxSatsPer1mOutput != nil {
+		err = d.errorf(path+".max_sats_per_1m_output", "give max_sats_per_1k_output or max_sats_per_1m_output, not both")
+	}
 	return r, err
 }
 
-// check enforces the rules that the walker leaves (SPEC §3): listen and
-// database.path, provider and rule names, urls, strategies and the level.
-// It folds the strategy alias and the level's case.
+// check enforces the rules that the walker leaves: listen and
+// database.path, provider, rule and client names, urls, strategies,
+// clients' tokens and policies, browser origins and hosts, and the level.
+// It folds the strategy alias, the level's case and the origins' case.
 func (d *configDecoder) check(cfg *Config) error {
 	if _, _, err := net.SplitHostPort(cfg.Server.Listen); err != nil {
 		return d.errorf("server.listen", "want host:port, such as 127.0.0.1:8080, got %q", cfg.Server.Listen)
@@ -1090,8 +1363,8 @@ func (d *configDecoder) check(cfg *Config) error {
 	if cfg.Database.Path == "" {
 		return d.errorf("database.path", "must not be empty")
 	}
-	// Names travel in response headers (x-arbstr-provider, x-arbstr-policy,
-	// SPEC §5.2), where a control character would break the response.
+	// Names travel in response headers (x-arbstr-provider,
+	// x-arbstr-policy), where a control character would break the response.
 	seen := make(map[string]string) // kind and name → path
 	name := func(kind, path, name string) error {
 		other, dup := seen[kind+" "+name]
@@ -1129,6 +1402,17 @@ func (d *configDecoder) check(cfg *Config) error {
 			return err
 		}
 	}
+	for i, c := range cfg.Clients {
+		if err := name("client", fmt.Sprintf("clients[%d]", i), c.Name); err != nil {
+			return err
+		}
+	}
+	if err := d.checkClients(cfg); err != nil {
+		return err
+	}
+	if err := d.checkBrowsers(&cfg.Server); err != nil {
+		return err
+	}
 	level := strings.ToLower(cfg.Logging.Level)
 	if !slices.Contains([]string{"debug", "info", "warn", "error"}, level) {
 		return d.errorf("logging.level", "unknown level %q: want debug, info, warn or error", cfg.Logging.Level)
@@ -1137,7 +1421,60 @@ func (d *configDecoder) check(cfg *Config) error {
 	return nil
 }
 
-// strategy checks a routing strategy of SPEC §4, and folds lowest_cost, the
+// checkClients checks clients' tokens and policies. A token says who is
+// asking, so each client has one of its own, distinct from the other
+// clients' and from server.auth_token; and a client may be allowed only
+// policies that exist, since a misspelt name would silently allow nothing.
+// Messages name the clients, never a token.
+func (d *configDecoder) checkClients(cfg *Config) error {
+	tokens := make(map[string]string) // token → path of the client that has it
+	for i, c := range cfg.Clients {
+		path := fmt.Sprintf("clients[%d]", i)
+		other, dup := tokens[c.Token]
+		switch {
+		case c.Token == "":
+			return d.errorf(path+".token", "missing or empty")
+		case c.Token == cfg.Server.AuthToken:
+			return d.errorf(path+".token", "the same as server.auth_token: a client needs a token of its own")
+		case dup:
+			return d.errorf(path+".token", "the same token as %s: each client needs a token of its own", other)
+		}
+		tokens[c.Token] = path
+		for j, p := range c.Policies {
+			if !slices.ContainsFunc(cfg.Policies.Rules, func(r PolicyRule) bool { return r.Name == p }) {
+				return d.errorf(fmt.Sprintf("%s.policies[%d]", path, j), "no policy rule is named %q", p)
+			}
+		}
+	}
+	return nil
+}
+
+// checkBrowsers checks the origins and hosts that browsers may reach
+// arbstr from. A browser sends an Origin of scheme://host[:port] in lower
+// case, so an origin is checked for that shape and folded to lower case: an
+// entry that can never match would be a silent mistake. "*" is refused: it
+// would let any web page the user opens spend their sats.
+func (d *configDecoder) checkBrowsers(s *ServerConfig) error {
+	for i, o := range s.AllowedOrigins {
+		path := fmt.Sprintf("server.allowed_origins[%d]", i)
+		if o == "*" {
+			return d.errorf(path, `"*" would let any web page you open spend your sats through arbstr: list each origin that may`)
+		}
+		u, err := url.Parse(o)
+		if err != nil || u.Scheme == "" || u.Host == "" || u.User != nil || u.Path != "" || u.RawQuery != "" || u.Fragment != "" || strings.HasSuffix(o, "?") || strings.HasSuffix(o, "#") {
+			return d.errorf(path, "want scheme://host[:port] with no path, such as http://localhost:3000, got %q", o)
+		}
+		s.AllowedOrigins[i] = strings.ToLower(o)
+	}
+	for i, h := range s.AllowedHosts {
+		if h == "" || strings.ContainsAny(h, "/ \t") || strings.ContainsFunc(h, unicode.IsControl) {
+			return d.errorf(fmt.Sprintf("server.allowed_hosts[%d]", i), "want a host name, such as arbstr.lan, got %q", h)
+		}
+	}
+	return nil
+}
+
+// strategy checks a routing strategy, and folds lowest_cost, the
 // name early arbstr configs use, into cheapest.
 func (d *configDecoder) strategy(path string, s *string) error {
 	switch *s {

@@ -5,13 +5,13 @@
 // Usage:
 //
 //	arbstr                          serve; the config is found as below
-//	arbstr -config config.toml      serve with this config
+//	arbstr serve -c config.toml     serve with this config
 //	arbstr -mock                    serve with built-in mock providers
-//	arbstr check -config FILE       validate a config, print a summary
-//	arbstr providers -config FILE   print providers, rates and key status
+//	arbstr check -c FILE            validate a config, print a summary
+//	arbstr providers -c FILE        print providers, rates and key status
 //
-// The config is the first of -config, $ARBSTR_CONFIG, ./config.json and
-// ./config.toml that exists; with none, arbstr serves in mock mode.
+// The config is the first of -config (or -c), $ARBSTR_CONFIG, ./config.json
+// and ./config.toml that exists; with none, arbstr serves in mock mode.
 package main
 
 import (
@@ -33,6 +33,21 @@ import (
 	"time"
 )
 
+const usageText = `usage:
+  arbstr [serve] [-config FILE] [-listen ADDR] [-mock]
+  arbstr check [-config FILE]
+  arbstr providers [-config FILE]
+
+  -config FILE, -c FILE  the config (.json or .toml); else $ARBSTR_CONFIG,
+                         ./config.json or ./config.toml; with none, serve
+                         runs the built-in mock providers
+  -listen ADDR           serve on ADDR, overriding server.listen
+  -mock                  serve the built-in mock providers
+
+environment: ARBSTR_CONFIG, DATABASE_URL, ARBSTR_LOG_LEVEL,
+ARBSTR_<NAME>_API_KEY (the key of provider NAME when it has no api_key)
+`
+
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	go func() {
@@ -41,89 +56,151 @@ func main() {
 		<-ctx.Done()
 		stop()
 	}()
+	// SIGHUP ends a Go program by default; for arbstr it means "re-read the
+	// config", which serve listens for. This channel, never read, keeps the
+	// signal caught for the life of the process (before serve listens,
+	// after it stops listening, in check and providers), so that it never
+	// kills arbstr.
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGHUP)
 	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintf(os.Stderr, "arbstr: %v\n", err)
+		if _, ok := errors.AsType[*usageError](err); ok {
+			os.Exit(2)
+		}
 		os.Exit(1)
 	}
 }
 
+// usageError is a command line that arbstr does not understand: an unknown
+// subcommand or flag, or a stray argument. main exits 2 for it, as Go's flag
+// package does, and 1 for any other error.
+type usageError struct{ msg string }
+
+func (e *usageError) Error() string { return e.msg }
+
 // run is the whole program, so that tests can start it in-process and stop it
-// by cancelling ctx.
+// by cancelling ctx. It prints the usage for -h (to stdout) and with a
+// usageError (to stderr).
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	if len(args) > 0 {
-		switch args[0] {
-		case "check":
-			return check(args[1:], stdout)
-		case "providers":
-			return listProviders(args[1:], stdout)
+	err := dispatch(ctx, args, stdout, stderr)
+	switch _, isUsage := errors.AsType[*usageError](err); {
+	case errors.Is(err, flag.ErrHelp):
+		fmt.Fprint(stdout, usageText)
+		return nil
+	case isUsage:
+		fmt.Fprint(stderr, usageText)
+	}
+	return err
+}
+
+// dispatch runs the subcommand that args name; without one, serve.
+func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	cmd := "serve"
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		cmd, args = args[0], args[1:]
+	}
+	switch cmd {
+	case "serve":
+		o, err := parseFlags(cmd, args)
+		if err != nil {
+			return err
 		}
+		return serve(ctx, o, stderr)
+	case "check", "providers":
+		c, err := loadForCommand(cmd, args)
+		if err != nil {
+			return err
+		}
+		if cmd == "check" {
+			return check(c, stdout)
+		}
+		return listProviders(c, stdout)
 	}
-	return serve(ctx, args, stderr)
+	return &usageError{fmt.Sprintf("unknown command %q", cmd)}
 }
 
-// loadFor loads the config named by -config, or discovered as in §2. It
-// returns a nil config when there is none.
-func loadFor(flagPath string) (*Config, string, []string, error) {
-	path, err := findConfig(flagPath)
-	if err != nil || path == "" {
-		return nil, "", nil, err
+// parseFlags reads the flags of a subcommand: -config and its alias -c for
+// all, -listen and -mock for serve. Arguments other than flags are an
+// error: a mistyped flag or a file named without -config must not start
+// arbstr in mock mode.
+func parseFlags(cmd string, args []string) (overrides, error) {
+	var o overrides
+	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
+	fs.SetOutput(io.Discard) // run prints the usage
+	fs.StringVar(&o.configPath, "config", "", "")
+	fs.StringVar(&o.configPath, "c", "", "")
+	if cmd == "serve" {
+		fs.StringVar(&o.listen, "listen", "", "")
+		fs.BoolVar(&o.mock, "mock", false, "")
 	}
-	cfg, warnings, err := loadConfig(path)
-	return cfg, path, warnings, err
+	switch err := fs.Parse(args); {
+	case errors.Is(err, flag.ErrHelp):
+		return o, err
+	case err != nil:
+		return o, &usageError{fmt.Sprintf("%s: %v", cmd, err)}
+	case fs.NArg() > 0:
+		return o, &usageError{fmt.Sprintf("%s: unexpected argument %q", cmd, fs.Arg(0))}
+	}
+	return o, nil
 }
 
-func check(args []string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("check", flag.ContinueOnError)
-	configPath := fs.String("config", "", "config file (.json or .toml)")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	cfg, path, warnings, err := loadFor(*configPath)
+// loadForCommand is the prologue of check and providers: their flags, then
+// the config, which must exist (they have nothing to say about mock mode).
+func loadForCommand(cmd string, args []string) (*configured, error) {
+	o, err := parseFlags(cmd, args)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if cfg == nil {
-		return errors.New("no config found: pass -config FILE, set ARBSTR_CONFIG, or create ./config.json or ./config.toml")
+	c, err := configure(o)
+	if err == nil && c.path == "" {
+		err = errors.New("no config found: pass -config FILE (or -c FILE), set ARBSTR_CONFIG, or create ./config.json or ./config.toml")
 	}
-	fmt.Fprintf(stdout, "%s: ok\n", path)
+	return c, err
+}
+
+// rateUnitName is how check and providers name the unit of the rates they
+// print: the column suffix and the words.
+func rateUnitName(cfg *Config) (column, words string) {
+	if cfg.RateUnit == rateUnitPer1m {
+		return "1M", "sats per 1M tokens"
+	}
+	return "1k", "sats per 1k tokens"
+}
+
+func check(c *configured, stdout io.Writer) error {
+	cfg := c.cfg
+	_, unit := rateUnitName(cfg)
+	fmt.Fprintf(stdout, "%s: ok\n", c.path)
 	fmt.Fprintf(stdout, "  listen     %s\n", cfg.Server.Listen)
 	fmt.Fprintf(stdout, "  database   %s\n", cfg.Database.Path)
 	fmt.Fprintf(stdout, "  auth       %v\n", cfg.Server.AuthToken != "")
+	fmt.Fprintf(stdout, "  rates in   %s (rate_unit %s); base fees in sats per request\n", unit, cfg.RateUnit)
 	fmt.Fprintf(stdout, "  providers  %d\n", len(cfg.Providers))
 	for _, p := range cfg.Providers {
-		fmt.Fprintf(stdout, "    %-20s %s\n", p.Name, redactURL(p.URL))
+		fmt.Fprintf(stdout, "    %-20s %s in %g out %g\n", p.Name, redactURL(p.URL), p.InputRate, p.OutputRate)
 	}
 	fmt.Fprintf(stdout, "  policies   %d (default strategy %s)\n", len(cfg.Policies.Rules), cfg.Policies.DefaultStrategy)
 	for _, r := range cfg.Policies.Rules {
 		fmt.Fprintf(stdout, "    %-20s %s, keywords %q\n", r.Name, r.Strategy, r.Keywords)
 	}
-	for _, w := range warnings {
+	fmt.Fprintf(stdout, "  clients    %d\n", len(cfg.Clients))
+	for _, w := range c.warnings {
 		fmt.Fprintf(stdout, "warning: %s\n", w)
 	}
 	return nil
 }
 
-func listProviders(args []string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("providers", flag.ContinueOnError)
-	configPath := fs.String("config", "", "config file (.json or .toml)")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	cfg, _, _, err := loadFor(*configPath)
-	if err != nil {
-		return err
-	}
-	if cfg == nil {
-		return errors.New("no config found: pass -config FILE")
-	}
+func listProviders(c *configured, stdout io.Writer) error {
+	col, unit := rateUnitName(c.cfg)
+	fmt.Fprintf(stdout, "rates in %s; base fees in sats per request\n", unit)
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tURL\tMODELS\tIN/1k\tOUT/1k\tBASE\tKEY")
-	for _, p := range cfg.Providers {
+	fmt.Fprintf(tw, "NAME\tURL\tMODELS\tIN/%s\tOUT/%s\tBASE\tKEY\n", col, col)
+	for _, p := range c.cfg.Providers {
 		models := strings.Join(p.Models, ",")
 		if models == "" {
 			models = "(any)"
 		}
-		// The key itself is never printed, not even a part of it (§9).
+		// The key itself is never printed, not even a part of it.
 		key := "none"
 		if p.APIKey != "" {
 			key = "set (" + p.KeySource + ")"
@@ -133,60 +210,36 @@ func listProviders(args []string, stdout io.Writer) error {
 	return tw.Flush()
 }
 
-func serve(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := flag.NewFlagSet("arbstr", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var (
-		configPath = fs.String("config", "", "config file (.json or .toml)")
-		listen     = fs.String("listen", "", "address to serve on, overriding server.listen")
-		mock       = fs.Bool("mock", false, "serve with built-in mock providers")
-	)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	cfg, path, warnings, err := loadFor(*configPath)
+func serve(ctx context.Context, o overrides, stderr io.Writer) error {
+	// Caught before anything else, so that a SIGHUP during start-up does not
+	// end arbstr; one that arrives then is handled once it serves.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	c, err := configure(o)
 	if err != nil {
 		return err
 	}
-	mode := "config"
-	if cfg == nil || *mock {
-		mode = "mock"
-		if cfg == nil {
-			cfg = defaultConfig()
-		}
-	}
-	if *listen != "" {
-		cfg.Server.Listen = *listen
-		if !isLoopbackListen(*listen) && cfg.Server.AuthToken == "" {
-			warnings = append(warnings, fmt.Sprintf("-listen %s is not a loopback address and server.auth_token is not set: anyone who can reach it can spend your sats", *listen))
-		}
-	}
-	if v := os.Getenv("ARBSTR_LOG_LEVEL"); v != "" {
-		cfg.Logging.Level = v
-	}
+	cfg := c.cfg
 	var level slog.Level
-	if err := level.UnmarshalText([]byte(cfg.Logging.Level)); err != nil {
-		return fmt.Errorf("log level %q: want debug, info, warn or error", cfg.Logging.Level)
-	}
+	level.UnmarshalText([]byte(cfg.Logging.Level)) // configure checked it
 	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	for _, w := range warnings {
-		logger.Warn("config", "file", path, "warning", w)
+	for _, w := range c.warnings {
+		logger.Warn("config", "file", c.path, "warning", w)
 	}
-
-	if mode == "mock" {
+	mode := "config"
+	if c.mock {
+		mode = "mock"
 		mocks, stop, err := startMocks()
 		if err != nil {
 			return err
 		}
 		defer stop()
 		cfg.Providers = mocks
-		cfg.Database.Path = ":memory:"
-		if path == "" {
+		if c.path == "" {
 			logger.Info("no config found; serving built-in mock providers on loopback, ledger in memory")
 		}
-	}
-	if v := os.Getenv("DATABASE_URL"); v != "" {
-		cfg.Database.Path = databasePath(v)
 	}
 
 	store, err := openStore(cfg.Database.Path, logger)
@@ -196,6 +249,13 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	defer store.Close()
 	router := newRouter(cfg, store.Ratio)
 	srv := newServer(cfg, router, store, logger)
+	// applyReload puts a configuration read on SIGHUP into service. The
+	// server cannot yet swap its configuration while it runs, so for now
+	// this says that a restart is needed.
+	applyReload := func(*Config) error {
+		logger.Warn("reload: a new config was read; applying it needs a restart")
+		return nil
+	}
 
 	ln, err := net.Listen("tcp", cfg.Server.Listen)
 	if err != nil {
@@ -204,7 +264,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	httpSrv := &http.Server{
 		Handler: srv,
 		// A slow client cannot hold a connection by trickling its headers;
-		// there is no WriteTimeout, which would cut long streams (§6.2).
+		// there is no WriteTimeout, which would cut long streams.
 		ReadHeaderTimeout: readHeaderTimeout,
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
@@ -218,15 +278,22 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 
 	errc := make(chan error, 1)
 	go func() { errc <- httpSrv.Serve(ln) }()
-	select {
-	case err := <-errc:
-		return err
-	case <-ctx.Done():
+	for done := false; !done; {
+		select {
+		case err := <-errc:
+			return err
+		case <-hup:
+			reload(o, cfg, applyReload, logger)
+		case <-ctx.Done():
+			done = true
+		}
 	}
+	return shutdown(httpSrv, srv, store, time.Duration(cfg.Server.ShutdownTimeoutSecs)*time.Second, logger)
+}
 
-	// Stop accepting, let requests and streams finish, then write every
-	// pending ledger row before the file closes (§2).
-	grace := time.Duration(cfg.Server.ShutdownTimeoutSecs) * time.Second
+// shutdown stops accepting, lets requests and streams finish for up to
+// grace, then writes every pending ledger row before the file closes.
+func shutdown(httpSrv *http.Server, srv *server, store *Store, grace time.Duration, logger *slog.Logger) error {
 	logger.Info("shutting down", "grace", grace)
 	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
@@ -243,22 +310,41 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	return nil
 }
 
-// readHeaderTimeout bounds how long a client may take to send its request
-// headers (§6.2). A variable so that a test need not wait ten seconds.
-var readHeaderTimeout = 10 * time.Second
-
-// databasePath accepts DATABASE_URL as a plain path, sqlite:PATH,
-// sqlite://PATH or file:PATH (§2).
-func databasePath(v string) string {
-	for _, prefix := range []string{"sqlite://", "sqlite:", "file:"} {
-		if rest, ok := strings.CutPrefix(v, prefix); ok {
-			return rest
-		}
+// reload re-reads the config on SIGHUP, with the overrides arbstr started
+// with, and hands it to apply. A config that fails to load changes nothing:
+// arbstr keeps serving the one it has. running is the configuration arbstr
+// started with; in mock mode its mock providers carry over. server.listen
+// and database.path take effect only at a restart, and a warning says so.
+func reload(o overrides, running *Config, apply func(*Config) error, logger *slog.Logger) {
+	logger.Info("reload: reading the config again")
+	c, err := configure(o)
+	if err != nil {
+		logger.Error("reload failed", "err", err)
+		return
 	}
-	return v
+	for _, w := range c.warnings {
+		logger.Warn("config", "file", c.path, "warning", w)
+	}
+	next := c.cfg
+	if c.mock {
+		next.Providers = running.Providers
+	}
+	if next.Server.Listen != running.Server.Listen {
+		logger.Warn("reload: server.listen changed; it takes effect at a restart", "listen", running.Server.Listen, "new", next.Server.Listen)
+	}
+	if next.Database.Path != running.Database.Path {
+		logger.Warn("reload: database.path changed; it takes effect at a restart", "database", running.Database.Path, "new", next.Database.Path)
+	}
+	if err := apply(next); err != nil {
+		logger.Error("reload failed", "err", err)
+	}
 }
 
-// startMocks starts the providers of mock mode (§2) on loopback ports: real
+// readHeaderTimeout bounds how long a client may take to send its request
+// headers. A variable so that a test need not wait ten seconds.
+var readHeaderTimeout = 10 * time.Second
+
+// startMocks starts the providers of mock mode on loopback ports: real
 // HTTP servers, different prices, the same models, so that routing,
 // streaming and the ledger can be seen with nothing but curl.
 func startMocks() ([]ProviderConfig, func(), error) {

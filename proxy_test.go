@@ -25,6 +25,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -3855,11 +3856,12 @@ url = "https://beta.example"
 	if err := run(context.Background(), []string{"check", "-config", path}, &out, io.Discard); err != nil {
 		t.Fatalf("check: %v", err)
 	}
-	if err := run(context.Background(), []string{"providers", "-config", path}, &out, io.Discard); err != nil {
+	if err := run(context.Background(), []string{"providers", "-c", path}, &out, io.Discard); err != nil {
 		t.Fatalf("providers: %v", err)
 	}
 	text := out.String()
-	for _, want := range []string{"config.toml: ok", "providers  2", "alpha", "set (config)", "set (env ARBSTR_BETA_API_KEY)", "1.5"} {
+	for _, want := range []string{"config.toml: ok", "providers  2", "alpha", "set (config)", "set (env ARBSTR_BETA_API_KEY)", "1.5",
+		"rates in   sats per 1k tokens (rate_unit sats_per_1k)", "rates in sats per 1k tokens", "IN/1k", "OUT/1k"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("output lacks %q:\n%s", want, text)
 		}
@@ -3872,6 +3874,20 @@ url = "https://beta.example"
 	os.WriteFile(path, []byte("[[providers]]\nname = \"x\"\nurl = \"ftp://x\"\n"), 0o600)
 	if err := run(context.Background(), []string{"check", "-config", path}, io.Discard, io.Discard); err == nil || !strings.Contains(err.Error(), "config.toml:3") {
 		t.Errorf("check of a bad config = %v; want an error at config.toml:3", err)
+	}
+
+	// Rates per 1M tokens are printed as written, under the unit's name.
+	os.WriteFile(path, []byte("rate_unit = \"sats_per_1m\"\n[[providers]]\nname = \"m\"\nurl = \"https://m.example\"\ninput_rate = 10000\n"), 0o600)
+	out.Reset()
+	for _, cmd := range []string{"check", "providers"} {
+		if err := run(context.Background(), []string{cmd, "-c", path}, &out, io.Discard); err != nil {
+			t.Fatalf("%s: %v", cmd, err)
+		}
+	}
+	for _, want := range []string{"rates in   sats per 1M tokens (rate_unit sats_per_1m)", "rates in sats per 1M tokens", "IN/1M", "OUT/1M", "10000"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output per 1M lacks %q:\n%s", want, out.String())
+		}
 	}
 }
 
@@ -4526,5 +4542,149 @@ func TestPageBasicAuth(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("GET /v1/stats with Basic = %d; want 401", resp.StatusCode)
+	}
+}
+
+// The command line: serve as a subcommand, -c for -config everywhere, and a
+// usage error (exit 2, usage printed) for anything arbstr does not
+// understand, never a start in mock mode.
+func TestCommandLine(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	t.Setenv("ARBSTR_CONFIG", "")
+	os.WriteFile("c.toml", []byte("[[providers]]\nname = \"p\"\nurl = \"https://p.example\"\n"), 0o600)
+	for _, tc := range []struct {
+		args []string
+		want string // the error
+	}{
+		{[]string{"srve"}, `unknown command "srve"`},
+		{[]string{"c.toml"}, `unknown command "c.toml"`},
+		{[]string{"-config", "c.toml", "extra"}, `serve: unexpected argument "extra"`},
+		{[]string{"serve", "-c", "c.toml", "extra"}, `serve: unexpected argument "extra"`},
+		{[]string{"check", "c.toml"}, `check: unexpected argument "c.toml"`},
+		{[]string{"providers", "-c", "c.toml", "x"}, `providers: unexpected argument "x"`},
+		{[]string{"-cofig", "c.toml"}, "serve: flag provided but not defined: -cofig"},
+		{[]string{"check", "-listen", ":1"}, "check: flag provided but not defined: -listen"},
+		{[]string{"serve", "-config"}, "serve: flag needs an argument: -config"},
+	} {
+		var stdout, stderr bytes.Buffer
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel() // a serve that starts by mistake stops at once
+		err := run(ctx, tc.args, &stdout, &stderr)
+		if _, ok := errors.AsType[*usageError](err); !ok || err.Error() != tc.want {
+			t.Errorf("run(%q) = %v; want the usage error %q", tc.args, err, tc.want)
+		}
+		if !strings.Contains(stderr.String(), "usage:") || stdout.Len() != 0 {
+			t.Errorf("run(%q) printed stdout %q, stderr %q; want the usage on stderr", tc.args, stdout.String(), stderr.String())
+		}
+	}
+
+	// -h prints the usage on stdout and is no error.
+	for _, args := range [][]string{{"-h"}, {"serve", "-h"}, {"check", "-help"}, {"providers", "-h"}} {
+		var stdout bytes.Buffer
+		if err := run(context.Background(), args, &stdout, io.Discard); err != nil || !strings.Contains(stdout.String(), "usage:") {
+			t.Errorf("run(%q) = %v, stdout %q; want the usage and no error", args, err, stdout.String())
+		}
+	}
+
+	// check and providers share their prologue, and its wording.
+	for _, cmd := range []string{"check", "providers"} {
+		err := run(context.Background(), []string{cmd}, io.Discard, io.Discard)
+		const want = "no config found: pass -config FILE (or -c FILE), set ARBSTR_CONFIG, or create ./config.json or ./config.toml"
+		if err == nil || err.Error() != want {
+			t.Errorf("run(%q) with no config = %v; want %q", cmd, err, want)
+		}
+		var out bytes.Buffer
+		if err := run(context.Background(), []string{cmd, "-c", "c.toml"}, &out, io.Discard); err != nil || !strings.Contains(out.String(), "p") {
+			t.Errorf("run(%q, -c c.toml) = %v, %q; want the provider p", cmd, err, out.String())
+		}
+	}
+
+	// serve -c FILE serves that file.
+	up := newUpstream(t, jsonOK)
+	os.WriteFile("c.toml", []byte(fmt.Sprintf("[[providers]]\nname = \"served\"\nurl = %q\n", up.URL)), 0o600)
+	ctx, cancel := context.WithCancel(context.Background())
+	logs := &syncBuffer{}
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"serve", "-c", "c.toml", "-listen", "127.0.0.1:0"}, io.Discard, logs)
+	}()
+	waitListening(t, logs)
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if text := logs.String(); !strings.Contains(text, "providers=served") || !strings.Contains(text, "mode=config") {
+		t.Errorf("serve -c c.toml logs:\n%s", text)
+	}
+}
+
+// waitLog waits until the logs hold want.
+func waitLog(t *testing.T, logs *syncBuffer, want string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if strings.Contains(logs.String(), want) {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("logs lack %q:\n%s", want, logs.String())
+}
+
+// SIGHUP re-reads the config and never ends arbstr: a good config is read
+// (and, for now, said to need a restart), a bad one is logged and changes
+// nothing, and a changed database.path is said to need a restart.
+func TestSIGHUPReload(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	t.Setenv("ARBSTR_CONFIG", "")
+	t.Setenv("DATABASE_URL", "")
+	up := newUpstream(t, jsonOK)
+	config := func(db string) string {
+		return fmt.Sprintf("[database]\npath = %q\n[[providers]]\nname = \"p\"\nurl = %q\n", db, up.URL)
+	}
+	os.WriteFile("c.toml", []byte(config("first.db")), 0o600)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	logs := &syncBuffer{}
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, []string{"-c", "c.toml", "-listen", "127.0.0.1:0"}, io.Discard, logs) }()
+	addr := waitListening(t, logs)
+	self, err := os.FindProcess(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	health := func(when string) {
+		t.Helper()
+		resp, err := http.Get("http://" + addr + "/health")
+		if err != nil {
+			t.Fatalf("GET /health %s: %v", when, err)
+		}
+		readBody(t, resp)
+		if resp.StatusCode != 200 {
+			t.Errorf("GET /health %s = %d; want 200", when, resp.StatusCode)
+		}
+	}
+
+	if err := self.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitLog(t, logs, `msg="reload: a new config was read; applying it needs a restart"`)
+	health("after a reload")
+
+	os.WriteFile("c.toml", []byte("[[providers]]\nname = \"p\"\nurl = \"ftp://x\"\n"), 0o600)
+	self.Signal(syscall.SIGHUP)
+	waitLog(t, logs, `level=ERROR msg="reload failed" err="c.toml:3: providers[0].url`)
+	health("after a failed reload")
+
+	os.WriteFile("c.toml", []byte(config("second.db")), 0o600)
+	self.Signal(syscall.SIGHUP)
+	waitLog(t, logs, `msg="reload: database.path changed; it takes effect at a restart" database=first.db new=second.db`)
+	health("after a reload that needs a restart")
+
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("run = %v; want a clean stop", err)
 	}
 }

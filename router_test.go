@@ -15,8 +15,8 @@ import (
 	"time"
 )
 
-// The tests of config.go: the TOML subset, the JSON reader, and the walker
-// that gives both the meaning of SPEC §3.
+// The tests of config.go: the TOML subset, the JSON reader, the walker that
+// gives both their meaning, and configure, which applies the overrides.
 
 // tomlAccepted are inputs of the TOML subset and the trees they parse into.
 var tomlAccepted = []struct {
@@ -290,8 +290,8 @@ func TestParseTOMLRejects(t *testing.T) {
 	}
 }
 
-// A pasted key in the wrong place must not come back in a parse error (SPEC
-// §9): parse errors describe, they never quote.
+// A pasted key in the wrong place must not come back in a parse error, since
+// keys never appear in messages: parse errors describe, they never quote.
 func TestParseErrorsQuoteNoSecret(t *testing.T) {
 	const secret = "sk-Zq9XwV7pL3mN8bR2"
 	tests := []struct{ name, text string }{
@@ -375,7 +375,7 @@ func TestParseTOMLLines(t *testing.T) {
 }
 
 // early2026TOML is the config.example.toml of arbstr of early 2026, which
-// must load unchanged (SPEC §3).
+// must load unchanged.
 const early2026TOML = `[server]
 listen = "127.0.0.1:8080"
 
@@ -433,9 +433,11 @@ func loadConfigText(t *testing.T, name, text string) (*Config, []string, error) 
 func TestLoadConfigEarly2026(t *testing.T) {
 	t.Setenv("ROUTSTR_API_KEY", "alpha-secret-key")
 	t.Setenv("ARBSTR_PROVIDER_BETA_API_KEY", "")
-	want := &Config{
-		Server: ServerConfig{Listen: "127.0.0.1:8080", MaxBodyBytes: 16 << 20,
-			UpstreamTimeoutSecs: 300, MaxAttempts: 3, ShutdownTimeoutSecs: 30},
+	t.Setenv("DATABASE_URL", "")
+	t.Setenv("ARBSTR_LOG_LEVEL", "")
+	want := defaultConfig()
+	*want = Config{
+		RateUnit: rateUnitPer1k, Server: want.Server, Market: want.Market, Budgets: want.Budgets,
 		Database: DatabaseConfig{Path: "./arbstr.db"},
 		Providers: []ProviderConfig{
 			{Name: "provider-alpha", URL: "https://api.routstr.example/v1", APIKey: "alpha-secret-key",
@@ -458,26 +460,32 @@ func TestLoadConfigEarly2026(t *testing.T) {
 		t.Fatal(err)
 	}
 	got, warnings, err := loadConfig(path)
-	if err != nil || !reflect.DeepEqual(got, want) {
-		t.Fatalf("loadConfig(early2026TOML) = %+v, %v; want %+v", got, err, want)
+	if err != nil || !reflect.DeepEqual(got, want) || len(warnings) != 0 {
+		t.Fatalf("loadConfig(early2026TOML) = %+v, %q, %v; want %+v and no warnings", got, warnings, err, want)
 	}
-	wantWarnings := []string{path + `:16: provider "provider-beta" has no API key (no api_key, ARBSTR_PROVIDER_BETA_API_KEY not set): it is sent no Authorization header`}
-	if !reflect.DeepEqual(warnings, wantWarnings) {
-		t.Errorf("loadConfig(early2026TOML) warnings = %q; want %q", warnings, wantWarnings)
+	c, err := configure(overrides{configPath: path})
+	if err != nil || !reflect.DeepEqual(c.cfg, want) {
+		t.Fatalf("configure(early2026TOML) = %+v, %v; want %+v", c, err, want)
+	}
+	wantWarnings := []string{path + `: providers[1]: provider "provider-beta" has no API key (no api_key, ARBSTR_PROVIDER_BETA_API_KEY not set): it is sent no Authorization header`}
+	if !reflect.DeepEqual(c.warnings, wantWarnings) {
+		t.Errorf("configure(early2026TOML) warnings = %q; want %q", c.warnings, wantWarnings)
 	}
 
 	// The second provider takes its key from the environment.
 	t.Setenv("ARBSTR_PROVIDER_BETA_API_KEY", "beta-secret-key")
 	want.Providers[1].APIKey, want.Providers[1].KeySource = "beta-secret-key", "env ARBSTR_PROVIDER_BETA_API_KEY"
-	got, warnings, err = loadConfig(path)
-	if err != nil || !reflect.DeepEqual(got, want) || len(warnings) != 0 {
-		t.Errorf("loadConfig(early2026TOML) = %+v, %q, %v; want %+v and no warnings", got, warnings, err, want)
+	c, err = configure(overrides{configPath: path})
+	if err != nil || !reflect.DeepEqual(c.cfg, want) || len(c.warnings) != 0 {
+		t.Errorf("configure(early2026TOML) = %+v, %v; want %+v and no warnings", c, err, want)
 	}
 }
 
 // exampleTOML is config.example.json written in TOML, the way the README
 // shows it; both must decode to the same Config.
-const exampleTOML = `# arbstr configuration (SPEC §3).
+const exampleTOML = `# arbstr configuration.
+rate_unit = "sats_per_1k"
+
 [server]
 listen = "127.0.0.1:8080"
 auth_token = ""
@@ -485,6 +493,9 @@ max_body_bytes = 16_777_216
 upstream_timeout_secs = 300
 max_attempts = 3
 shutdown_timeout_secs = 30
+body_timeout_secs = 30
+allowed_origins = []
+allowed_hosts = []
 
 [database]
 path = "./arbstr.db"
@@ -497,6 +508,7 @@ models = ["gpt-4o", "gpt-4o-mini", "claude-3.5-sonnet"]
 input_rate = 10
 output_rate = 30
 base_fee = 1
+discover = false
 
 [providers.model_rates]
 gpt-4o-mini = { input_rate = 1.5, output_rate = 6 }
@@ -520,12 +532,23 @@ allowed_models = ["claude-3.5-sonnet", "gpt-4o"]
 strategy = "cheapest"
 max_sats_per_1k_output = 50
 keywords = ["code", "programming", "debug", "function"]
+budget_sats_per_day = 5000
+budget_sats_per_month = 0
 
 [[policies.rules]]
 name = "quick"
 allowed_models = ["gpt-4o-mini"]
 strategy = "lowest_latency"
+max_sats_per_1m_output = 20000
 keywords = ["quick", "simple", "fast"]
+
+[market]
+refresh_secs = 120
+stale_after_secs = 900
+low_balance_sats = 0
+
+[budgets]
+default_reserve_tokens = 4096
 
 [logging]
 level = "info"
@@ -617,8 +640,8 @@ log_requests = false
 	if got := fromTOML.Logging.Level; got != "debug" {
 		t.Errorf("level DEBUG = %q; want %q", got, "debug")
 	}
-	if len(tw) != 3 || len(jw) != 3 {
-		t.Fatalf("warnings = %q and %q; want 3 each", tw, jw)
+	if len(tw) != 1 || len(jw) != 1 {
+		t.Fatalf("warnings = %q and %q; want 1 each", tw, jw)
 	}
 	for i := range tw {
 		if stripLocation(tw[i]) != stripLocation(jw[i]) {
@@ -633,7 +656,7 @@ log_requests = false
 	if terr == nil || jerr == nil || stripLocation(terr.Error()) != want || stripLocation(jerr.Error()) != want {
 		t.Errorf("input_rate \"1\": errors %v and %v; want %q", terr, jerr, want)
 	}
-	// Only TOML errors name a line (SPEC §3).
+	// Only TOML errors name a line.
 	if !strings.HasSuffix(strings.Fields(terr.Error())[0], "c.toml:10:") || !strings.HasSuffix(strings.Fields(jerr.Error())[0], "c.json:") {
 		t.Errorf("input_rate \"1\": errors %v and %v; want line 10 in c.toml and no line in c.json", terr, jerr)
 	}
@@ -726,13 +749,16 @@ func TestProviderKeyEnv(t *testing.T) {
 	}
 }
 
+// A provider without api_key takes ARBSTR_<NAME>_API_KEY, applied by
+// configure with the other overrides; api_key in the file wins.
 func TestConfigKeyFromEnv(t *testing.T) {
 	t.Setenv("ARBSTR_ROUTSTR_BETA_2_API_KEY", "from-env")
 	t.Setenv("ARBSTR_WITH_KEY_API_KEY", "ignored")
 	t.Setenv("ARBSTR_EMPTY_KEY_API_KEY", "from-env-too")
 	t.Setenv("ARBSTR_NONE_API_KEY", "")
 	t.Setenv("ARBSTR_TEST_KEY", "from-config")
-	cfg, _, err := loadConfigText(t, "config.toml", `[[providers]]
+	path := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(path, []byte(`[[providers]]
 name = "Routstr.Beta 2"
 url = "https://b.example"
 [[providers]]
@@ -746,10 +772,14 @@ api_key = ""
 [[providers]]
 name = "none"
 url = "https://n.example"
-`)
-	if err != nil {
-		t.Fatalf("loadConfig = %v", err)
+`), 0o600); err != nil {
+		t.Fatal(err)
 	}
+	c, err := configure(overrides{configPath: path})
+	if err != nil {
+		t.Fatalf("configure = %v", err)
+	}
+	cfg := c.cfg
 	want := []struct{ key, source string }{
 		{"from-env", "env ARBSTR_ROUTSTR_BETA_2_API_KEY"},
 		{"from-config", "config"},
@@ -844,7 +874,7 @@ func TestConfigErrors(t *testing.T) {
 }
 
 // Errors of the JSON reader and of loadConfig itself. JSON errors name a
-// line only for a syntax error (SPEC §3 asks lines of TOML only).
+// line only for a syntax error: the walker knows the lines of TOML only.
 func TestLoadConfigFileErrors(t *testing.T) {
 	tests := []struct {
 		name, text string
@@ -889,19 +919,11 @@ func TestConfigWarnings(t *testing.T) {
 		{provider, nil},
 		{"[[providers]]\nname = \"lit\"\nurl = \"https://p.example\"\napi_key = \"literal-secret-key\"\n",
 			[]string{`:4: provider "lit": api_key is written in the file; prefer "${VAR}" or the environment variable ARBSTR_LIT_API_KEY`}},
-		{"[[providers]]\nname = \"nokey\"\nurl = \"https://p.example\"\n",
-			[]string{`:1: provider "nokey" has no API key (no api_key, ARBSTR_NOKEY_API_KEY not set): it is sent no Authorization header`}},
+		// A provider without a key and listen off loopback are warnings
+		// of configure, which knows the overrides (TestConfigure).
+		{"[[providers]]\nname = \"nokey\"\nurl = \"https://p.example\"\n", nil},
+		{"[server]\nlisten = \"0.0.0.0:8080\"\n" + provider, nil},
 		{"", []string{": no providers configured: every chat request will fail"}},
-		{"[server]\nlisten = \"0.0.0.0:8080\"\n" + provider,
-			[]string{`:2: server.listen "0.0.0.0:8080" is not a loopback address and server.auth_token is not set: anyone who reaches it can spend your sats`}},
-		{"[server]\nlisten = \":8080\"\n" + provider,
-			[]string{`:2: server.listen ":8080" is not a loopback address and server.auth_token is not set: anyone who reaches it can spend your sats`}},
-		{"[server]\nlisten = \"192.168.1.2:8080\"\n" + provider,
-			[]string{`:2: server.listen "192.168.1.2:8080" is not a loopback address and server.auth_token is not set: anyone who reaches it can spend your sats`}},
-		{"[server]\nlisten = \"0.0.0.0:8080\"\nauth_token = \"${ARBSTR_TEST_KEY}\"\n" + provider, nil},
-		{"[server]\nlisten = \"localhost:8080\"\n" + provider, nil},
-		{"[server]\nlisten = \"127.0.0.2:8080\"\n" + provider, nil},
-		{"[server]\nlisten = \"[::1]:8080\"\n" + provider, nil},
 
 		// Unknown keys, at every level, in the order of their paths.
 		{"top = 1\n[server]\nfoo = 1\n[bar]\nx = 1\n" + provider + "extra = \"x\"\nmodel_rates = { m = { input_rate = 1, fee = 2 } }\n[[policies.rules]]\nname = \"r\"\nmore = []\n[logging]\nfile = \"x\"\n",
@@ -963,7 +985,7 @@ func TestConfigFileModeWarning(t *testing.T) {
 }
 
 // No error or warning ever holds a key, whether written in the file or taken
-// from the environment (SPEC §9).
+// from the environment.
 func TestConfigMessagesHoldNoKey(t *testing.T) {
 	const secret = "sk-Zq9XwV7pL3mN8bR2"
 	t.Setenv("ARBSTR_TEST_SECRET", secret)
@@ -983,10 +1005,25 @@ func TestConfigMessagesHoldNoKey(t *testing.T) {
 		"[[providers]]\nname = \"p\"\nurl = \"https://p.example\"\napi_key = \"" + secret + "${NOPE\"\n",
 		"[[providers]]\nname = \"p\"\nurl = \"https://p.example\"\napi_key = \"" + secret + "${ARBSTR_TEST_UNSET_VAR}\"\n",
 		"[[providers]]\nname = \"p\"\nurl = \"https://p.example\"\napi_key = [\"" + secret + "\"]\n",
+		// Client tokens: written in the file, repeated, or the auth token.
+		"[[clients]]\nname = \"c\"\ntoken = \"" + secret + "\"\n",
+		"[[clients]]\nname = \"c\"\ntoken = \"" + secret + "\"\n[[clients]]\nname = \"d\"\ntoken = \"${ARBSTR_TEST_SECRET}\"\n",
+		"[server]\nauth_token = \"${ARBSTR_TEST_SECRET}\"\n[[clients]]\nname = \"c\"\ntoken = \"" + secret + "\"\n",
+		"[[clients]]\nname = \"c\"\ntoken = \"" + secret + "${NOPE\"\n",
+		"[[clients]]\nname = \"c\"\ntoken = \"" + secret + "\"\npolicies = [\"none\"]\n",
 	}
 	for _, text := range texts {
-		_, warnings, err := loadConfigText(t, "config.toml", text)
-		msgs := warnings
+		path := filepath.Join(t.TempDir(), "config.toml")
+		if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		// configure adds the warnings about keys from the environment and
+		// the listen address to those of the file.
+		c, err := configure(overrides{configPath: path})
+		var msgs []string
+		if c != nil {
+			msgs = c.warnings
+		}
 		if err != nil {
 			msgs = append(msgs, err.Error())
 		}
@@ -1107,6 +1144,531 @@ func checkTreeTypes(t *testing.T, data []byte, v any) {
 	case string, int64, float64, bool:
 	default:
 		t.Fatalf("parseTOML(%q) holds a %T", data, v)
+	}
+}
+
+// ---- The keys of the second version ----
+
+// secondTOML sets every key of the second version, and secondJSON says the
+// same in JSON; both must decode to secondWant.
+const secondTOML = `rate_unit = "sats_per_1m"
+[server]
+auth_token = "${ARBSTR_TEST_AUTH}"
+body_timeout_secs = 12
+allowed_origins = ["http://localhost:3000", "HTTPS://App.Example:8443"]
+allowed_hosts = ["arbstr.lan", "arbstr.lan:8080"]
+[market]
+refresh_secs = 10
+stale_after_secs = 600
+low_balance_sats = 2_500.5
+[budgets]
+default_reserve_tokens = 1024
+[[providers]]
+name = "p1"
+url = "https://p1.example/v1"
+api_key = "${ARBSTR_TEST_KEY}"
+input_rate = 10000
+output_rate = 30000
+base_fee = 1
+discover = true
+model_rates = { m = { output_rate = 60000 } }
+[[providers]]
+name = "p2"
+url = "https://p2.example"
+api_key = "${ARBSTR_TEST_KEY}"
+auto_discover = true
+discover = true
+[[policies.rules]]
+name = "code"
+max_sats_per_1m_output = 50000
+budget_sats_per_day = 1000
+budget_sats_per_month = 20_000
+[[policies.rules]]
+name = "quick"
+max_sats_per_1k_output = 50
+[[clients]]
+name = "agent"
+token = "${ARBSTR_TEST_AGENT}"
+policies = ["code", "quick"]
+budget_sats_per_day = 100
+budget_sats_per_month = 2000
+rate_limit_rpm = 60
+[[clients]]
+name = "app"
+token = "${ARBSTR_TEST_APP}"
+rate_limit_rpm = 0
+`
+
+const secondJSON = `{
+  "rate_unit": "sats_per_1m",
+  "server": {"auth_token": "${ARBSTR_TEST_AUTH}", "body_timeout_secs": 12,
+    "allowed_origins": ["http://localhost:3000", "HTTPS://App.Example:8443"],
+    "allowed_hosts": ["arbstr.lan", "arbstr.lan:8080"]},
+  "market": {"refresh_secs": 10, "stale_after_secs": 600, "low_balance_sats": 2500.5},
+  "budgets": {"default_reserve_tokens": 1024},
+  "providers": [
+    {"name": "p1", "url": "https://p1.example/v1", "api_key": "${ARBSTR_TEST_KEY}",
+     "input_rate": 10000, "output_rate": 30000, "base_fee": 1, "discover": true,
+     "model_rates": {"m": {"output_rate": 60000}}},
+    {"name": "p2", "url": "https://p2.example", "api_key": "${ARBSTR_TEST_KEY}", "auto_discover": true, "discover": true}
+  ],
+  "policies": {"rules": [
+    {"name": "code", "max_sats_per_1m_output": 50000, "budget_sats_per_day": 1000, "budget_sats_per_month": 20000},
+    {"name": "quick", "max_sats_per_1k_output": 50}
+  ]},
+  "clients": [
+    {"name": "agent", "token": "${ARBSTR_TEST_AGENT}", "policies": ["code", "quick"],
+     "budget_sats_per_day": 100, "budget_sats_per_month": 2000, "rate_limit_rpm": 60},
+    {"name": "app", "token": "${ARBSTR_TEST_APP}", "rate_limit_rpm": 0}
+  ]
+}`
+
+func secondWant() *Config {
+	want := defaultConfig()
+	want.RateUnit = rateUnitPer1m
+	want.Server.AuthToken = "auth-secret"
+	want.Server.BodyTimeoutSecs = 12
+	want.Server.AllowedOrigins = []string{"http://localhost:3000", "https://app.example:8443"}
+	want.Server.AllowedHosts = []string{"arbstr.lan", "arbstr.lan:8080"}
+	want.Market = MarketConfig{RefreshSecs: 10, StaleAfterSecs: 600, LowBalanceSats: 2500.5}
+	want.Budgets = BudgetsConfig{DefaultReserveTokens: 1024}
+	want.Providers = []ProviderConfig{
+		{Name: "p1", URL: "https://p1.example/v1", APIKey: "provider-secret", KeySource: "config",
+			InputRate: 10000, OutputRate: 30000, BaseFee: 1, Discover: true,
+			ModelRates: map[string]Rates{"m": {InputRate: 10000, OutputRate: 60000}}},
+		{Name: "p2", URL: "https://p2.example", APIKey: "provider-secret", KeySource: "config", Discover: true},
+	}
+	want.Policies.Rules = []PolicyRule{
+		{Name: "code", Strategy: "cheapest", MaxSatsPer1mOutput: new(50000.0), BudgetSatsPerDay: 1000, BudgetSatsPerMonth: 20000},
+		{Name: "quick", Strategy: "cheapest", MaxSatsPer1kOutput: new(50.0)},
+	}
+	want.Clients = []ClientConfig{
+		{Name: "agent", Token: "agent-secret", Policies: []string{"code", "quick"},
+			BudgetSatsPerDay: 100, BudgetSatsPerMonth: 2000, RateLimitRPM: 60},
+		{Name: "app", Token: "app-secret"},
+	}
+	return want
+}
+
+func setSecondEnv(t *testing.T) {
+	t.Setenv("ARBSTR_TEST_AUTH", "auth-secret")
+	t.Setenv("ARBSTR_TEST_KEY", "provider-secret")
+	t.Setenv("ARBSTR_TEST_AGENT", "agent-secret")
+	t.Setenv("ARBSTR_TEST_APP", "app-secret")
+}
+
+func TestConfigSecondVersionKeys(t *testing.T) {
+	setSecondEnv(t)
+	for _, tt := range []struct{ name, text string }{{"c.toml", secondTOML}, {"c.json", secondJSON}} {
+		got, warnings, err := loadConfigText(t, tt.name, tt.text)
+		if want := secondWant(); err != nil || !reflect.DeepEqual(got, want) {
+			t.Errorf("loadConfig(%s) = %+v, %v; want %+v", tt.name, got, err, want)
+		}
+		if len(warnings) != 0 {
+			t.Errorf("loadConfig(%s) warnings = %q; want none", tt.name, warnings)
+		}
+	}
+}
+
+// A file that sets none of the new keys gets their defaults.
+func TestConfigSecondVersionDefaults(t *testing.T) {
+	for _, tt := range []struct{ name, text string }{
+		{"c.toml", "[[providers]]\nname = \"p\"\nurl = \"https://p.example\"\n[[policies.rules]]\nname = \"r\"\n"},
+		{"c.json", `{"providers": [{"name": "p", "url": "https://p.example"}], "policies": {"rules": [{"name": "r"}]}}`},
+	} {
+		cfg, _, err := loadConfigText(t, tt.name, tt.text)
+		if err != nil {
+			t.Fatalf("loadConfig(%s) = %v", tt.name, err)
+		}
+		r, p := cfg.Policies.Rules[0], cfg.Providers[0]
+		for _, c := range []struct {
+			what      string
+			got, want any
+		}{
+			{"rate_unit", cfg.RateUnit, "sats_per_1k"},
+			{"server.body_timeout_secs", cfg.Server.BodyTimeoutSecs, 30},
+			{"server.allowed_origins", len(cfg.Server.AllowedOrigins), 0},
+			{"server.allowed_hosts", len(cfg.Server.AllowedHosts), 0},
+			{"market", cfg.Market, MarketConfig{RefreshSecs: 120, StaleAfterSecs: 900}},
+			{"budgets.default_reserve_tokens", cfg.Budgets.DefaultReserveTokens, int64(4096)},
+			{"clients", len(cfg.Clients), 0},
+			{"providers[0].discover", p.Discover, false},
+			{"rules[0].max_sats_per_1m_output", r.MaxSatsPer1mOutput, (*float64)(nil)},
+			{"rules[0].budget_sats_per_day", r.BudgetSatsPerDay, 0.0},
+			{"rules[0].budget_sats_per_month", r.BudgetSatsPerMonth, 0.0},
+		} {
+			if !reflect.DeepEqual(c.got, c.want) {
+				t.Errorf("loadConfig(%s) %s = %v; want %v", tt.name, c.what, c.got, c.want)
+			}
+		}
+	}
+}
+
+// secondErrors are mistakes in the keys of the second version: TOML text and
+// the error after the file name; the JSON form, where given, must give the
+// same error but for the line.
+var secondErrors = []struct {
+	toml, json string
+	want       string
+}{
+	// rate_unit.
+	{"rate_unit = \"sats_per_1b\"\n", `{"rate_unit": "sats_per_1b"}`, `1: rate_unit: unknown unit "sats_per_1b": want "sats_per_1k" or "sats_per_1m"`},
+	{"rate_unit = \"SATS_PER_1M\"\n", "", `1: rate_unit: unknown unit "SATS_PER_1M": want "sats_per_1k" or "sats_per_1m"`},
+	{"rate_unit = 1000\n", `{"rate_unit": 1000}`, "1: rate_unit: want a string, got integer"},
+
+	// Policy rules.
+	{"rate_unit = \"sats_per_1k\"\n[[policies.rules]]\nname = \"r\"\nmax_sats_per_1k_output = 50\nmax_sats_per_1m_output = 50000\n",
+		`{"rate_unit": "sats_per_1k", "policies": {"rules": [{"name": "r", "max_sats_per_1k_output": 50, "max_sats_per_1m_output": 50000}]}}`,
+		"5: policies.rules[0].max_sats_per_1m_output: give max_sats_per_1k_output or max_sats_per_1m_output, not both"},
+	{"rate_unit = \"sats_per_1m\"\n[[policies.rules]]\nname = \"r\"\nmax_sats_per_1m_output = -1\n",
+		`{"rate_unit": "sats_per_1m", "policies": {"rules": [{"name": "r", "max_sats_per_1m_output": -1}]}}`,
+		"4: policies.rules[0].max_sats_per_1m_output: must not be negative, got -1"},
+	{"rate_unit = \"sats_per_1m\"\n[[policies.rules]]\nname = \"r\"\nmax_sats_per_1m_output = \"5\"\n", "",
+		"4: policies.rules[0].max_sats_per_1m_output: want a number, got string"},
+	{"[[policies.rules]]\nname = \"r\"\nbudget_sats_per_day = -1\n",
+		`{"policies": {"rules": [{"name": "r", "budget_sats_per_day": -1}]}}`,
+		"3: policies.rules[0].budget_sats_per_day: must not be negative, got -1"},
+	{"[[policies.rules]]\nname = \"r\"\nbudget_sats_per_month = \"10\"\n",
+		`{"policies": {"rules": [{"name": "r", "budget_sats_per_month": "10"}]}}`,
+		"3: policies.rules[0].budget_sats_per_month: want a number, got string"},
+	{"[[policies.rules]]\nname = \"r\"\nbudget_sats_per_month = 3e15\n", "",
+		"3: policies.rules[0].budget_sats_per_month: must be at most 1e+12, got 3e+15"},
+
+	// Server.
+	{"[server]\nbody_timeout_secs = 0\n", `{"server": {"body_timeout_secs": 0}}`, "2: server.body_timeout_secs: must be at least 1, got 0"},
+	{"[server]\nbody_timeout_secs = 1.5\n", `{"server": {"body_timeout_secs": 1.5}}`, "2: server.body_timeout_secs: want an integer, got float"},
+	{"[server]\nallowed_origins = [\"*\"]\n", `{"server": {"allowed_origins": ["*"]}}`,
+		`2: server.allowed_origins[0]: "*" would let any web page you open spend your sats through arbstr: list each origin that may`},
+	{"[server]\nallowed_origins = \"http://a.example\"\n", `{"server": {"allowed_origins": "http://a.example"}}`,
+		"2: server.allowed_origins: want an array, got string"},
+	{"[server]\nallowed_origins = [\n  \"http://a.example\",\n  \"http://b.example/\",\n]\n", "",
+		`4: server.allowed_origins[1]: want scheme://host[:port] with no path, such as http://localhost:3000, got "http://b.example/"`},
+	{"[server]\nallowed_hosts = [\"\"]\n", `{"server": {"allowed_hosts": [""]}}`, `2: server.allowed_hosts[0]: want a host name, such as arbstr.lan, got ""`},
+	{"[server]\nallowed_hosts = [\"http://arbstr.lan\"]\n", "", `2: server.allowed_hosts[0]: want a host name, such as arbstr.lan, got "http://arbstr.lan"`},
+	{"[server]\nallowed_hosts = [1]\n", "", "2: server.allowed_hosts[0]: want a string, got integer"},
+
+	// Providers.
+	{"[[providers]]\nname = \"p\"\nurl = \"https://p.example\"\ndiscover = \"yes\"\n",
+		`{"providers": [{"name": "p", "url": "https://p.example", "discover": "yes"}]}`,
+		"4: providers[0].discover: want a boolean, got string"},
+	{"rate_unit = \"sats_per_1k\"\n[[providers]]\nname = \"p\"\nurl = \"https://p.example\"\ndiscover = true\nauto_discover = false\n",
+		`{"rate_unit": "sats_per_1k", "providers": [{"name": "p", "url": "https://p.example", "discover": true, "auto_discover": false}]}`,
+		"6: providers[0].auto_discover: auto_discover is another name of discover, and the two disagree"},
+
+	// Market and budgets.
+	{"[market]\nrefresh_secs = 9\n", `{"market": {"refresh_secs": 9}}`, "2: market.refresh_secs: must be at least 10, got 9"},
+	{"[market]\nstale_after_secs = 0\n", `{"market": {"stale_after_secs": 0}}`, "2: market.stale_after_secs: must be at least 1, got 0"},
+	{"[market]\nlow_balance_sats = -5\n", `{"market": {"low_balance_sats": -5}}`, "2: market.low_balance_sats: must not be negative, got -5"},
+	{"[market]\nrefresh_secs = \"60\"\n", "", "2: market.refresh_secs: want an integer, got string"},
+	{"market = 1\n", `{"market": 1}`, "1: market: want a table, got integer"},
+	{"[budgets]\ndefault_reserve_tokens = 0\n", `{"budgets": {"default_reserve_tokens": 0}}`, "2: budgets.default_reserve_tokens: must be at least 1, got 0"},
+
+	// Clients.
+	{"[[clients]]\ntoken = \"${ARBSTR_TEST_AGENT}\"\n", `{"clients": [{"token": "${ARBSTR_TEST_AGENT}"}]}`, "1: clients[0].name: missing or empty"},
+	{"[[clients]]\nname = \"c\"\n", `{"clients": [{"name": "c"}]}`, "1: clients[0].token: missing or empty"},
+	{"[[clients]]\nname = \"c\"\ntoken = \"${ARBSTR_TEST_AGENT}\"\n[[clients]]\nname = \"c\"\ntoken = \"${ARBSTR_TEST_APP}\"\n", "",
+		`5: clients[1].name: duplicate client name "c" (also clients[0])`},
+	{"[[clients]]\nname = \"c\"\ntoken = \"${ARBSTR_TEST_AGENT}\"\n[[clients]]\nname = \"d\"\ntoken = \"${ARBSTR_TEST_AGENT}\"\n",
+		`{"clients": [{"name": "c", "token": "${ARBSTR_TEST_AGENT}"}, {"name": "d", "token": "${ARBSTR_TEST_AGENT}"}]}`,
+		"6: clients[1].token: the same token as clients[0]: each client needs a token of its own"},
+	{"[server]\nauth_token = \"${ARBSTR_TEST_AGENT}\"\n[[clients]]\nname = \"c\"\ntoken = \"${ARBSTR_TEST_AGENT}\"\n", "",
+		"5: clients[0].token: the same as server.auth_token: a client needs a token of its own"},
+	{"[[policies.rules]]\nname = \"code\"\n[[clients]]\nname = \"c\"\ntoken = \"${ARBSTR_TEST_AGENT}\"\npolicies = [\"code\", \"cod\"]\n",
+		`{"policies": {"rules": [{"name": "code"}]}, "clients": [{"name": "c", "token": "${ARBSTR_TEST_AGENT}", "policies": ["code", "cod"]}]}`,
+		`6: clients[0].policies[1]: no policy rule is named "cod"`},
+	{"[[clients]]\nname = \"c\"\ntoken = \"${ARBSTR_TEST_AGENT}\"\nbudget_sats_per_day = -1\n", "", "4: clients[0].budget_sats_per_day: must not be negative, got -1"},
+	{"[[clients]]\nname = \"c\"\ntoken = \"${ARBSTR_TEST_AGENT}\"\nbudget_sats_per_month = true\n", "", "4: clients[0].budget_sats_per_month: want a number, got boolean"},
+	{"[[clients]]\nname = \"c\"\ntoken = \"${ARBSTR_TEST_AGENT}\"\nrate_limit_rpm = -1\n",
+		`{"clients": [{"name": "c", "token": "${ARBSTR_TEST_AGENT}", "rate_limit_rpm": -1}]}`,
+		"4: clients[0].rate_limit_rpm: must be at least 0, got -1"},
+	{"[[clients]]\nname = \"c\"\ntoken = \"${ARBSTR_TEST_AGENT}\"\nrate_limit_rpm = 1.5\n", "", "4: clients[0].rate_limit_rpm: want an integer, got float"},
+	{"[[clients]]\nname = \"c\"\ntoken = \"${ARBSTR_TEST_UNSET}\"\n", "", "3: clients[0].token: environment variable ARBSTR_TEST_UNSET is not set"},
+	{"[clients]\nname = \"c\"\n", `{"clients": {"name": "c"}}`, "1: clients: want an array, got table"},
+}
+
+func TestConfigSecondVersionErrors(t *testing.T) {
+	t.Setenv("ARBSTR_TEST_AGENT", "agent-secret")
+	t.Setenv("ARBSTR_TEST_APP", "app-secret")
+	os.Unsetenv("ARBSTR_TEST_UNSET")
+	for _, tt := range secondErrors {
+		path := filepath.Join(t.TempDir(), "config.toml")
+		if err := os.WriteFile(path, []byte(tt.toml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, _, err := loadConfig(path)
+		if want := path + ":" + tt.want; err == nil || err.Error() != want {
+			t.Errorf("loadConfig(%q) = %v; want %v", tt.toml, err, want)
+		}
+		if tt.json == "" {
+			continue
+		}
+		_, _, jerr := loadConfigText(t, "config.json", tt.json)
+		_, want, _ := strings.Cut(tt.want, ": ")
+		if jerr == nil || stripLocation(jerr.Error()) != want {
+			t.Errorf("loadConfig(%s) = %v; want %q", tt.json, jerr, want)
+		}
+	}
+}
+
+// Files written for arbstr since mid-2026 price tokens per 1M with no marker.
+// Without rate_unit, a key that only those files have refuses the file, at
+// that key, with the reason and both fixes. [vault] is refused always.
+func TestConfigNewerFiles(t *testing.T) {
+	const refusal = "only arbstr files written since mid-2026 have this key, and those price tokens in sats per 1M tokens; " +
+		"without rate_unit this file's rates would be read per 1k tokens, and every request would cost about 1000x too much. " +
+		`Add rate_unit = "sats_per_1m" at the top of the file, or rate_unit = "sats_per_1k" to confirm that its rates are per 1k tokens`
+	const vault = "vault: arbstr does no billing, so it cannot serve a file that asks for it through [vault]: remove the table, and bill elsewhere if you sell access"
+	const provider = "[[providers]]\nname = \"p\"\nurl = \"https://p.example\"\n" // lines 1-3 (or 2-4 after rate_unit)
+	tests := []struct{ text, want string }{
+		{provider + "tier = \"local\"\n", "4: providers[0].tier: " + refusal},
+		{provider + provider + "auto_discover = true\n", "7: providers[1].auto_discover: " + refusal},
+		{"[[policies.rules]]\nname = \"r\"\nmax_sats_per_1m_output = 50000\n", "3: policies.rules[0].max_sats_per_1m_output: " + refusal},
+		{provider + "[routing]\ncomplexity_threshold_low = 0.4\n", "4: routing: " + refusal},
+		{provider + "[tokenstats]\nurl = \"https://t.example\"\n", "4: tokenstats: " + refusal},
+		{provider + "[routing.complexity_weights]\ncode_blocks = 1.0\n", "4: routing: " + refusal},
+		{provider + "[vault]\nurl = \"http://localhost:3000\"\n", "4: " + vault},
+		{"rate_unit = \"sats_per_1m\"\n" + provider + "[vault]\nurl = \"http://localhost:3000\"\n", "5: " + vault},
+		{"rate_unit = \"sats_per_1k\"\n" + provider + "[vault]\n", "5: " + vault},
+	}
+	for _, tt := range tests {
+		path := filepath.Join(t.TempDir(), "config.toml")
+		if err := os.WriteFile(path, []byte(tt.text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, _, err := loadConfig(path)
+		if want := path + ":" + tt.want; err == nil || err.Error() != want {
+			t.Errorf("loadConfig(%q) = %v; want %v", tt.text, err, want)
+		}
+	}
+	// JSON alike, without a line.
+	_, _, err := loadConfigText(t, "c.json", `{"providers": [{"name": "p", "url": "https://p.example", "tier": "local"}]}`)
+	if want := "providers[0].tier: " + refusal; err == nil || stripLocation(err.Error()) != want {
+		t.Errorf("loadConfig(JSON with tier) = %v; want %q", err, want)
+	}
+	_, _, err = loadConfigText(t, "c.json", `{"rate_unit": "sats_per_1m", "vault": {}}`)
+	if err == nil || stripLocation(err.Error()) != vault {
+		t.Errorf("loadConfig(JSON with vault) = %v; want %q", err, vault)
+	}
+
+	// With rate_unit, either unit, tier, [routing] and [tokenstats] are
+	// unknown keys, and auto_discover and max_sats_per_1m_output are read.
+	for _, unit := range []string{"sats_per_1k", "sats_per_1m"} {
+		text := "rate_unit = \"" + unit + "\"\n" + provider + "tier = \"local\"\nauto_discover = true\n" +
+			"[[policies.rules]]\nname = \"r\"\nmax_sats_per_1m_output = 50000\n[routing]\nx = 1\n[tokenstats]\nurl = \"u\"\n"
+		path := filepath.Join(t.TempDir(), "config.toml")
+		if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cfg, warnings, err := loadConfig(path)
+		want := []string{path + `:5: unknown key "providers[0].tier"`, path + `:10: unknown key "routing"`, path + `:12: unknown key "tokenstats"`}
+		if err != nil || !reflect.DeepEqual(warnings, want) {
+			t.Fatalf("loadConfig(rate_unit %s) = %q, %v; want %q", unit, warnings, err, want)
+		}
+		if cfg.RateUnit != unit || !cfg.Providers[0].Discover || *cfg.Policies.Rules[0].MaxSatsPer1mOutput != 50000 {
+			t.Errorf("loadConfig(rate_unit %s) = %+v; want that unit, discover, max_sats_per_1m_output 50000", unit, cfg)
+		}
+	}
+}
+
+// testdata/arbstr-2026.toml is a config in the shape of arbstr's
+// config.example.toml of mid/late 2026. As it is, it is refused; with
+// rate_unit = "sats_per_1m" it loads, its rates as written.
+func TestConfigArbstr2026(t *testing.T) {
+	t.Setenv("PROVIDER1_API_KEY", "provider1-secret")
+	text, err := os.ReadFile("testdata/arbstr-2026.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = loadConfigText(t, "config.toml", string(text))
+	for _, want := range []string{"1000x too much", `rate_unit = "sats_per_1m"`, `rate_unit = "sats_per_1k" to confirm`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("loadConfig(arbstr-2026.toml) = %v; want an error with %q", err, want)
+		}
+	}
+
+	cfg, warnings, err := loadConfigText(t, "config.toml", "rate_unit = \"sats_per_1m\"\n"+string(text))
+	if err != nil {
+		t.Fatalf("loadConfig(arbstr-2026.toml with rate_unit) = %v", err)
+	}
+	var unknown []string
+	for _, w := range warnings {
+		if _, key, ok := strings.Cut(w, "unknown key "); ok {
+			unknown = append(unknown, key)
+		}
+	}
+	if want := []string{`"providers[0].tier"`, `"providers[1].tier"`, `"routing"`, `"tokenstats"`}; !reflect.DeepEqual(unknown, want) {
+		t.Errorf("loadConfig(arbstr-2026.toml with rate_unit) unknown keys = %q; want %q (all warnings %q)", unknown, want, warnings)
+	}
+	p := cfg.Providers
+	for _, tt := range []struct {
+		what      string
+		got, want any
+	}{
+		{"rate_unit", cfg.RateUnit, "sats_per_1m"},
+		{"providers", len(p), 2},
+		{"providers[0] rates", [3]float64{p[0].InputRate, p[0].OutputRate, p[0].BaseFee}, [3]float64{10000, 30000, 1}},
+		{"providers[1] rates", [3]float64{p[1].InputRate, p[1].OutputRate, p[1].BaseFee}, [3]float64{8000, 35000, 0}},
+		{"rules[0].max_sats_per_1m_output", *cfg.Policies.Rules[0].MaxSatsPer1mOutput, 50000.0},
+		{"rules[0].max_sats_per_1k_output", cfg.Policies.Rules[0].MaxSatsPer1kOutput, (*float64)(nil)},
+	} {
+		if !reflect.DeepEqual(tt.got, tt.want) {
+			t.Errorf("loadConfig(arbstr-2026.toml with rate_unit) %s = %v; want %v", tt.what, tt.got, tt.want)
+		}
+	}
+}
+
+// A token rate of 1000 sats per 1k tokens, a sat a token, or more is most
+// likely a rate per 1M in a file read per 1k: a warning. The bound on rates
+// is the same price in either unit.
+func TestConfigRateWarnings(t *testing.T) {
+	t.Setenv("ARBSTR_TEST_KEY", "env-secret-key")
+	const provider = "[[providers]]\nname = \"p\"\nurl = \"https://p.example\"\napi_key = \"${ARBSTR_TEST_KEY}\"\n" // lines 1-4
+	const per1m = "rate_unit = \"sats_per_1m\"\n"                                                                   // shifts the lines by 1
+	tests := []struct {
+		text string
+		want []string // each after the file name
+	}{
+		{provider + "input_rate = 999.9\noutput_rate = 0\nbase_fee = 5000\n", nil},
+		{provider + "input_rate = 1000\n", []string{`:5: providers[0].input_rate = 1000 sats per 1k tokens, 1 sats a token: is this per 1M? If so, set rate_unit = "sats_per_1m".`}},
+		{provider + "output_rate = 30000\n", []string{`:5: providers[0].output_rate = 30000 sats per 1k tokens, 30 sats a token: is this per 1M? If so, set rate_unit = "sats_per_1m".`}},
+		{provider + "input_rate = 1\nmodel_rates = { m = { output_rate = 2000 } }\n",
+			[]string{`:6: providers[0].model_rates.m.output_rate = 2000 sats per 1k tokens, 2 sats a token: is this per 1M? If so, set rate_unit = "sats_per_1m".`}},
+		{per1m + provider + "input_rate = 999999\noutput_rate = 30000\n", nil},
+		{per1m + provider + "input_rate = 1e6\n", []string{`:6: providers[0].input_rate = 1e+06 sats per 1M tokens, 1 sats a token: is this per 1M?`}},
+		{per1m + provider + "[providers.model_rates]\n\"m.x\" = { input_rate = 2_000_000 }\n",
+			[]string{`:7: providers[0].model_rates."m.x".input_rate = 2e+06 sats per 1M tokens, 2 sats a token: is this per 1M?`}},
+	}
+	for _, tt := range tests {
+		path := filepath.Join(t.TempDir(), "config.toml")
+		if err := os.WriteFile(path, []byte(tt.text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, warnings, err := loadConfig(path)
+		var want []string
+		for _, w := range tt.want {
+			want = append(want, path+w)
+		}
+		if err != nil || !reflect.DeepEqual(warnings, want) {
+			t.Errorf("loadConfig(%q) = %q, %v; want %q", tt.text, warnings, err, want)
+		}
+	}
+
+	bounds := []struct{ text, want string }{
+		{provider + "input_rate = 1_000_001\n", "5: providers[0].input_rate: must be at most 1e+06, got 1.000001e+06"},
+		{per1m + provider + "input_rate = 1_000_000_001\n", "6: providers[0].input_rate: must be at most 1e+09, got 1.000000001e+09"},
+		{per1m + provider + "base_fee = 1_000_001\n", "6: providers[0].base_fee: must be at most 1e+06, got 1.000001e+06"},
+	}
+	for _, tt := range bounds {
+		path := filepath.Join(t.TempDir(), "config.toml")
+		if err := os.WriteFile(path, []byte(tt.text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, _, err := loadConfig(path)
+		if want := path + ":" + tt.want; err == nil || err.Error() != want {
+			t.Errorf("loadConfig(%q) = %v; want %v", tt.text, err, want)
+		}
+	}
+	cfg, _, err := loadConfigText(t, "config.toml", per1m+provider+"input_rate = 1e9\n")
+	if err != nil || cfg.Providers[0].InputRate != 1e9 {
+		t.Errorf("loadConfig(per 1M, input_rate 1e9) = %v; want it read as written", err)
+	}
+}
+
+// A client's token written in the file is a warning that names the client,
+// as a literal api_key is.
+func TestConfigClientTokenWarning(t *testing.T) {
+	t.Setenv("ARBSTR_TEST_AGENT", "agent-secret")
+	const secret = "tok-Zq9XwV7pL3mN8bR2"
+	path := filepath.Join(t.TempDir(), "config.toml")
+	text := "[[clients]]\nname = \"lit\"\ntoken = \"" + secret + "\"\n[[clients]]\nname = \"env\"\ntoken = \"${ARBSTR_TEST_AGENT}\"\n"
+	if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, warnings, err := loadConfig(path)
+	want := []string{path + `:3: client "lit": token is written in the file; prefer "${VAR}"`,
+		path + ": no providers configured: every chat request will fail"}
+	if err != nil || !reflect.DeepEqual(warnings, want) {
+		t.Errorf("loadConfig(%q) = %q, %v; want %q", text, warnings, err, want)
+	}
+}
+
+// configure applies every override on top of the file, in the precedence
+// its doc comment states, and warns once about a listen address off
+// loopback, naming where it came from.
+func TestConfigure(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	for _, k := range []string{"ARBSTR_CONFIG", "DATABASE_URL", "ARBSTR_LOG_LEVEL", "ARBSTR_P_API_KEY"} {
+		t.Setenv(k, "")
+	}
+	const file = "[server]\nlisten = \"0.0.0.0:9000\"\n[database]\npath = \"file.db\"\n[logging]\nlevel = \"warn\"\n[[providers]]\nname = \"p\"\nurl = \"https://p.example\"\n"
+	if err := os.WriteFile("c.toml", []byte(file), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	const offLoopback = " is not a loopback address and server.auth_token is not set: anyone who can reach it can spend your sats"
+	const noKey = `c.toml: providers[0]: provider "p" has no API key (no api_key, ARBSTR_P_API_KEY not set): it is sent no Authorization header`
+	tests := []struct {
+		name                   string
+		o                      overrides
+		env                    map[string]string
+		listen, db, level, key string
+		mock                   bool
+		warnings               []string
+	}{
+		{"file", overrides{configPath: "c.toml"}, nil, "0.0.0.0:9000", "file.db", "warn", "", false,
+			[]string{noKey, `server.listen "0.0.0.0:9000"` + offLoopback}},
+		{"-listen beats server.listen", overrides{configPath: "c.toml", listen: "127.0.0.1:0"}, nil, "127.0.0.1:0", "file.db", "warn", "", false,
+			[]string{noKey}},
+		{"-listen off loopback", overrides{configPath: "c.toml", listen: ":0"}, nil, ":0", "file.db", "warn", "", false,
+			[]string{noKey, `-listen ":0"` + offLoopback}},
+		{"environment beats the file", overrides{configPath: "c.toml", listen: "localhost:0"},
+			map[string]string{"DATABASE_URL": "sqlite://env.db", "ARBSTR_LOG_LEVEL": "DEBUG", "ARBSTR_P_API_KEY": "env-secret"},
+			"localhost:0", "env.db", "debug", "env-secret", false, nil},
+		{"ARBSTR_CONFIG", overrides{listen: "localhost:0"}, map[string]string{"ARBSTR_CONFIG": "c.toml"}, "localhost:0", "file.db", "warn", "", false,
+			[]string{noKey}},
+		{"-mock keeps the file's settings", overrides{configPath: "c.toml", listen: "localhost:0", mock: true}, nil, "localhost:0", ":memory:", "warn", "", true, nil},
+		{"DATABASE_URL beats mock's :memory:", overrides{configPath: "c.toml", listen: "localhost:0", mock: true},
+			map[string]string{"DATABASE_URL": "mock.db"}, "localhost:0", "mock.db", "warn", "", true, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for k, v := range tt.env {
+				t.Setenv(k, v)
+			}
+			c, err := configure(tt.o)
+			if err != nil {
+				t.Fatalf("configure(%+v) = %v", tt.o, err)
+			}
+			key := ""
+			if len(c.cfg.Providers) > 0 {
+				key = c.cfg.Providers[0].APIKey
+			}
+			got := []any{c.cfg.Server.Listen, c.cfg.Database.Path, c.cfg.Logging.Level, key, c.mock}
+			if want := []any{tt.listen, tt.db, tt.level, tt.key, tt.mock}; !reflect.DeepEqual(got, want) {
+				t.Errorf("configure(%+v) listen, database, level, key, mock = %q; want %q", tt.o, got, want)
+			}
+			if !reflect.DeepEqual(c.warnings, tt.warnings) {
+				t.Errorf("configure(%+v) warnings = %q; want %q", tt.o, c.warnings, tt.warnings)
+			}
+		})
+	}
+
+	// No file: the defaults, in mock mode.
+	if err := os.Remove("c.toml"); err != nil {
+		t.Fatal(err)
+	}
+	c, err := configure(overrides{})
+	if err != nil || c.path != "" || !c.mock || c.cfg.Database.Path != ":memory:" || len(c.warnings) != 0 {
+		t.Errorf("configure(no file) = %+v, %v; want mock mode on the defaults, ledger in memory, no warnings", c, err)
+	}
+	// A bad override is an error, never a silent default.
+	t.Setenv("ARBSTR_LOG_LEVEL", "verbose")
+	if _, err := configure(overrides{}); err == nil || err.Error() != `ARBSTR_LOG_LEVEL "verbose": want debug, info, warn or error` {
+		t.Errorf("configure(ARBSTR_LOG_LEVEL=verbose) = %v; want an error", err)
+	}
+	t.Setenv("ARBSTR_LOG_LEVEL", "")
+	if _, err := configure(overrides{configPath: "missing.toml"}); err == nil || err.Error() != "-config missing.toml: no such file" {
+		t.Errorf("configure(-config missing.toml) = %v; want no such file", err)
 	}
 }
 
