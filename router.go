@@ -2,11 +2,18 @@ package main
 
 import (
 	"cmp"
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
+	"log/slog"
+	"maps"
 	"math"
+	"math/rand/v2"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -15,10 +22,11 @@ import (
 	"unicode/utf8"
 )
 
-// This file decides where a request goes (SPEC §4): the policy, the
-// candidates, their order, and what they are estimated to cost. It also keeps
-// each provider's health, the circuit breaker of §6.3 and the observed
-// latency, because routing is what reads them.
+// This file decides where a request goes: the policy, the candidates, their
+// order, and what they are estimated to cost. It also keeps each provider's
+// health (the circuit breaker and the observed latency) and reads the live
+// market (providers' listings, balances and what they charged), because
+// routing is what reads them.
 
 // chatRequest is what routing needs to know of a chat body. proxy.go decodes
 // it; the body itself is forwarded untouched.
@@ -26,9 +34,10 @@ type chatRequest struct {
 	Model     string
 	Stream    bool
 	MaxTokens int64  // max_tokens or max_completion_tokens; 0 when absent
-	TextBytes int64  // UTF-8 bytes of all message text (§4.1)
-	LastUser  string // text of the last user message, for keywords (§4)
-	// StreamOptions is the body's stream_options as sent, for §5.1.
+	TextBytes int64  // UTF-8 bytes of all message text, for the estimate
+	LastUser  string // text of the last user message, for keywords
+	// StreamOptions is the body's stream_options as sent, which the
+	// upstream request extends to ask for usage in a stream.
 	StreamOptions json.RawMessage
 }
 
@@ -46,8 +55,35 @@ const maxEstTokens = 1 << 31
 
 func microRate(satsPer1k float64) int64 { return int64(math.Round(satsPer1k * 1000)) }
 
-// cost returns the cost in millisats of a request with these token counts
-// (§4.1), rounded to the nearest millisat.
+// unitMicroRate converts a configured rate in the config's rate unit into
+// µsat per token: R sats per 1k tokens is R·1000 µsat per token, and R sats
+// per 1M tokens is exactly R µsat per token.
+func unitMicroRate(rate float64, unit string) int64 {
+	if unit == rateUnitPer1m {
+		return int64(math.Round(rate))
+	}
+	return microRate(rate)
+}
+
+// rateInUnit shows a rate of µsat per token in the config's rate unit, the
+// unit every rate that users see is printed in.
+func rateInUnit(micro int64, unit string) float64 {
+	if unit == rateUnitPer1m {
+		return float64(micro)
+	}
+	return float64(micro) / 1000
+}
+
+// unitLabel is the short name of a rate unit in messages: "sats/1k".
+func unitLabel(unit string) string {
+	if unit == rateUnitPer1m {
+		return "sats/1M"
+	}
+	return "sats/1k"
+}
+
+// cost returns the cost in millisats of a request with these token counts,
+// rounded to the nearest millisat: tokens times rates, plus the request fee.
 func (p price) cost(in, out int64) int64 {
 	return (in*p.InMicro+out*p.OutMicro+500)/1000 + p.BaseMsat
 }
@@ -58,14 +94,15 @@ func msatToSats(msat int64) float64 { return float64(msat) / 1000 }
 // provider is one configured upstream and what arbstr has learned about it.
 type provider struct {
 	ProviderConfig
-	endpoint   string // the full chat-completions URL (§5.1)
+	endpoint   string // the full chat-completions URL
+	base       string // the upstream base ending in /v1, for listings and balances
 	authHeader string // "Bearer KEY", or "" for none
-	bodyField  []byte // `"arbstr_provider":"NAME",`, spliced into answers (§5.2)
+	bodyField  []byte // `"arbstr_provider":"NAME",`, spliced into answers
 	price      price
 	modelPrice map[string]price // model_rates, resolved
 
 	mu        sync.Mutex // guards the fields below
-	failures  int        // consecutive failures (§6.3)
+	failures  int        // consecutive failures since the last success
 	openUntil time.Time  // zero while the circuit is closed
 	openFor   time.Duration
 	probing   bool // a half-open probe is in flight
@@ -76,6 +113,10 @@ type provider struct {
 	// latency is the moving average of time to first byte in ms, as
 	// math.Float64bits; 0 until the first observation.
 	latency atomic.Uint64
+
+	// market is what the live market taught about the provider: its
+	// listing, balance and charge ratio.
+	market marketState
 }
 
 // Circuit states as they appear in /health and /providers.
@@ -85,39 +126,51 @@ const (
 	stateHalfOpen = "half_open"
 )
 
-// The breaker's constants (§6.3).
+// The breaker's constants: a circuit opens after breakerThreshold failures
+// in a row, for breakerOpenFor, doubled after each failed probe up to
+// breakerMaxOpen.
 const (
 	breakerThreshold = 3
 	breakerOpenFor   = 30 * time.Second
 	breakerMaxOpen   = 5 * time.Minute
 )
 
-func newProvider(pc ProviderConfig) *provider {
-	p := &provider{ProviderConfig: pc, endpoint: chatURL(pc.URL)}
+// newProvider builds a provider whose rates are in sats per 1k tokens.
+func newProvider(pc ProviderConfig) *provider { return newProviderIn(pc, rateUnitPer1k) }
+
+// newProviderIn builds a provider whose rates are in the given rate unit.
+func newProviderIn(pc ProviderConfig, unit string) *provider {
+	p := &provider{ProviderConfig: pc, endpoint: chatURL(pc.URL), base: apiBase(pc.URL)}
 	name, _ := json.Marshal(pc.Name)
 	p.bodyField = fmt.Appendf(nil, `"arbstr_provider":%s,`, name)
 	if pc.APIKey != "" {
 		p.authHeader = "Bearer " + pc.APIKey
 	}
-	p.price = price{microRate(pc.InputRate), microRate(pc.OutputRate), microRate(pc.BaseFee)}
+	// base_fee is sats per request whatever the rate unit.
+	p.price = price{unitMicroRate(pc.InputRate, unit), unitMicroRate(pc.OutputRate, unit), microRate(pc.BaseFee)}
 	if len(pc.ModelRates) > 0 {
 		p.modelPrice = make(map[string]price, len(pc.ModelRates))
 		for m, r := range pc.ModelRates {
-			p.modelPrice[m] = price{microRate(r.InputRate), microRate(r.OutputRate), p.price.BaseMsat}
+			p.modelPrice[m] = price{unitMicroRate(r.InputRate, unit), unitMicroRate(r.OutputRate, unit), p.price.BaseMsat}
 		}
 	}
+	p.market.balance.Store(-1)
+	p.market.ratio.Store(math.Float64bits(1))
 	return p
 }
 
-// chatURL builds the upstream URL of §5.1: a base ending in /v1 gets
-// /chat/completions, any other base gets /v1/chat/completions.
-func chatURL(base string) string {
-	base = strings.TrimRight(base, "/")
-	if strings.HasSuffix(base, "/v1") {
-		return base + "/chat/completions"
+// apiBase is the upstream base of a provider's url: a url ending in /v1 as
+// it is, any other with /v1 added.
+func apiBase(url string) string {
+	url = strings.TrimRight(url, "/")
+	if strings.HasSuffix(url, "/v1") {
+		return url
 	}
-	return base + "/v1/chat/completions"
+	return url + "/v1"
 }
+
+// chatURL builds the upstream chat-completions URL from a provider's url.
+func chatURL(base string) string { return apiBase(base) + "/chat/completions" }
 
 // priceFor returns the provider's price for a model, model_rates first.
 func (p *provider) priceFor(model string) price {
@@ -146,7 +199,7 @@ func (p *provider) stateLocked(now time.Time) string {
 }
 
 // available says whether routing may consider the provider: its circuit is
-// closed, or half-open with the probe slot free (§4 step 5).
+// closed, or half-open with the probe slot free.
 func (p *provider) available(now time.Time) bool {
 	if !p.tripped.Load() {
 		return true
@@ -164,7 +217,7 @@ func (p *provider) available(now time.Time) bool {
 
 // acquire is called right before an attempt. It admits the request when the
 // circuit is closed, or takes the single probe slot of a half-open circuit;
-// other requests skip the provider meanwhile, they never wait (§6.3). A
+// other requests skip the provider meanwhile, they never wait. A
 // caller that got probe=true must call release with it.
 func (p *provider) acquire(now time.Time) (ok, probe bool) {
 	p.mu.Lock()
@@ -186,7 +239,7 @@ type outcome int
 
 const (
 	outcomeSuccess outcome = iota
-	outcomeFailure         // a §6.1 failure
+	outcomeFailure         // a failure that falls back to the next provider
 	outcomeNeutral         // neither: the client left, or the request was the client's fault
 )
 
@@ -218,7 +271,7 @@ func (p *provider) release(now time.Time, probe bool, o outcome, retryAfter time
 }
 
 // observe feeds one time-to-first-byte into the moving average that
-// lowest_latency orders by (§4 step 6). Concurrent observations may race
+// lowest_latency orders by. Concurrent observations may race
 // and lose one; an average of latencies can afford it.
 func (p *provider) observe(ttfb time.Duration) {
 	ms := max(float64(ttfb)/float64(time.Millisecond), 1e-6)
@@ -238,11 +291,14 @@ func (p *provider) observedLatency() (float64, bool) {
 type policy struct {
 	PolicyRule
 	allowed map[string]bool
-	maxOut  int64 // max_sats_per_1k_output in µsat per token; -1 for none
-	rr      atomic.Uint64
+	maxOut  int64 // the output price cap in µsat per token; -1 for none
+	// maxOutKey names the cap's key, and so its unit, in exclusions.
+	maxOutKey string
+	rr        atomic.Uint64
 }
 
-// Strategies (§3). lowest_cost is folded into cheapest by the config loader.
+// Strategies of policies.default_strategy and of rules. lowest_cost is
+// folded into cheapest by the config loader.
 const (
 	strategyCheapest      = "cheapest"
 	strategyLowestLatency = "lowest_latency"
@@ -252,15 +308,26 @@ const (
 // Router holds the providers and policies and picks, per request, the order
 // in which providers are tried. Everything a request can share is computed
 // once here, so that routing over a thousand providers stays in the tens of
-// microseconds (issue 5).
+// microseconds.
 type Router struct {
 	providers []*provider
 	byName    map[string]*provider
-	// byModel lists, per model, the providers that serve it, those with an
-	// empty models list included, in config order and with their price for
-	// the model; anyModel is the list for a model no provider names.
-	byModel  map[string][]modelCand
-	anyModel []modelCand
+	// table is who serves which model at what price. It is rebuilt whole
+	// when a listing changes and swapped in at once, so that a request is
+	// routed on one consistent snapshot; the providers (circuits, latency,
+	// balances) and policies (round-robin positions) outlive every table.
+	table   atomic.Pointer[routeTable]
+	buildMu sync.Mutex // serializes rebuilds, so that the newest one wins
+
+	rateUnit string
+	market   MarketConfig
+	// discovering are the providers whose listings are read.
+	discovering []*provider
+	// startWait bounds how long StartMarket waits for the first listings;
+	// listingTimeout bounds one listing or balance read.
+	startWait      time.Duration
+	listingTimeout time.Duration
+	marketWG       sync.WaitGroup // the polling goroutines
 
 	policies     []*policy
 	policyByName map[string]*policy
@@ -272,14 +339,33 @@ type Router struct {
 	defaultStrategy string
 	defaultRR       atomic.Uint64
 	// ratio returns the learned output/input ratio of a policy and its
-	// sample count (§4.1); nil means no ledger.
+	// sample count; nil means no ledger.
 	ratio func(policy string) (float64, int64)
+}
+
+// routeTable is an immutable snapshot of who serves which model at what
+// price. byModel lists, per model, the providers that serve it, in config
+// order and with their price for the model; anyModel is the list for a
+// model no provider names (the providers with an empty models list that do
+// not discover theirs).
+type routeTable struct {
+	byModel  map[string][]modelCand
+	anyModel []modelCand
+	// served is, per provider in config order, the models it serves now;
+	// nil with anyServed for any model.
+	served    [][]string
+	anyServed []bool
 }
 
 // modelCand is a provider that serves a model, at its price for the model.
 type modelCand struct {
 	p     *provider
 	price price
+	// maxMsat is the most one request may cost there, from the listing's
+	// max_cost; 0 when unknown.
+	maxMsat int64
+	// live says the price comes, at least in part, from a listing.
+	live bool
 }
 
 // phrase is a keyword that is not a single word, and its rule's index.
@@ -291,40 +377,27 @@ type phrase struct {
 func newRouter(cfg *Config, ratio func(string) (float64, int64)) *Router {
 	rt := &Router{
 		byName:          make(map[string]*provider),
-		byModel:         make(map[string][]modelCand),
 		policyByName:    make(map[string]*policy),
 		wordRule:        make(map[string]int),
 		defaultStrategy: cfg.Policies.DefaultStrategy,
 		ratio:           ratio,
+		rateUnit:        cfg.RateUnit,
+		market:          cfg.Market,
+		startWait:       5 * time.Second,
+		listingTimeout:  10 * time.Second,
+	}
+	if rt.rateUnit == "" {
+		rt.rateUnit = rateUnitPer1k
 	}
 	for _, pc := range cfg.Providers {
-		p := newProvider(pc)
+		p := newProviderIn(pc, rt.rateUnit)
 		rt.providers = append(rt.providers, p)
 		rt.byName[p.Name] = p
-		if len(pc.Models) == 0 {
-			rt.anyModel = append(rt.anyModel, modelCand{p, p.price})
+		if pc.Discover {
+			rt.discovering = append(rt.discovering, p)
 		}
 	}
-	// Every model named anywhere gets its own list: listed by a provider,
-	// or priced by a provider's model_rates (one serving any model).
-	models := map[string]bool{}
-	for _, p := range rt.providers {
-		for _, m := range p.Models {
-			models[m] = true
-		}
-		for m := range p.ModelRates {
-			models[m] = true
-		}
-	}
-	for m := range models {
-		var list []modelCand
-		for _, p := range rt.providers {
-			if len(p.Models) == 0 || slices.Contains(p.Models, m) {
-				list = append(list, modelCand{p, p.priceFor(m)})
-			}
-		}
-		rt.byModel[m] = list
-	}
+	rt.rebuild()
 	var names []string
 	for i, r := range cfg.Policies.Rules {
 		pol := &policy{PolicyRule: r, maxOut: -1}
@@ -346,8 +419,11 @@ func newRouter(cfg *Config, ratio func(string) (float64, int64)) *Router {
 				pol.allowed[m] = true
 			}
 		}
-		if r.MaxSatsPer1kOutput != nil {
-			pol.maxOut = microRate(*r.MaxSatsPer1kOutput)
+		switch {
+		case r.MaxSatsPer1kOutput != nil:
+			pol.maxOut, pol.maxOutKey = microRate(*r.MaxSatsPer1kOutput), "max_sats_per_1k_output"
+		case r.MaxSatsPer1mOutput != nil:
+			pol.maxOut, pol.maxOutKey = int64(math.Round(*r.MaxSatsPer1mOutput)), "max_sats_per_1m_output"
 		}
 		rt.policies = append(rt.policies, pol)
 		rt.policyByName[r.Name] = pol
@@ -365,9 +441,14 @@ func newRouter(cfg *Config, ratio func(string) (float64, int64)) *Router {
 type candidate struct {
 	p       *provider
 	price   price
-	estMsat int64
-	latency float64 // observed latency in ms at routing time
-	seen    bool    // latency is an observation
+	estMsat int64 // the estimate at the price list in force (the quote)
+	// rankMsat is estMsat times the provider's charge ratio, what cheapest
+	// ranks by; ratio is that charge ratio at routing time.
+	rankMsat int64
+	ratio    float64
+	maxMsat  int64   // the listing's max_cost for the model in msat; 0 unknown
+	latency  float64 // observed latency in ms at routing time
+	seen     bool    // latency is an observation
 }
 
 // exclusion is a provider that cannot serve a request, and why (/v1/cost).
@@ -395,14 +476,14 @@ func (r *route) policyName() string {
 	return r.policy.Name
 }
 
-// allows reports whether the policy's price cap lets a provider in (§4 step 4).
+// allows reports whether the policy's output price cap lets a provider in.
 func (r *route) allows(pr price) bool {
 	return r.policy == nil || r.policy.maxOut < 0 || pr.OutMicro <= r.policy.maxOut
 }
 
 // baseline returns what the given tokens would have cost at the priciest
-// qualified candidate (§8.1 baseline_cost_sats); an open circuit does not
-// disqualify.
+// qualified candidate, the ledger's baseline_cost_sats; an open circuit or a
+// low balance does not disqualify.
 func (r *route) baseline(in, out int64) int64 {
 	var most int64
 	for _, mc := range r.cands {
@@ -413,7 +494,9 @@ func (r *route) baseline(in, out int64) int64 {
 	return most
 }
 
-// Route applies SPEC §4 steps 2–6. policyHeader is X-Arbstr-Policy. With
+// Route picks the policy, the candidates that serve the model within it,
+// sets aside those with an open circuit or too low a balance, and orders
+// the rest by the strategy. policyHeader is X-Arbstr-Policy. With
 // limit > 0 only the first limit candidates are ordered, which is all a chat
 // request can use (it makes at most server.max_attempts attempts, walking
 // the list from its start on every pass); limit 0 orders every candidate and
@@ -424,8 +507,9 @@ func (r *route) baseline(in, out int64) int64 {
 func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, limit int) (*route, *apiError) {
 	r := &route{strategy: rt.defaultStrategy}
 	explain := limit <= 0
+	table := rt.table.Load() // one snapshot for the whole decision
 
-	// Step 2: the policy, by header or by keyword.
+	// The policy, by header or by keyword.
 	if policyHeader != "" {
 		pol, ok := rt.policyByName[policyHeader]
 		if !ok {
@@ -443,7 +527,9 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 		}
 	}
 
-	// §4.1: the estimate used for ranking and by /v1/cost.
+	// The estimate used for ranking and by /v1/cost: a quarter token per
+	// byte of text in, and max_tokens, or in times the learned output/input
+	// ratio once it has 5 samples, out.
 	r.estIn = (req.TextBytes + 3) / 4
 	r.estOut = req.MaxTokens
 	if r.estOut <= 0 {
@@ -458,18 +544,18 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 	// No model reads or writes 2^31 tokens; the bound keeps cost in int64.
 	r.estIn, r.estOut = min(r.estIn, maxEstTokens), min(r.estOut, maxEstTokens)
 
-	// Step 3: candidates serving the model.
-	r.cands = rt.byModel[req.Model]
+	// The candidates serving the model.
+	r.cands = table.byModel[req.Model]
 	if r.cands == nil {
-		r.cands = rt.anyModel
+		r.cands = table.anyModel
 	}
 	if len(r.cands) == 0 {
 		return r, errorf(http.StatusBadRequest, "invalid_request_error", "no_provider",
 			"no provider serves model %q", req.Model)
 	}
 
-	// Step 4: the policy's constraints; step 5: open circuits set aside;
-	// step 6: the strategy's order, kept as the candidates come.
+	// The policy's constraints, then open circuits and low balances set
+	// aside, then the strategy's order, kept as the candidates come.
 	if r.policy != nil && r.policy.allowed != nil && !r.policy.allowed[req.Model] {
 		return r, errorf(http.StatusBadRequest, "invalid_request_error", "model_not_allowed",
 			"model %q is not allowed by policy %q", req.Model, r.policy.Name)
@@ -481,23 +567,32 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 	case strategyRoundRobin:
 		compare = nil // config order, rotated below
 	}
-	qualified := 0
+	qualified, broke := 0, 0
 	for _, mc := range r.cands {
 		if !r.allows(mc.price) {
 			if explain {
-				r.excluded = append(r.excluded, exclusion{mc.p.Name, fmt.Sprintf(
-					"output rate %g sats/1k exceeds the policy's max_sats_per_1k_output %g",
-					float64(mc.price.OutMicro)/1000, float64(r.policy.maxOut)/1000)})
+				r.excluded = append(r.excluded, r.capExclusion(mc))
 			}
 			continue
 		}
 		qualified++
-		c := candidate{p: mc.p, price: mc.price, estMsat: mc.price.cost(r.estIn, r.estOut)}
+		c := candidate{p: mc.p, price: mc.price, estMsat: mc.price.cost(r.estIn, r.estOut), maxMsat: mc.maxMsat}
+		reason := ""
 		if !mc.p.available(now) {
+			reason = "circuit open"
+		} else if b := mc.p.market.balance.Load(); b >= 0 && c.estMsat > b {
+			reason, broke = "balance too low", broke+1
+		}
+		if reason != "" {
 			if explain {
-				r.excluded = append(r.excluded, exclusion{mc.p.Name, "circuit open"})
+				r.excluded = append(r.excluded, exclusion{mc.p.Name, reason})
 			}
 			continue
+		}
+		c.ratio = mc.p.chargeRatio()
+		c.rankMsat = c.estMsat
+		if c.ratio != 1 {
+			c.rankMsat = int64(math.Round(float64(c.estMsat) * c.ratio))
 		}
 		c.latency, c.seen = mc.p.observedLatency()
 		if limit > 0 && compare != nil {
@@ -509,6 +604,10 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 	if qualified == 0 {
 		return r, errorf(http.StatusBadRequest, "invalid_request_error", "no_provider",
 			"no provider serves model %q within policy %q", req.Model, r.policy.Name)
+	}
+	if len(r.ordered) == 0 && broke > 0 {
+		return r, errorf(http.StatusServiceUnavailable, "service_unavailable", "no_provider_available",
+			"every provider that serves model %q has an open circuit or too low a balance for this request; retry later", req.Model)
 	}
 	if len(r.ordered) == 0 {
 		return r, errorf(http.StatusServiceUnavailable, "service_unavailable", "no_provider_available",
@@ -551,11 +650,11 @@ func insertOrdered(list []candidate, c candidate, compare func(a, b candidate) i
 	return list
 }
 
-// compareCheapest orders by estimated cost, then by lower observed latency
-// (an unobserved provider counts as 0), then by name (§4 step 6).
+// compareCheapest orders by estimated cost times the charge ratio, then by
+// lower observed latency (an unobserved provider counts as 0), then by name.
 func compareCheapest(a, b candidate) int {
-	if a.estMsat != b.estMsat {
-		return cmp.Compare(a.estMsat, b.estMsat)
+	if a.rankMsat != b.rankMsat {
+		return cmp.Compare(a.rankMsat, b.rankMsat)
 	}
 	if a.latency != b.latency {
 		return cmp.Compare(a.latency, b.latency)
@@ -575,11 +674,25 @@ func compareLatency(a, b candidate) int {
 	if a.latency != b.latency {
 		return cmp.Compare(a.latency, b.latency)
 	}
-	return cmp.Compare(a.estMsat, b.estMsat)
+	return cmp.Compare(a.rankMsat, b.rankMsat)
+}
+
+// capExclusion explains why the policy's output price cap leaves a provider
+// out, with both prices in the unit of the cap's key.
+func (r *route) capExclusion(mc modelCand) exclusion {
+	unit := rateUnitPer1k
+	if r.policy.maxOutKey == "max_sats_per_1m_output" {
+		unit = rateUnitPer1m
+	}
+	msg := append(make([]byte, 0, 96), "output rate "...)
+	msg = strconv.AppendFloat(msg, rateInUnit(mc.price.OutMicro, unit), 'g', -1, 64)
+	msg = append(append(append(append(msg, ' '), unitLabel(unit)...), " exceeds the policy's "...), r.policy.maxOutKey...)
+	msg = strconv.AppendFloat(append(msg, ' '), rateInUnit(r.policy.maxOut, unit), 'g', -1, 64)
+	return exclusion{mc.p.Name, string(msg)}
 }
 
 // matchKeywords returns the first rule, in config order, with a keyword in
-// the text (§4 step 2): case-insensitive, on word boundaries. The text is
+// the text: case-insensitive, on word boundaries. The text is
 // cut into words once, each looked up among the one-word keywords; only
 // keywords of several words, or with other characters, are searched for.
 func (rt *Router) matchKeywords(text string) *policy {
@@ -675,4 +788,670 @@ func isWordRune(r rune) bool {
 // folded into σ, since upper-case Σ lower-cases to σ wherever it stands.
 func foldCase(s string) string {
 	return strings.ReplaceAll(strings.ToLower(s), "ς", "σ")
+}
+
+// ---- The live market ----
+
+// Routstr providers publish their prices in sats and change them as bitcoin
+// moves, so arbstr reads each discovering provider's listing and balance
+// from time to time, and learns from what each provider says it charged.
+
+// marketState is one provider's part of the live market.
+type marketState struct {
+	// listing is the last listing read successfully; nil before the first.
+	listing atomic.Pointer[listing]
+	// balance is the known spendable balance in msat; -1 when unknown.
+	// Routing reads it on every request, so it is an atomic.
+	balance atomic.Int64
+	// ratio is the charge ratio (reported over quoted) as math.Float64bits.
+	ratio atomic.Uint64
+
+	mu           sync.Mutex // guards the fields below
+	listErr      string     // the last listing failure, "" after a success
+	listErrAt    time.Time
+	badFields    string // the unusable price fields last warned about
+	balanceAt    time.Time
+	noBalanceAPI bool // the provider answered 401, 404 or 405 for its balance
+	lowWarned    bool // the low-balance warning was logged and still holds
+	charges      [chargeWindow]float64
+	nCharges     int // reports recorded, all time
+}
+
+// A provider's charge ratio is the mean over its last chargeWindow reports,
+// and 1 until it has chargeMinReports: a single odd report says little.
+const (
+	chargeWindow     = 20
+	chargeMinReports = 5
+)
+
+// listing is one successful read of a provider's GET /models.
+type listing struct {
+	at     time.Time
+	models []string // served models, in listing order, without duplicates
+	prices map[string]listedPrice
+}
+
+// listedPrice is a listing's price for one model: rates in µsat per token,
+// the request fee and max_cost in msat; -1 for a field the listing did not
+// give usably, which keeps the configured price for it.
+type listedPrice struct {
+	in, out, fee, max int64
+}
+
+// Limits of a listing: one read may take listingTimeout and its body at
+// most maxListingBytes. A price above maxListedRate sats per token (the
+// config's own limit on rates) or a fee above maxListedFee sats is taken as
+// garbage, which also keeps costs far from int64 overflow.
+const (
+	maxListingBytes = 8 << 20
+	maxListedRate   = 1000
+	maxListedFee    = 1e9
+)
+
+// priceAt returns the provider's price for a model with a listing's prices
+// over the configured ones, field by field, and whether the listing gave
+// any of them.
+func (p *provider) priceAt(model string, l *listing) (pr price, maxMsat int64, live bool) {
+	pr = p.priceFor(model)
+	if l == nil {
+		return pr, 0, false
+	}
+	lp, ok := l.prices[model]
+	if !ok {
+		return pr, 0, false
+	}
+	for _, f := range []struct {
+		from int64
+		to   *int64
+	}{{lp.in, &pr.InMicro}, {lp.out, &pr.OutMicro}, {lp.fee, &pr.BaseMsat}, {lp.max, &maxMsat}} {
+		if f.from >= 0 {
+			*f.to, live = f.from, true
+		}
+	}
+	return pr, maxMsat, live
+}
+
+// servedModels returns the models the provider serves given its listing,
+// or any when it serves every model. A discovering provider serves its
+// listing's models once it has one, its configured models before, and
+// nothing rather than everything when it has neither.
+func (p *provider) servedModels(l *listing) (models []string, any bool) {
+	switch {
+	case !p.Discover:
+		return p.Models, len(p.Models) == 0
+	case l != nil:
+		return l.models, false
+	}
+	return p.Models, false
+}
+
+// rebuild builds the routing table from every provider's configuration and
+// current listing, and swaps it in.
+func (rt *Router) rebuild() {
+	rt.buildMu.Lock()
+	defer rt.buildMu.Unlock()
+	t := &routeTable{
+		byModel:   make(map[string][]modelCand),
+		served:    make([][]string, len(rt.providers)),
+		anyServed: make([]bool, len(rt.providers)),
+	}
+	lists := make([]*listing, len(rt.providers))
+	// Every model named anywhere gets its own list: served by a provider,
+	// or priced by a provider's model_rates (one serving any model).
+	for i, p := range rt.providers {
+		lists[i] = p.market.listing.Load()
+		t.served[i], t.anyServed[i] = p.servedModels(lists[i])
+		for _, m := range t.served[i] {
+			t.byModel[m] = nil
+		}
+		for m := range p.ModelRates {
+			t.byModel[m] = nil
+		}
+	}
+	for i, p := range rt.providers {
+		add := func(m string) {
+			if l := t.byModel[m]; len(l) > 0 && l[len(l)-1].p == p {
+				return // a model listed twice
+			}
+			pr, maxMsat, live := p.priceAt(m, lists[i])
+			t.byModel[m] = append(t.byModel[m], modelCand{p, pr, maxMsat, live})
+		}
+		if t.anyServed[i] {
+			t.anyModel = append(t.anyModel, modelCand{p: p, price: p.price})
+			for m := range t.byModel {
+				add(m)
+			}
+			continue
+		}
+		for _, m := range t.served[i] {
+			add(m)
+		}
+	}
+	rt.table.Store(t)
+}
+
+// getJSON reads GET {base}{path} of a provider with its key, within the
+// listing timeout and the size limit, and returns the status and body.
+func (rt *Router) getJSON(ctx context.Context, client *http.Client, p *provider, path string) (int, []byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, rt.listingTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.base+path, nil)
+	if err != nil {
+		return 0, nil, err
+	}
+	req.Header.Set("Accept", "application/json")
+	if p.authHeader != "" {
+		req.Header.Set("Authorization", p.authHeader)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxListingBytes+1))
+	if err != nil {
+		return resp.StatusCode, nil, err
+	}
+	if len(body) > maxListingBytes {
+		return resp.StatusCode, nil, fmt.Errorf("body larger than %d bytes", maxListingBytes)
+	}
+	return resp.StatusCode, body, nil
+}
+
+// readListing reads a provider's listing. It returns the listing, and the
+// price fields it could not use ("model: completion").
+func (rt *Router) readListing(ctx context.Context, client *http.Client, p *provider, now time.Time) (*listing, []string, error) {
+	status, body, err := rt.getJSON(ctx, client, p, "/models")
+	if err != nil {
+		return nil, nil, fmt.Errorf("GET /models: %w", err)
+	}
+	if status < 200 || status > 299 {
+		return nil, nil, fmt.Errorf("GET /models: status %d", status)
+	}
+	return parseListing(body, now)
+}
+
+// listingEntry is the part of a listing entry arbstr reads. The Routstr API
+// gives sats_pricing in sats per token for prompt and completion, and in
+// sats per request for request and max_cost; pricing (USD) is not used.
+type listingEntry struct {
+	ID          json.RawMessage            `json:"id"`
+	Enabled     *bool                      `json:"enabled"`
+	SatsPricing map[string]json.RawMessage `json:"sats_pricing"`
+}
+
+// parseListing reads the body of GET /models: {"data":[...]}.
+func parseListing(body []byte, now time.Time) (*listing, []string, error) {
+	var doc struct {
+		Data *[]json.RawMessage `json:"data"`
+	}
+	if err := json.Unmarshal(body, &doc); err != nil {
+		return nil, nil, fmt.Errorf("listing is not JSON: %w", err)
+	}
+	if doc.Data == nil {
+		return nil, nil, errors.New("listing has no data array")
+	}
+	l := &listing{at: now, prices: make(map[string]listedPrice)}
+	var bad []string
+	for _, raw := range *doc.Data {
+		var e listingEntry
+		var id string
+		if json.Unmarshal(raw, &e) != nil || json.Unmarshal(e.ID, &id) != nil || id == "" {
+			continue
+		}
+		if e.Enabled != nil && !*e.Enabled {
+			continue
+		}
+		if _, dup := l.prices[id]; dup {
+			continue
+		}
+		lp := listedPrice{-1, -1, -1, -1}
+		if e.SatsPricing != nil {
+			for _, f := range []struct {
+				key   string
+				scale float64 // to µsat per token, or to msat
+				limit float64
+				to    *int64
+			}{
+				{"prompt", 1e6, maxListedRate, &lp.in},
+				{"completion", 1e6, maxListedRate, &lp.out},
+				{"request", 1e3, maxListedFee, &lp.fee},
+				{"max_cost", 1e3, maxListedFee, &lp.max},
+			} {
+				v, ok := listedNumber(e.SatsPricing[f.key], f.limit)
+				if !ok {
+					bad = append(bad, id+": "+f.key)
+					continue
+				}
+				*f.to = int64(math.Round(v * f.scale))
+			}
+		}
+		l.models = append(l.models, id)
+		l.prices[id] = lp
+	}
+	return l, bad, nil
+}
+
+// listedNumber reads one sats_pricing field: a JSON number from 0 to limit.
+func listedNumber(raw json.RawMessage, limit float64) (float64, bool) {
+	var v float64
+	if len(raw) == 0 || raw[0] == '"' || json.Unmarshal(raw, &v) != nil {
+		return 0, false
+	}
+	return v, v >= 0 && v <= limit
+}
+
+// readBalance reads a provider's GET /balance/info: the Routstr API answers
+// {"balance": msats, "reserved": msats}, balance being what can be spent.
+// noAPI is true for a 401, 404 or 405: the provider has no such API.
+func (rt *Router) readBalance(ctx context.Context, client *http.Client, p *provider) (msat int64, noAPI bool, err error) {
+	status, body, err := rt.getJSON(ctx, client, p, "/balance/info")
+	switch {
+	case err != nil:
+		return 0, false, fmt.Errorf("GET /balance/info: %w", err)
+	case status == http.StatusUnauthorized || status == http.StatusNotFound || status == http.StatusMethodNotAllowed:
+		return 0, true, nil
+	case status < 200 || status > 299:
+		return 0, false, fmt.Errorf("GET /balance/info: status %d", status)
+	}
+	var doc struct {
+		Balance json.RawMessage `json:"balance"`
+	}
+	if err := json.Unmarshal(body, &doc); err != nil {
+		return 0, false, fmt.Errorf("GET /balance/info: %w", err)
+	}
+	v, ok := listedNumber(doc.Balance, math.MaxInt64/2)
+	if !ok {
+		return 0, false, errors.New("GET /balance/info: no usable balance")
+	}
+	return int64(math.Round(v)), false, nil
+}
+
+// refresh reads one provider's listing and balance and applies what they
+// say; a changed listing rebuilds the routing table.
+func (rt *Router) refresh(ctx context.Context, client *http.Client, p *provider, log *slog.Logger) {
+	now := time.Now()
+	l, bad, err := rt.readListing(ctx, client, p, now)
+	if ctx.Err() != nil {
+		return // shutting down: not a failure of the provider
+	}
+	if p.applyListing(l, bad, err, now, log) {
+		rt.rebuild()
+	}
+	if p.authHeader == "" {
+		return
+	}
+	p.market.mu.Lock()
+	noAPI := p.market.noBalanceAPI
+	p.market.mu.Unlock()
+	if noAPI {
+		return
+	}
+	msat, noAPI, err := rt.readBalance(ctx, client, p)
+	if ctx.Err() == nil {
+		p.applyBalance(msat, noAPI, err, time.Now(), rt.market.LowBalanceSats, log)
+	}
+}
+
+// applyListing records the outcome of a listing read and reports whether
+// the provider's models or prices changed. A failure keeps the last good
+// listing; the log says when listings start failing and when they recover,
+// not at every poll.
+func (p *provider) applyListing(l *listing, bad []string, err error, now time.Time, log *slog.Logger) bool {
+	m := &p.market
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err != nil {
+		if m.listErr == "" {
+			log.Warn("provider listing failing", "provider", p.Name, "err", err)
+		}
+		m.listErr, m.listErrAt = err.Error(), now
+		return false
+	}
+	if m.listErr != "" {
+		log.Info("provider listing recovered", "provider", p.Name, "models", len(l.models))
+		m.listErr = ""
+	}
+	if b := strings.Join(bad, ", "); b != m.badFields {
+		m.badFields = b
+		if b != "" {
+			log.Warn("provider listing has unusable prices; configured prices kept for them",
+				"provider", p.Name, "fields", len(bad), "first", bad[0])
+		}
+	}
+	old := m.listing.Swap(l)
+	return old == nil || !slices.Equal(old.models, l.models) || !maps.Equal(old.prices, l.prices)
+}
+
+// applyBalance records the outcome of a balance read. A failure keeps the
+// last known balance. The low-balance warning is logged when the balance
+// falls below the threshold, and again only after it has been above.
+func (p *provider) applyBalance(msat int64, noAPI bool, err error, now time.Time, lowSats float64, log *slog.Logger) {
+	m := &p.market
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch {
+	case noAPI:
+		m.noBalanceAPI = true
+		log.Info("provider has no balance API; not asked again", "provider", p.Name)
+		return
+	case err != nil:
+		log.Debug("provider balance not read", "provider", p.Name, "err", err)
+		return
+	}
+	m.balance.Store(msat)
+	m.balanceAt = now
+	if lowSats <= 0 {
+		return
+	}
+	low := msat < int64(math.Round(lowSats*1000))
+	if low && !m.lowWarned {
+		log.Warn("provider balance low", "provider", p.Name, "balance_sats", msatToSats(msat), "low_balance_sats", lowSats)
+	}
+	m.lowWarned = low
+}
+
+// paymentRequired is what the proxy calls when a provider answered 402: its
+// known balance becomes 0 until the next successful read, so routing skips
+// it for every request that costs anything.
+func (p *provider) paymentRequired(now time.Time) {
+	p.market.mu.Lock()
+	defer p.market.mu.Unlock()
+	p.market.balance.Store(0)
+	p.market.balanceAt = now
+}
+
+// RefreshMarket reads every discovering provider's listing and balance
+// once, concurrently, and returns when all are done.
+func (rt *Router) RefreshMarket(ctx context.Context, client *http.Client, log *slog.Logger) {
+	var wg sync.WaitGroup
+	for _, p := range rt.discovering {
+		wg.Go(func() { rt.refresh(ctx, client, p, log) })
+	}
+	wg.Wait()
+}
+
+// StartMarket reads the first listings and balances of all discovering
+// providers concurrently and returns when they are all read, or after 5 s
+// at most, so that a hanging provider does not delay the start. Each
+// provider is then read again on its own timer, every market.refresh_secs
+// with ±10% jitter, in the background, until ctx is done; requests never
+// wait for a listing. WaitMarket waits for those goroutines to end.
+func (rt *Router) StartMarket(ctx context.Context, client *http.Client, log *slog.Logger) {
+	if len(rt.discovering) == 0 {
+		return
+	}
+	var first sync.WaitGroup
+	for _, p := range rt.discovering {
+		first.Add(1)
+		rt.marketWG.Go(func() {
+			rt.refresh(ctx, client, p, log)
+			first.Done()
+			rt.poll(ctx, client, p, log)
+		})
+	}
+	ready := make(chan struct{})
+	go func() { first.Wait(); close(ready) }()
+	wait := time.NewTimer(rt.startWait)
+	defer wait.Stop()
+	select {
+	case <-ready:
+	case <-wait.C:
+		log.Warn("some provider listings not read yet; serving meanwhile", "waited", rt.startWait)
+	case <-ctx.Done():
+	}
+}
+
+// WaitMarket returns when the polling goroutines of StartMarket have ended,
+// after its ctx is done.
+func (rt *Router) WaitMarket() { rt.marketWG.Wait() }
+
+// poll reads a provider again every refresh interval, with ±10% jitter so
+// that providers are not all read at the same instant, until ctx is done.
+func (rt *Router) poll(ctx context.Context, client *http.Client, p *provider, log *slog.Logger) {
+	every := float64(max(rt.market.RefreshSecs, 10)) * float64(time.Second)
+	next := func() time.Duration { return time.Duration(every * (0.9 + 0.2*rand.Float64())) }
+	t := time.NewTimer(next())
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			rt.refresh(ctx, client, p, log)
+			t.Reset(next())
+		}
+	}
+}
+
+// recordCharge learns from one response whose provider reported what it
+// charged: reportedMsat against quotedMsat, the cost at the price list in
+// force. The charge ratio is the mean of reported/quoted over the last
+// chargeWindow reports, and 1 until there are chargeMinReports of them.
+func (p *provider) recordCharge(reportedMsat, quotedMsat int64) {
+	if reportedMsat < 0 || quotedMsat <= 0 {
+		return // nothing to learn from a free request
+	}
+	m := &p.market
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.charges[m.nCharges%chargeWindow] = float64(reportedMsat) / float64(quotedMsat)
+	m.nCharges++
+	if m.nCharges < chargeMinReports {
+		return
+	}
+	n := min(m.nCharges, chargeWindow)
+	var sum float64
+	for _, r := range m.charges[:n] {
+		sum += r
+	}
+	m.ratio.Store(math.Float64bits(sum / float64(n)))
+}
+
+// chargeRatio is the provider's charge ratio, read without a lock on the
+// routing path.
+func (p *provider) chargeRatio() float64 { return math.Float64frombits(p.market.ratio.Load()) }
+
+// parseReportedCost finds what a provider says a response cost, in msat.
+// The Routstr API reports it as usage.cost.total_msats in the JSON body,
+// in the X-Routstr-Cost-Msats header, and as usage.cost_sats; the first of
+// these, in that order, that holds a number (integer or decimal) counts,
+// rounded to the millisat. body may be a whole response or a stream's usage
+// chunk.
+func parseReportedCost(header http.Header, body []byte) (msat int64, ok bool) {
+	var doc struct {
+		Usage struct {
+			Cost     json.RawMessage `json:"cost"`
+			CostSats json.RawMessage `json:"cost_sats"`
+		} `json:"usage"`
+	}
+	var cost struct {
+		TotalMsats json.RawMessage `json:"total_msats"`
+	}
+	if json.Unmarshal(body, &doc) == nil && len(doc.Usage.Cost) > 0 && doc.Usage.Cost[0] == '{' {
+		if json.Unmarshal(doc.Usage.Cost, &cost) == nil {
+			if v, ok := reportedNumber(cost.TotalMsats, 0); ok {
+				return v, true
+			}
+		}
+	}
+	if h := strings.TrimSpace(header.Get("X-Routstr-Cost-Msats")); h != "" {
+		if v, ok := reportedNumber(json.RawMessage(h), 0); ok {
+			return v, true
+		}
+	}
+	return reportedNumber(doc.Usage.CostSats, 3)
+}
+
+// maxReportedMsat bounds a reported cost: more than all bitcoin is garbage.
+const maxReportedMsat = 2.1e18
+
+// reportedNumber reads a JSON number, times 10^shift, rounded to an
+// integer. The shift is done on the decimal text, so that 0.0015 sats is
+// exactly 1.5 msat before rounding.
+func reportedNumber(raw json.RawMessage, shift int) (int64, bool) {
+	var n json.Number
+	if len(raw) == 0 || raw[0] == '"' || json.Unmarshal(raw, &n) != nil {
+		return 0, false
+	}
+	mant, exp, _ := strings.Cut(strings.ToLower(n.String()), "e")
+	e := 0
+	if exp != "" {
+		var err error
+		if e, err = strconv.Atoi(exp); err != nil || e < -400 || e > 400 {
+			return 0, false
+		}
+	}
+	v, err := strconv.ParseFloat(mant+"e"+strconv.Itoa(e+shift), 64)
+	if err != nil || math.IsNaN(v) || v < 0 || v > maxReportedMsat {
+		return 0, false
+	}
+	return int64(math.Round(v)), true
+}
+
+// marketView is the live market as GET /v1/market shows it: every model,
+// sorted by id, with the providers serving it, cheapest first.
+type marketView struct {
+	RateUnit string        `json:"rate_unit"`
+	Models   []marketModel `json:"models"`
+}
+
+// marketModel is one model's offers. SpreadPct is how much the priciest
+// reference request costs above the cheapest, in percent of the cheapest.
+type marketModel struct {
+	ID        string        `json:"id"`
+	SpreadPct float64       `json:"spread_pct"`
+	Providers []marketOffer `json:"providers"`
+}
+
+// marketOffer is one provider's price for a model. Rates are in the
+// config's rate unit; the reference cost is that of 1,000 input and 1,000
+// output tokens.
+type marketOffer struct {
+	Provider          string   `json:"provider"`
+	InputRate         float64  `json:"input_rate"`
+	OutputRate        float64  `json:"output_rate"`
+	RequestFeeSats    float64  `json:"request_fee_sats"`
+	ReferenceCostSats float64  `json:"reference_cost_sats"`
+	Source            string   `json:"source"` // "live" or "config"
+	AgeSecs           *int64   `json:"age_secs,omitempty"`
+	Stale             bool     `json:"stale"`
+	Circuit           string   `json:"circuit"`
+	ChargeRatio       float64  `json:"charge_ratio"`
+	BalanceSats       *float64 `json:"balance_sats,omitempty"`
+	refMsat           int64
+}
+
+// Market returns the live market at now.
+func (rt *Router) Market(now time.Time) marketView {
+	t := rt.table.Load()
+	v := marketView{RateUnit: rt.rateUnit, Models: make([]marketModel, 0, len(t.byModel))}
+	for id, cands := range t.byModel {
+		if len(cands) == 0 {
+			continue
+		}
+		mm := marketModel{ID: id, Providers: make([]marketOffer, 0, len(cands))}
+		for _, mc := range cands {
+			mm.Providers = append(mm.Providers, rt.offer(mc, now))
+		}
+		slices.SortStableFunc(mm.Providers, func(a, b marketOffer) int {
+			return cmp.Or(cmp.Compare(a.refMsat, b.refMsat), strings.Compare(a.Provider, b.Provider))
+		})
+		lo, hi := mm.Providers[0].refMsat, mm.Providers[len(mm.Providers)-1].refMsat
+		if lo > 0 {
+			mm.SpreadPct = math.Round(float64(hi-lo)/float64(lo)*10000) / 100
+		}
+		v.Models = append(v.Models, mm)
+	}
+	slices.SortFunc(v.Models, func(a, b marketModel) int { return strings.Compare(a.ID, b.ID) })
+	return v
+}
+
+// offer describes one provider's price for a model, for the market view.
+func (rt *Router) offer(mc modelCand, now time.Time) marketOffer {
+	ref := mc.price.cost(1000, 1000)
+	o := marketOffer{
+		Provider: mc.p.Name, InputRate: rateInUnit(mc.price.InMicro, rt.rateUnit),
+		OutputRate: rateInUnit(mc.price.OutMicro, rt.rateUnit), RequestFeeSats: msatToSats(mc.price.BaseMsat),
+		ReferenceCostSats: msatToSats(ref), Source: "config", Circuit: mc.p.state(now),
+		ChargeRatio: mc.p.chargeRatio(), refMsat: ref,
+	}
+	if l := mc.p.market.listing.Load(); mc.live && l != nil {
+		age := int64(now.Sub(l.at) / time.Second)
+		o.Source, o.AgeSecs, o.Stale = "live", &age, rt.stale(l, now)
+	}
+	if b := mc.p.market.balance.Load(); b >= 0 {
+		sats := msatToSats(b)
+		o.BalanceSats = &sats
+	}
+	return o
+}
+
+// stale reports whether a listing is older than market.stale_after_secs.
+// A stale listing's prices stay in force: an old market price is still
+// nearer the truth than a typed one.
+func (rt *Router) stale(l *listing, now time.Time) bool {
+	return rt.market.StaleAfterSecs > 0 && now.Sub(l.at) > time.Duration(rt.market.StaleAfterSecs)*time.Second
+}
+
+// providerMarket is what GET /providers shows of a provider's part in the
+// live market.
+type providerMarket struct {
+	// ModelsServed are the models it serves now; AnyModel is true (and
+	// ModelsServed empty) when it serves any model.
+	ModelsServed []string `json:"models_served"`
+	AnyModel     bool     `json:"any_model"`
+	// ServesNothing says why a provider serves no model, "" otherwise.
+	ServesNothing string   `json:"serves_nothing,omitempty"`
+	Discover      bool     `json:"discover"`
+	PriceSource   string   `json:"price_source"` // "live" or "config"
+	ListingAge    *int64   `json:"listing_age_secs,omitempty"`
+	ListingStale  bool     `json:"listing_stale"`
+	ListingError  string   `json:"listing_error,omitempty"`
+	ListingErrAt  *string  `json:"listing_error_at,omitempty"` // RFC 3339, UTC
+	BalanceSats   *float64 `json:"balance_sats,omitempty"`
+	BalanceAge    *int64   `json:"balance_age_secs,omitempty"`
+	ChargeRatio   float64  `json:"charge_ratio"`
+	RateUnit      string   `json:"rate_unit"`
+}
+
+// ProviderMarket returns the live-market part of every provider, in config
+// order, as GET /providers shows it.
+func (rt *Router) ProviderMarket(now time.Time) []providerMarket {
+	t := rt.table.Load()
+	out := make([]providerMarket, len(rt.providers))
+	for i, p := range rt.providers {
+		pm := providerMarket{
+			ModelsServed: slices.Clone(t.served[i]), AnyModel: t.anyServed[i], Discover: p.Discover,
+			PriceSource: "config", ChargeRatio: p.chargeRatio(), RateUnit: rt.rateUnit,
+		}
+		if pm.ModelsServed == nil {
+			pm.ModelsServed = []string{}
+		}
+		l := p.market.listing.Load()
+		if l != nil {
+			age := int64(now.Sub(l.at) / time.Second)
+			pm.PriceSource, pm.ListingAge, pm.ListingStale = "live", &age, rt.stale(l, now)
+		}
+		m := &p.market
+		m.mu.Lock()
+		if m.listErr != "" {
+			at := m.listErrAt.UTC().Format(time.RFC3339)
+			pm.ListingError, pm.ListingErrAt = m.listErr, &at
+		}
+		if b := m.balance.Load(); b >= 0 {
+			sats, age := msatToSats(b), int64(now.Sub(m.balanceAt)/time.Second)
+			pm.BalanceSats, pm.BalanceAge = &sats, &age
+		}
+		m.mu.Unlock()
+		switch {
+		case len(pm.ModelsServed) > 0 || pm.AnyModel:
+		case l != nil:
+			pm.ServesNothing = "its listing has no enabled model"
+		case p.Discover:
+			pm.ServesNothing = "its listing has not been read yet and no models are configured"
+		}
+		out[i] = pm
+	}
+	return out
 }
