@@ -1035,10 +1035,16 @@ func parseListing(body []byte, now time.Time) (*listing, []string, error) {
 // listedNumber reads one sats_pricing field: a JSON number from 0 to limit.
 func listedNumber(raw json.RawMessage, limit float64) (float64, bool) {
 	var v float64
-	if len(raw) == 0 || raw[0] == '"' || json.Unmarshal(raw, &v) != nil {
+	if !isJSONNumber(raw) || json.Unmarshal(raw, &v) != nil {
 		return 0, false
 	}
 	return v, v >= 0 && v <= limit
+}
+
+// isJSONNumber reports whether raw starts as a JSON number does, which
+// sets null, strings and booleans apart before decoding.
+func isJSONNumber(raw json.RawMessage) bool {
+	return len(raw) > 0 && (raw[0] == '-' || '0' <= raw[0] && raw[0] <= '9')
 }
 
 // readBalance reads a provider's GET /balance/info: the Routstr API answers
@@ -1291,7 +1297,7 @@ const maxReportedMsat = 2.1e18
 // exactly 1.5 msat before rounding.
 func reportedNumber(raw json.RawMessage, shift int) (int64, bool) {
 	var n json.Number
-	if len(raw) == 0 || raw[0] == '"' || json.Unmarshal(raw, &n) != nil {
+	if !isJSONNumber(raw) || json.Unmarshal(raw, &n) != nil {
 		return 0, false
 	}
 	mant, exp, _ := strings.Cut(strings.ToLower(n.String()), "e")

@@ -1,10 +1,16 @@
 package main
 
 import (
+	"cmp"
+	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
+	"maps"
 	"math"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -1113,7 +1119,7 @@ func checkTreeTypes(t *testing.T, data []byte, v any) {
 // ---- router.go ----
 
 // The tests of router.go: the policy, the candidates, their order and what
-// they are estimated to cost (SPEC §4, §4.1). Routers are built with
+// they are estimated to cost. Routers are built with
 // newRouter and asked directly; no HTTP.
 
 // routerNow is the clock of the router tests: Route takes the time as an
@@ -1551,7 +1557,7 @@ func TestRouteOrder(t *testing.T) {
 			map[string][]time.Duration{"zeta": {50 * time.Millisecond}, "alpha": {50 * time.Millisecond}, "mid": {40 * time.Millisecond}},
 			4000, 500, []string{"mid", "alpha", "zeta"}},
 		// router.go counts an unobserved provider as 0 ms on a tie, so that
-		// it gets observed; SPEC §4 does not say.
+		// it gets observed.
 		{"cheapest tie, unobserved first", "cheapest", []ProviderConfig{
 			routerProv("a", 10, 30), routerProv("b", 5, 40)},
 			map[string][]time.Duration{"a": {100 * time.Millisecond}},
@@ -1944,10 +1950,10 @@ func TestRouteEstimate(t *testing.T) {
 	}
 }
 
-// Word boundaries and case in scripts other than Latin. SPEC §4 asks for
-// case-insensitive matching on word boundaries; router.go lower-cases with
-// strings.ToLower and takes any letter, digit or _ of any script as part of
-// a word, which gets these wrong.
+// Word boundaries and case in scripts other than Latin. Keywords match
+// case-insensitively on word boundaries; a router that only lower-cased
+// with strings.ToLower and took any letter, digit or _ of any script as part
+// of a word would get these wrong.
 func TestMatchKeywordsUnicodeBoundaries(t *testing.T) {
 	rt := newRouter(routerConfig([]PolicyRule{
 		{Name: "debug", Keywords: []string{"debug"}},
@@ -2182,7 +2188,8 @@ func TestRouteLimitIsPrefix(t *testing.T) {
 }
 
 // qualifiedNames lists the providers that passed the model and the
-// policy's constraints (§4 steps 3–4), open circuits or not.
+// policy's constraints (the model and the output price cap), open circuits
+// or not.
 func qualifiedNames(r *route) []string {
 	var names []string
 	for _, mc := range r.cands {
@@ -2194,7 +2201,7 @@ func qualifiedNames(r *route) []string {
 }
 
 // TestReadmeTOMLMatchesExample: the README shows config.example.json in
-// TOML (issue 2); both must decode to the same configuration.
+// TOML; both must decode to the same configuration.
 func TestReadmeTOMLMatchesExample(t *testing.T) {
 	t.Setenv("ROUTSTR_ALPHA_KEY", "alpha-key")
 	t.Setenv("ROUTSTR_BETA_KEY", "beta-key")
@@ -2222,4 +2229,416 @@ func TestReadmeTOMLMatchesExample(t *testing.T) {
 	if !reflect.DeepEqual(fromTOML, fromJSON) {
 		t.Errorf("README's TOML = %+v\nconfig.example.json = %+v", fromTOML, fromJSON)
 	}
+}
+
+// ---- The live market and rate units ----
+
+// A config in sats per 1M prices exactly as the same rates per 1k divided by
+// 1000: 10000 and 30000 per 1M with a fee of 1 sat make 100 input and 200
+// output tokens cost 8 sats.
+func TestRateUnitCost(t *testing.T) {
+	for _, tt := range []struct {
+		unit    string
+		in, out float64
+	}{
+		{rateUnitPer1m, 10000, 30000},
+		{rateUnitPer1k, 10, 30},
+		{"", 10, 30}, // the default unit
+	} {
+		pc := routerProv("a", tt.in, tt.out)
+		pc.BaseFee = 1
+		cfg := routerConfig(nil, pc)
+		cfg.RateUnit = tt.unit
+		r, aerr := newRouter(cfg, nil).Route(&chatRequest{Model: "m", TextBytes: 400, MaxTokens: 200}, "", routerNow, 1)
+		if aerr != nil {
+			t.Fatalf("%q: Route = %s", tt.unit, routeString(r, aerr))
+		}
+		if got := r.ordered[0].estMsat; got != 8000 {
+			t.Errorf("%q: cost of 100 in, 200 out at %v/%v = %d msat; want 8000", tt.unit, tt.in, tt.out, got)
+		}
+	}
+}
+
+func TestRateInUnit(t *testing.T) {
+	for _, tt := range []struct {
+		micro int64
+		unit  string
+		want  float64
+	}{
+		{303, rateUnitPer1k, 0.303},
+		{303, rateUnitPer1m, 303},
+		{30000, rateUnitPer1k, 30},
+		{30000, rateUnitPer1m, 30000},
+		{0, rateUnitPer1m, 0},
+	} {
+		if got := rateInUnit(tt.micro, tt.unit); got != tt.want {
+			t.Errorf("rateInUnit(%d, %q) = %v; want %v", tt.micro, tt.unit, got, tt.want)
+		}
+		if back := unitMicroRate(tt.want, tt.unit); back != tt.micro {
+			t.Errorf("unitMicroRate(%v, %q) = %d; want %d", tt.want, tt.unit, back, tt.micro)
+		}
+	}
+}
+
+// Each output price cap means what its key says, whatever rate_unit is, and
+// the exclusion names that unit.
+func TestPolicyCapUnits(t *testing.T) {
+	for _, tt := range []struct {
+		unit       string
+		rule       PolicyRule
+		wantReason string
+	}{
+		{rateUnitPer1m, PolicyRule{Name: "p", MaxSatsPer1mOutput: new(25000.0)},
+			"output rate 30000 sats/1M exceeds the policy's max_sats_per_1m_output 25000"},
+		{rateUnitPer1m, PolicyRule{Name: "p", MaxSatsPer1kOutput: new(25.0)},
+			"output rate 30 sats/1k exceeds the policy's max_sats_per_1k_output 25"},
+		{rateUnitPer1k, PolicyRule{Name: "p", MaxSatsPer1mOutput: new(25000.0)},
+			"output rate 30000 sats/1M exceeds the policy's max_sats_per_1m_output 25000"},
+	} {
+		cheap, dear := routerProv("cheap", 1, 20), routerProv("dear", 1, 30)
+		if tt.unit == rateUnitPer1m {
+			cheap.OutputRate, dear.OutputRate = 20000, 30000
+		}
+		cfg := routerConfig([]PolicyRule{tt.rule}, cheap, dear)
+		cfg.RateUnit = tt.unit
+		r, aerr := newRouter(cfg, nil).Route(&chatRequest{Model: "m", TextBytes: 40}, "p", routerNow, 0)
+		if aerr != nil {
+			t.Fatalf("%q: Route = %s", tt.unit, routeString(r, aerr))
+		}
+		want := []exclusion{{"dear", tt.wantReason}}
+		if !reflect.DeepEqual(r.excluded, want) {
+			t.Errorf("%q, %+v: excluded = %v; want %v", tt.unit, tt.rule, r.excluded, want)
+		}
+	}
+}
+
+// routstrListing is the listing of testdata/routstr-models.json, the shape
+// a Routstr provider serves at GET /v1/models.
+func routstrListing(t testing.TB) string {
+	b, err := os.ReadFile("testdata/routstr-models.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestParseListing(t *testing.T) {
+	l, bad, err := parseListing([]byte(routstrListing(t)), routerNow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"google/gemini-2.5-flash", "openai/gpt-4o-mini"}; !slices.Equal(l.models, want) {
+		t.Errorf("models = %v; want %v (retired/model is enabled:false)", l.models, want)
+	}
+	if len(bad) != 0 {
+		t.Errorf("bad fields = %v; want none", bad)
+	}
+	// 0.000303 sats per token is 303 µsat per token; 0.001 sats is 1 msat;
+	// max_cost 463.34 sats is 463340 msat.
+	want := map[string]listedPrice{
+		"google/gemini-2.5-flash": {303, 2525, 1, 463340},
+		"openai/gpt-4o-mini":      {150, 600, 0, 29030},
+	}
+	if !maps.Equal(l.prices, want) {
+		t.Errorf("prices = %v; want %v", l.prices, want)
+	}
+}
+
+func TestParseListingFields(t *testing.T) {
+	body := `{"data":[
+		{"id":"no-pricing"},
+		{"id":"bad","sats_pricing":{"prompt":"0.1","completion":-0.002,"request":null,"max_cost":1e300}},
+		{"id":"half","sats_pricing":{"prompt":0.0004,"completion":0.0015}},
+		{"id":42,"sats_pricing":{"prompt":0.1}},
+		{"id":"","enabled":true},
+		{"id":"off","enabled":false},
+		{"id":"half","sats_pricing":{"prompt":9}},
+		"not an object"]}`
+	l, bad, err := parseListing([]byte(body), routerNow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"no-pricing", "bad", "half"}; !slices.Equal(l.models, want) {
+		t.Errorf("models = %v; want %v", l.models, want)
+	}
+	want := map[string]listedPrice{
+		"no-pricing": {-1, -1, -1, -1},
+		"bad":        {-1, -1, -1, -1},
+		"half":       {400, 1500, -1, -1},
+	}
+	if !maps.Equal(l.prices, want) {
+		t.Errorf("prices = %v; want %v", l.prices, want)
+	}
+	wantBad := []string{"bad: prompt", "bad: completion", "bad: request", "bad: max_cost", "half: request", "half: max_cost"}
+	if !slices.Equal(bad, wantBad) {
+		t.Errorf("bad fields = %v; want %v", bad, wantBad)
+	}
+	// A field the listing does not give keeps the configured price.
+	p := newProvider(ProviderConfig{Name: "a", InputRate: 10, OutputRate: 30, BaseFee: 2})
+	if got, _, live := p.priceAt("half", l); got != (price{400, 1500, 2000}) || !live {
+		t.Errorf("priceAt(half) = %v, live %v; want {400 1500 2000}, live", got, live)
+	}
+	if got, _, live := p.priceAt("bad", l); got != (price{10000, 30000, 2000}) || live {
+		t.Errorf("priceAt(bad) = %v, live %v; want the configured {10000 30000 2000}, not live", got, live)
+	}
+}
+
+func TestParseListingErrors(t *testing.T) {
+	for _, body := range []string{``, `<html>`, `{"object":"list"}`, `{"data":{}}`, `[]`, `{"data":null}`} {
+		if _, _, err := parseListing([]byte(body), routerNow); err == nil {
+			t.Errorf("parseListing(%q) = nil error; want one", body)
+		}
+	}
+}
+
+// fakeRoutstr is a provider that serves a listing and a balance the way
+// routstr-core does, under /v1.
+type fakeRoutstr struct {
+	mu         sync.Mutex
+	listing    string // body of GET /v1/models
+	listStatus int    // 0: 200
+	balance    string // body of GET /v1/balance/info
+	balStatus  int    // 0: 200
+	hang       bool   // GET /v1/models waits for the client to give up
+	auth       []string
+	listReads  int
+	balReads   int
+}
+
+func (f *fakeRoutstr) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	f.auth = append(f.auth, r.Header.Get("Authorization"))
+	var body string
+	status := 0
+	hang := false
+	switch r.URL.Path {
+	case "/v1/models":
+		f.listReads++
+		body, status, hang = f.listing, f.listStatus, f.hang
+	case "/v1/balance/info":
+		f.balReads++
+		body, status = f.balance, f.balStatus
+	default:
+		status = http.StatusNotFound
+	}
+	f.mu.Unlock()
+	if hang {
+		<-r.Context().Done()
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(cmp.Or(status, http.StatusOK))
+	io.WriteString(w, body)
+}
+
+func (f *fakeRoutstr) set(fn func(f *fakeRoutstr)) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fn(f)
+}
+
+// marketLog is a logger whose text the test reads back.
+type marketLog struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (m *marketLog) Write(b []byte) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.buf.Write(b)
+}
+
+func (m *marketLog) count(msg string) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return strings.Count(m.buf.String(), fmt.Sprintf("msg=%q", msg))
+}
+
+func (m *marketLog) logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(m, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// discoveringProv is a discovering provider config for a fake provider.
+func discoveringProv(name, url, key string, models ...string) ProviderConfig {
+	return ProviderConfig{Name: name, URL: url, APIKey: key, Discover: true, Models: models, InputRate: 10, OutputRate: 30}
+}
+
+// routeFor routes a request of 400 bytes of text and 100 output tokens.
+func routeFor(t *testing.T, rt *Router, model string) (*route, *apiError) {
+	t.Helper()
+	return rt.Route(&chatRequest{Model: model, TextBytes: 400, MaxTokens: 100}, "", routerNow, 0)
+}
+
+// A discovering provider serves its listing's models at its listing's
+// prices, and a second refresh that changes them is what the next route
+// sees.
+func TestMarketRefreshPrices(t *testing.T) {
+	fake := &fakeRoutstr{listing: routstrListing(t), balance: `{"api_key":"sk-x","balance":900000,"reserved":0}`}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	cfg := routerConfig(nil, discoveringProv("live", srv.URL, "sk-live", "configured-only"), routerProv("typed", 0.5, 3, "google/gemini-2.5-flash"))
+	rt := newRouter(cfg, nil)
+	log := &marketLog{}
+
+	// Before the first listing, the configured models are served.
+	if r, aerr := routeFor(t, rt, "configured-only"); aerr != nil {
+		t.Errorf("before the first listing: Route(configured-only) = %s; want served", routeString(r, aerr))
+	}
+	rt.RefreshMarket(t.Context(), srv.Client(), log.logger())
+	if r, aerr := routeFor(t, rt, "configured-only"); aerr == nil {
+		t.Errorf("after the listing: Route(configured-only) = %s; want refused", routeString(r, aerr))
+	}
+	r, aerr := routeFor(t, rt, "google/gemini-2.5-flash")
+	if aerr != nil {
+		t.Fatalf("Route = %s", routeString(r, aerr))
+	}
+	if got := candidateNames(r.ordered); !slices.Equal(got, []string{"live", "typed"}) {
+		t.Errorf("order = %v; want [live typed]", got)
+	}
+	if got, want := r.ordered[0].price, (price{303, 2525, 1}); got != want {
+		t.Errorf("live price = %v; want %v", got, want)
+	}
+	if got := r.ordered[0].maxMsat; got != 463340 {
+		t.Errorf("live max cost = %d msat; want 463340", got)
+	}
+	for _, a := range fake.auth {
+		if a != "Bearer sk-live" {
+			t.Errorf("Authorization = %q; want the provider's key", a)
+		}
+	}
+
+	// The market moves: the provider now asks ten times as much.
+	fake.set(func(f *fakeRoutstr) {
+		f.listing = strings.NewReplacer(`"prompt":0.000303`, `"prompt":0.00303`, `"completion":0.002525`, `"completion":0.02525`).Replace(f.listing)
+	})
+	rt.RefreshMarket(t.Context(), srv.Client(), log.logger())
+	r, aerr = routeFor(t, rt, "google/gemini-2.5-flash")
+	if aerr != nil {
+		t.Fatalf("Route = %s", routeString(r, aerr))
+	}
+	if got := candidateNames(r.ordered); !slices.Equal(got, []string{"typed", "live"}) {
+		t.Errorf("after the price change: order = %v; want [typed live]", got)
+	}
+	if got, want := r.ordered[1].price, (price{3030, 25250, 1}); got != want {
+		t.Errorf("after the price change: live price = %v; want %v", got, want)
+	}
+	if r, aerr := routeFor(t, rt, "retired/model"); aerr == nil {
+		t.Errorf("Route(retired/model), enabled:false = %s; want refused", routeString(r, aerr))
+	}
+}
+
+// A listing that fails keeps the last good one; the log says so once when
+// it starts failing and once when it recovers.
+func TestMarketListingFailure(t *testing.T) {
+	fake := &fakeRoutstr{listing: routstrListing(t), balStatus: http.StatusNotFound}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	rt := newRouter(routerConfig(nil, discoveringProv("live", srv.URL, "")), nil)
+	log := &marketLog{}
+	refresh := func() { rt.RefreshMarket(t.Context(), srv.Client(), log.logger()) }
+	refresh()
+	for _, fail := range []func(f *fakeRoutstr){
+		func(f *fakeRoutstr) { f.listStatus = http.StatusBadGateway },
+		func(f *fakeRoutstr) { f.listStatus, f.listing = 0, `<html>maintenance</html>` },
+		func(f *fakeRoutstr) { f.listing = `{"error":"rate limited"}` },
+	} {
+		fake.set(fail)
+		refresh()
+		if r, aerr := routeFor(t, rt, "openai/gpt-4o-mini"); aerr != nil || r.ordered[0].price != (price{150, 600, 0}) {
+			t.Errorf("with a failing listing: Route = %s; want the last good listing's price", routeString(r, aerr))
+		}
+	}
+	info := rt.ProviderMarket(routerNow)[0]
+	if info.ListingError == "" || info.ListingErrAt == nil {
+		t.Errorf("ProviderMarket = %+v; want the last listing error and its time", info)
+	}
+	if info.PriceSource != "live" || info.ListingAge == nil {
+		t.Errorf("ProviderMarket = %+v; want live prices with an age", info)
+	}
+	fake.set(func(f *fakeRoutstr) { f.listing = routstrListing(t) })
+	refresh()
+	refresh()
+	if n := log.count("provider listing failing"); n != 1 {
+		t.Errorf("logged %d listing failures over three failing polls; want 1", n)
+	}
+	if n := log.count("provider listing recovered"); n != 1 {
+		t.Errorf("logged %d recoveries over two good polls; want 1", n)
+	}
+	if info := rt.ProviderMarket(routerNow)[0]; info.ListingError != "" {
+		t.Errorf("after recovery: listing error = %q; want none", info.ListingError)
+	}
+}
+
+// A discovering provider with no configured models serves nothing, not any
+// model, until its listing has been read; /providers says why.
+func TestMarketDiscoverWithoutModels(t *testing.T) {
+	fake := &fakeRoutstr{listStatus: http.StatusInternalServerError}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	rt := newRouter(routerConfig(nil, discoveringProv("live", srv.URL, "")), nil)
+	rt.RefreshMarket(t.Context(), srv.Client(), (&marketLog{}).logger())
+	if r, aerr := routeFor(t, rt, "anything"); !isAPIError(aerr, http.StatusBadRequest, "no_provider") {
+		t.Errorf("Route = %s; want 400 no_provider", routeString(r, aerr))
+	}
+	info := rt.ProviderMarket(routerNow)[0]
+	if info.ServesNothing == "" || info.AnyModel || len(info.ModelsServed) != 0 {
+		t.Errorf("ProviderMarket = %+v; want no model served, and why", info)
+	}
+}
+
+// A unusable price field is warned about once per listing, not at every
+// poll, and again only when the listing changes.
+func TestMarketBadFieldWarnsOnce(t *testing.T) {
+	fake := &fakeRoutstr{listing: `{"data":[{"id":"m","sats_pricing":{"prompt":"cheap","completion":0.002,"request":0,"max_cost":5}}]}`}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	rt := newRouter(routerConfig(nil, discoveringProv("live", srv.URL, "")), nil)
+	log := &marketLog{}
+	for range 3 {
+		rt.RefreshMarket(t.Context(), srv.Client(), log.logger())
+	}
+	if n := log.count("provider listing has unusable prices; configured prices kept for them"); n != 1 {
+		t.Errorf("warned %d times over three polls of one bad listing; want 1", n)
+	}
+	r, aerr := routeFor(t, rt, "m")
+	if aerr != nil {
+		t.Fatalf("Route = %s", routeString(r, aerr))
+	}
+	if got, want := r.ordered[0].price, (price{10000, 2000, 0}); got != want {
+		t.Errorf("price = %v; want the configured input rate beside the listed output rate, %v", got, want)
+	}
+}
+
+// StartMarket waits for the first listings at most its bound, so a hanging
+// provider does not hold the start; the others are in force when it returns.
+func TestStartMarketHangingProvider(t *testing.T) {
+	good := &fakeRoutstr{listing: routstrListing(t), balStatus: http.StatusNotFound}
+	hung := &fakeRoutstr{hang: true}
+	goodSrv, hungSrv := httptest.NewServer(good), httptest.NewServer(hung)
+	defer goodSrv.Close()
+	defer hungSrv.Close()
+	cfg := routerConfig(nil, discoveringProv("good", goodSrv.URL, "k"), discoveringProv("hung", hungSrv.URL, "", "m"))
+	cfg.Market.RefreshSecs = 3600
+	rt := newRouter(cfg, nil)
+	rt.startWait = 50 * time.Millisecond
+	ctx, cancel := context.WithCancel(t.Context())
+	returned := make(chan struct{})
+	go func() {
+		rt.StartMarket(ctx, http.DefaultClient, (&marketLog{}).logger())
+		close(returned)
+	}()
+	select {
+	case <-returned:
+	case <-time.After(10 * time.Second):
+		t.Fatal("StartMarket still waiting on a hanging provider after 10 s")
+	}
+	if r, aerr := routeFor(t, rt, "openai/gpt-4o-mini"); aerr != nil {
+		t.Errorf("after StartMarket: Route = %s; want the good provider's listing in force", routeString(r, aerr))
+	}
+	if r, aerr := routeFor(t, rt, "m"); aerr != nil || r.ordered[0].p.Name != "hung" {
+		t.Errorf("Route(m) = %s; want the hanging provider's configured model", routeString(r, aerr))
+	}
+	cancel()
+	rt.WaitMarket()
 }
