@@ -2642,3 +2642,195 @@ func TestStartMarketHangingProvider(t *testing.T) {
 	cancel()
 	rt.WaitMarket()
 }
+
+// A known balance below a request's estimated cost sets the provider aside
+// with the reason "balance too low"; a 402 empties it until the next read.
+func TestMarketBalance(t *testing.T) {
+	fake := &fakeRoutstr{listing: routstrListing(t), balance: `{"api_key":"sk-x","balance":5000,"reserved":1000}`}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	cfg := routerConfig(nil, discoveringProv("live", srv.URL, "sk-live"), routerProv("typed", 100, 300, "openai/gpt-4o-mini"))
+	cfg.Market.LowBalanceSats = 10
+	rt := newRouter(cfg, nil)
+	log := &marketLog{}
+	refresh := func() { rt.RefreshMarket(t.Context(), srv.Client(), log.logger()) }
+	refresh()
+	live := rt.byName["live"]
+	if info := rt.ProviderMarket(routerNow)[0]; info.BalanceSats == nil || *info.BalanceSats != 5 || info.BalanceAge == nil {
+		t.Errorf("ProviderMarket = %+v; want balance_sats 5 with an age", info)
+	}
+	// 100 input and 100 output tokens at 150 and 600 µsat: 75 msat.
+	small := &chatRequest{Model: "openai/gpt-4o-mini", TextBytes: 400, MaxTokens: 100}
+	if r, aerr := rt.Route(small, "", routerNow, 0); aerr != nil || r.ordered[0].p != live {
+		t.Errorf("Route(75 msat) with 5000 msat = %s; want live first", routeString(r, aerr))
+	}
+	// 40000 input and 1000 output tokens: 6600 msat, more than the balance.
+	big := &chatRequest{Model: "openai/gpt-4o-mini", TextBytes: 160000, MaxTokens: 1000}
+	r, aerr := rt.Route(big, "", routerNow, 0)
+	if aerr != nil {
+		t.Fatalf("Route = %s", routeString(r, aerr))
+	}
+	if want := []exclusion{{"live", "balance too low"}}; !reflect.DeepEqual(r.excluded, want) {
+		t.Errorf("Route(6600 msat) with 5000 msat: excluded = %v; want %v", r.excluded, want)
+	}
+	if n := log.count("provider balance low"); n != 1 {
+		t.Errorf("logged %d low-balance warnings; want 1", n)
+	}
+
+	live.paymentRequired(routerNow)
+	if r, aerr := rt.Route(small, "", routerNow, 0); aerr != nil || !reflect.DeepEqual(r.excluded, []exclusion{{"live", "balance too low"}}) {
+		t.Errorf("after a 402: Route = %s; want live set aside", routeString(r, aerr))
+	}
+	fake.set(func(f *fakeRoutstr) { f.balance = `{"balance":20000000,"reserved":0}` })
+	refresh()
+	if r, aerr := rt.Route(big, "", routerNow, 0); aerr != nil || r.ordered[0].p != live {
+		t.Errorf("after a top-up: Route = %s; want live first", routeString(r, aerr))
+	}
+	fake.set(func(f *fakeRoutstr) { f.balance = `{"balance":1000,"reserved":0}` })
+	refresh()
+	refresh()
+	if n := log.count("provider balance low"); n != 2 {
+		t.Errorf("logged %d low-balance warnings over low, high, low, low; want 2", n)
+	}
+}
+
+// Every provider set aside for its balance or circuit: a 503 that says so.
+func TestMarketBalanceNoneLeft(t *testing.T) {
+	rt := newRouter(routerConfig(nil, routerProv("a", 1, 1)), nil)
+	rt.byName["a"].paymentRequired(routerNow)
+	r, aerr := routeFor(t, rt, "m")
+	if !isAPIError(aerr, http.StatusServiceUnavailable, "no_provider_available", "balance") {
+		t.Errorf("Route = %s; want 503 naming the balance", routeString(r, aerr))
+	}
+}
+
+// A provider without a balance API (404, as for an older routstr-core) is
+// not asked again.
+func TestMarketNoBalanceAPI(t *testing.T) {
+	for _, status := range []int{http.StatusUnauthorized, http.StatusNotFound, http.StatusMethodNotAllowed} {
+		fake := &fakeRoutstr{listing: routstrListing(t), balStatus: status}
+		srv := httptest.NewServer(fake)
+		rt := newRouter(routerConfig(nil, discoveringProv("live", srv.URL, "sk-live")), nil)
+		for range 3 {
+			rt.RefreshMarket(t.Context(), srv.Client(), (&marketLog{}).logger())
+		}
+		srv.Close()
+		if fake.balReads != 1 {
+			t.Errorf("balance answered %d: read %d times over three refreshes; want 1", status, fake.balReads)
+		}
+		if fake.listReads != 3 {
+			t.Errorf("balance answered %d: listing read %d times over three refreshes; want 3", status, fake.listReads)
+		}
+		if info := rt.ProviderMarket(routerNow)[0]; info.BalanceSats != nil {
+			t.Errorf("balance answered %d: balance_sats = %v; want none", status, *info.BalanceSats)
+		}
+	}
+	// Without a key there is no balance to ask for.
+	fake := &fakeRoutstr{listing: routstrListing(t), balance: `{"balance":1}`}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	newRouter(routerConfig(nil, discoveringProv("live", srv.URL, "")), nil).RefreshMarket(t.Context(), srv.Client(), (&marketLog{}).logger())
+	if fake.balReads != 0 {
+		t.Errorf("keyless provider: balance read %d times; want 0", fake.balReads)
+	}
+}
+
+func TestRecordCharge(t *testing.T) {
+	p := newProvider(routerProv("a", 1, 1))
+	for i, want := range []float64{1, 1, 1, 1, 1.1} {
+		p.recordCharge(1100, 1000)
+		if got := p.chargeRatio(); math.Abs(got-want) > 1e-12 {
+			t.Errorf("ratio after %d reports of 1.1 = %v; want %v", i+1, got, want)
+		}
+	}
+	// The window holds the last 20 reports: 20 honest ones forget the rest.
+	for range 20 {
+		p.recordCharge(1000, 1000)
+	}
+	if got := p.chargeRatio(); got != 1 {
+		t.Errorf("ratio after 20 honest reports = %v; want 1", got)
+	}
+	p.recordCharge(5000, 0) // a free quote teaches nothing
+	if got := p.chargeRatio(); got != 1 {
+		t.Errorf("ratio after a report on a free quote = %v; want 1", got)
+	}
+}
+
+// A provider that advertises low and bills 15% more stops winning against
+// one 10% pricier once it has enough reports; /v1/cost sees the ratio.
+func TestRouteChargeRatio(t *testing.T) {
+	rt := newRouter(routerConfig(nil, routerProv("lowball", 10, 10), routerProv("honest", 11, 11)), nil)
+	lowball := rt.byName["lowball"]
+	first := func() string {
+		r, aerr := routeFor(t, rt, "m")
+		if aerr != nil {
+			t.Fatalf("Route = %s", routeString(r, aerr))
+		}
+		return r.ordered[0].p.Name
+	}
+	for i := range 4 {
+		if got := first(); got != "lowball" {
+			t.Errorf("after %d reports: first = %q; want lowball", i, got)
+		}
+		lowball.recordCharge(1150, 1000)
+	}
+	lowball.recordCharge(1150, 1000)
+	if got := first(); got != "honest" {
+		t.Errorf("after 5 reports of 1.15: first = %q; want honest", got)
+	}
+	r, _ := routeFor(t, rt, "m")
+	if got := r.ordered[1]; got.ratio != 1.15 || got.rankMsat != int64(math.Round(float64(got.estMsat)*1.15)) {
+		t.Errorf("lowball candidate: ratio %v, rank %d, estimate %d; want ratio 1.15, rank estimate×1.15", got.ratio, got.rankMsat, got.estMsat)
+	}
+}
+
+func TestParseReportedCost(t *testing.T) {
+	for _, tt := range []struct {
+		name   string
+		header string
+		body   string
+		want   int64
+		ok     bool
+	}{
+		{"total_msats", "", `{"usage":{"cost":{"total_msats":1234}}}`, 1234, true},
+		{"total_msats decimal", "", `{"usage":{"cost":{"total_msats":1234.5}}}`, 1235, true},
+		{"total_msats first", "999", `{"usage":{"cost":{"total_msats":1234},"cost_sats":5}}`, 1234, true},
+		{"header second", "999", `{"usage":{"cost_sats":5}}`, 999, true},
+		{"header decimal", " 12.4 ", `not json`, 12, true},
+		{"cost_sats", "", `{"usage":{"cost_sats":0.0015}}`, 2, true},
+		{"cost_sats exponent", "", `{"usage":{"cost_sats":1.5e-3}}`, 2, true},
+		{"cost_sats integer", "", `{"usage":{"cost_sats":3}}`, 3000, true},
+		{"bad total_msats falls through", "", `{"usage":{"cost":{"total_msats":"12"},"cost_sats":1}}`, 1000, true},
+		{"bad header falls through", "lots", `{"usage":{"cost_sats":1}}`, 1000, true},
+		{"cost as a number (USD) is not msats", "", `{"usage":{"cost":0.002}}`, 0, false},
+		{"negative", "-5", `{"usage":{"cost_sats":-1}}`, 0, false},
+		{"NaN header", "NaN", ``, 0, false},
+		{"Inf header", "Inf", ``, 0, false},
+		{"hex header", "0x10", ``, 0, false},
+		{"huge", "", `{"usage":{"cost_sats":1e300}}`, 0, false},
+		{"null", "", `{"usage":{"cost_sats":null}}`, 0, false},
+		{"none", "", `{"usage":{"prompt_tokens":3}}`, 0, false},
+		{"empty", "", ``, 0, false},
+	} {
+		h := http.Header{}
+		if tt.header != "" {
+			h.Set("X-Routstr-Cost-Msats", tt.header)
+		}
+		got, ok := parseReportedCost(h, []byte(tt.body))
+		if got != tt.want || ok != tt.ok {
+			t.Errorf("%s: parseReportedCost(%q, %q) = %d, %v; want %d, %v", tt.name, tt.header, tt.body, got, ok, tt.want, tt.ok)
+		}
+	}
+}
+
+func FuzzParseReportedCost(f *testing.F) {
+	f.Add("12.5", []byte(`{"usage":{"cost":{"total_msats":1234}}}`))
+	f.Add("", []byte(`{"usage":{"cost_sats":1e-3}}`))
+	f.Add("1e400", []byte(`{"usage":{"cost_sats":-0}}`))
+	f.Fuzz(func(t *testing.T, header string, body []byte) {
+		h := http.Header{"X-Routstr-Cost-Msats": {header}}
+		if msat, ok := parseReportedCost(h, body); msat < 0 || (!ok && msat != 0) {
+			t.Errorf("parseReportedCost(%q, %q) = %d, %v", header, body, msat, ok)
+		}
+	})
+}
