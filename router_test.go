@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -2833,4 +2834,148 @@ func FuzzParseReportedCost(f *testing.F) {
 			t.Errorf("parseReportedCost(%q, %q) = %d, %v", header, body, msat, ok)
 		}
 	})
+}
+
+func TestMarketView(t *testing.T) {
+	fake := &fakeRoutstr{listing: routstrListing(t), balance: `{"balance":7000,"reserved":0}`}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	typed := routerProv("typed", 600, 5000, "google/gemini-2.5-flash") // sats per 1M
+	typed.BaseFee = 0.5
+	cfg := routerConfig(nil, typed, discoveringProv("live", srv.URL, "sk-live"))
+	cfg.RateUnit = rateUnitPer1m
+	cfg.Market.StaleAfterSecs = 900
+	rt := newRouter(cfg, nil)
+	rt.RefreshMarket(t.Context(), srv.Client(), (&marketLog{}).logger())
+	now := time.Now().Add(1000 * time.Second) // past stale_after_secs
+	v := rt.Market(now)
+	if v.RateUnit != rateUnitPer1m {
+		t.Errorf("rate_unit = %q; want %q", v.RateUnit, rateUnitPer1m)
+	}
+	var ids []string
+	for _, m := range v.Models {
+		ids = append(ids, m.ID)
+	}
+	if want := []string{"google/gemini-2.5-flash", "openai/gpt-4o-mini"}; !slices.Equal(ids, want) {
+		t.Fatalf("models = %v; want %v", ids, want)
+	}
+	gem := v.Models[0]
+	// live: 1000·303 + 1000·2525 µsat + 1 msat = 2829 msat;
+	// typed: 1000·600 + 1000·5000 µsat + 500 msat = 6100 msat.
+	if len(gem.Providers) != 2 {
+		t.Fatalf("providers of %s = %+v; want 2", gem.ID, gem.Providers)
+	}
+	live, conf := gem.Providers[0], gem.Providers[1]
+	if live.Provider != "live" || live.ReferenceCostSats != 2.829 || live.InputRate != 303 || live.OutputRate != 2525 || live.RequestFeeSats != 0.001 {
+		t.Errorf("cheapest offer = %+v; want live at 303/2525 sats per 1M, fee 0.001, reference 2.829", live)
+	}
+	if live.Source != "live" || live.AgeSecs == nil || !live.Stale || live.BalanceSats == nil || *live.BalanceSats != 7 {
+		t.Errorf("live offer = %+v; want source live, an age, stale, balance 7", live)
+	}
+	if conf.Provider != "typed" || conf.ReferenceCostSats != 6.1 || conf.Source != "config" || conf.AgeSecs != nil || conf.Stale {
+		t.Errorf("second offer = %+v; want typed from config at 6.1, no age, not stale", conf)
+	}
+	if live.ChargeRatio != 1 || live.Circuit != stateClosed {
+		t.Errorf("live offer = %+v; want charge ratio 1, circuit closed", live)
+	}
+	// (6100 - 2829) / 2829 = 115.62%.
+	if gem.SpreadPct != 115.62 {
+		t.Errorf("spread_pct = %v; want 115.62", gem.SpreadPct)
+	}
+	if _, err := json.Marshal(v); err != nil {
+		t.Errorf("json.Marshal(market) = %v", err)
+	}
+}
+
+// Routing sees a refresh at once and whole: while a listing keeps changing
+// a provider's prices (input and output always equal), no route sees half of
+// one listing and half of another, and -race finds nothing.
+func TestMarketSwapIsAtomic(t *testing.T) {
+	pc := discoveringProv("live", "https://live.example", "", "m")
+	pc.OutputRate = pc.InputRate // so that the configured price is whole too
+	rt := newRouter(routerConfig(nil, pc, routerProv("typed", 1, 1)), nil)
+	p := rt.byName["live"]
+	log := slog.New(slog.DiscardHandler)
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		defer close(done)
+		for i := range 500 {
+			rate := float64(i+1) / 1e6
+			l, bad, err := parseListing(fmt.Appendf(nil, `{"data":[{"id":"m","sats_pricing":{"prompt":%g,"completion":%g,"request":0,"max_cost":1}}]}`, rate, rate), routerNow)
+			if p.applyListing(l, bad, err, routerNow, log) {
+				rt.rebuild()
+			}
+		}
+	})
+	for range 4 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				r, aerr := routeFor(t, rt, "m")
+				if aerr != nil {
+					t.Errorf("Route = %s", routeString(r, aerr))
+					return
+				}
+				for _, c := range r.ordered {
+					if c.price.InMicro != c.price.OutMicro {
+						t.Errorf("%s: price %v mixes two listings", c.p.Name, c.price)
+						return
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if r, _ := routeFor(t, rt, "m"); r.cands[0].price != (price{500, 500, 0}) {
+		t.Errorf("after the last refresh: price = %v; want {500 500 0}", r.cands[0].price)
+	}
+}
+
+// BenchmarkRouteDiscovering is BenchmarkRoute with half of the providers
+// discovering: their models and prices come from listings, swapped in as
+// one table.
+func BenchmarkRouteDiscovering(b *testing.B) {
+	cfg := routerBenchConfig()
+	for i := range cfg.Providers {
+		cfg.Providers[i].Discover = i%2 == 1
+	}
+	rt := newRouter(cfg, func(string) (float64, int64) { return 1.4, 20 })
+	log := slog.New(slog.DiscardHandler)
+	models := []string{"gpt-4o", "gpt-4o-mini", "claude-3.5-sonnet", "llama-3.1-70b", "mistral-large"}
+	for i, p := range rt.providers {
+		if i%2 == 0 {
+			p.observe(time.Duration(20+i%97) * time.Millisecond)
+		}
+		if !p.Discover {
+			continue
+		}
+		var entries []string
+		for j, m := range models[i%3:] {
+			entries = append(entries, fmt.Sprintf(`{"id":%q,"sats_pricing":{"prompt":%g,"completion":%g,"request":0.001,"max_cost":50}}`,
+				m, float64(1+(i+j)*37%100)/1e5, float64(2+(i+j)*53%300)/1e5))
+		}
+		l, bad, err := parseListing([]byte(`{"data":[`+strings.Join(entries, ",")+`]}`), routerNow)
+		p.applyListing(l, bad, err, routerNow, log)
+		p.market.balance.Store(int64(1e9))
+		if i%5 == 0 {
+			p.recordCharge(1, 1)
+		}
+	}
+	rt.rebuild()
+	last := fmt.Sprintf(routerBenchText, "refactor")
+	req := &chatRequest{Model: "gpt-4o", TextBytes: int64(len(routerBenchSystem) + len(last)), LastUser: last}
+	r, aerr := rt.Route(req, "", routerNow, 0)
+	if aerr != nil || r.policyName() != "code" {
+		b.Fatalf("Route = %s; want policy code", routeString(r, aerr))
+	}
+	b.Logf("%d candidates, %d excluded", len(r.ordered), len(r.excluded))
+	b.ReportAllocs()
+	for b.Loop() {
+		rt.Route(req, "", routerNow, 3)
+	}
 }
