@@ -2622,7 +2622,8 @@ func TestStartMarketHangingProvider(t *testing.T) {
 	cfg := routerConfig(nil, discoveringProv("good", goodSrv.URL, "k"), discoveringProv("hung", hungSrv.URL, "", "m"))
 	cfg.Market.RefreshSecs = 3600
 	rt := newRouter(cfg, nil)
-	rt.startWait = 50 * time.Millisecond
+	// Shorter than the 5 s of a real start, long enough for a local read.
+	rt.startWait = 2 * time.Second
 	ctx, cancel := context.WithCancel(t.Context())
 	returned := make(chan struct{})
 	go func() {
