@@ -74,6 +74,14 @@ func rateInUnit(micro int64, unit string) float64 {
 	return float64(micro) / 1000
 }
 
+// displayRate shows a rate of µsat per token in the router's rate unit, for
+// /providers, /v1/cost and the market view.
+func (rt *Router) displayRate(micro int64) float64 { return rateInUnit(micro, rt.rateUnit) }
+
+// RateUnit is the unit displayRate prints rates in: "sats_per_1k" or
+// "sats_per_1m".
+func (rt *Router) RateUnit() string { return rt.rateUnit }
+
 // unitLabel is the short name of a rate unit in messages: "sats/1k".
 func unitLabel(unit string) string {
 	if unit == rateUnitPer1m {
@@ -1377,8 +1385,8 @@ func (rt *Router) Market(now time.Time) marketView {
 func (rt *Router) offer(mc modelCand, now time.Time) marketOffer {
 	ref := mc.price.cost(1000, 1000)
 	o := marketOffer{
-		Provider: mc.p.Name, InputRate: rateInUnit(mc.price.InMicro, rt.rateUnit),
-		OutputRate: rateInUnit(mc.price.OutMicro, rt.rateUnit), RequestFeeSats: msatToSats(mc.price.BaseMsat),
+		Provider: mc.p.Name, InputRate: rt.displayRate(mc.price.InMicro),
+		OutputRate: rt.displayRate(mc.price.OutMicro), RequestFeeSats: msatToSats(mc.price.BaseMsat),
 		ReferenceCostSats: msatToSats(ref), Source: "config", Circuit: mc.p.state(now),
 		ChargeRatio: mc.p.chargeRatio(), refMsat: ref,
 	}
