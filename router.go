@@ -12,6 +12,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -953,6 +954,11 @@ func (rt *Router) getJSON(ctx context.Context, client *http.Client, p *provider,
 	}
 	resp, err := client.Do(req)
 	if err != nil {
+		// The URL may hold credentials; what failed is enough for a log
+		// and for /providers.
+		if ue, ok := errors.AsType[*url.Error](err); ok {
+			err = ue.Err
+		}
 		return 0, nil, err
 	}
 	defer resp.Body.Close()

@@ -3019,3 +3019,26 @@ func BenchmarkRouteDiscovering(b *testing.B) {
 		rt.Route(req, "", routerNow, 3)
 	}
 }
+
+// A listing that cannot be read says why in /providers without the URL's
+// credentials or the key.
+func TestMarketErrorHoldsNoSecret(t *testing.T) {
+	srv := httptest.NewServer(http.NotFoundHandler())
+	addr := srv.Listener.Addr().String()
+	srv.Close() // nothing listens there now
+	rt := newRouter(routerConfig(nil, discoveringProv("live", "http://user:url-secret@"+addr, "key-secret")), nil)
+	log := &marketLog{}
+	rt.RefreshMarket(t.Context(), http.DefaultClient, log.logger())
+	info := rt.ProviderMarket(routerNow)[0]
+	if info.ListingError == "" {
+		t.Fatal("listing_error is empty; want the failure")
+	}
+	for _, secret := range []string{"url-secret", "key-secret"} {
+		if strings.Contains(info.ListingError, secret) {
+			t.Errorf("listing_error = %q; holds %q", info.ListingError, secret)
+		}
+		if strings.Contains(log.buf.String(), secret) {
+			t.Errorf("log holds %q", secret)
+		}
+	}
+}
