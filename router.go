@@ -536,22 +536,7 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 		}
 	}
 
-	// The estimate used for ranking and by /v1/cost: a quarter token per
-	// byte of text in, and max_tokens, or in times the learned output/input
-	// ratio once it has 5 samples, out.
-	r.estIn = (req.TextBytes + 3) / 4
-	r.estOut = req.MaxTokens
-	if r.estOut <= 0 {
-		ratio := 1.0
-		if rt.ratio != nil {
-			if avg, n := rt.ratio(r.policyName()); n >= 5 {
-				ratio = avg
-			}
-		}
-		r.estOut = int64(math.Ceil(float64(r.estIn) * ratio))
-	}
-	// No model reads or writes 2^31 tokens; the bound keeps cost in int64.
-	r.estIn, r.estOut = min(r.estIn, maxEstTokens), min(r.estOut, maxEstTokens)
+	r.estIn, r.estOut = rt.estimate(req, r.policyName())
 
 	// The candidates serving the model.
 	r.cands = table.byModel[req.Model]
@@ -585,25 +570,16 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 			continue
 		}
 		qualified++
-		c := candidate{p: mc.p, price: mc.price, estMsat: mc.price.cost(r.estIn, r.estOut), maxMsat: mc.maxMsat}
-		reason := ""
-		if !mc.p.available(now) {
-			reason = "circuit open"
-		} else if b := mc.p.market.balance.Load(); b >= 0 && c.estMsat > b {
-			reason, broke = "balance too low", broke+1
-		}
+		c, reason := r.candidate(mc, now)
 		if reason != "" {
+			if reason == reasonBalance {
+				broke++
+			}
 			if explain {
 				r.excluded = append(r.excluded, exclusion{mc.p.Name, reason})
 			}
 			continue
 		}
-		c.ratio = mc.p.chargeRatio()
-		c.rankMsat = c.estMsat
-		if c.ratio != 1 {
-			c.rankMsat = int64(math.Round(float64(c.estMsat) * c.ratio))
-		}
-		c.latency, c.seen = mc.p.observedLatency()
 		if limit > 0 && compare != nil {
 			r.ordered = insertOrdered(r.ordered, c, compare, limit)
 		} else {
@@ -637,6 +613,50 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 		}
 	}
 	return r, nil
+}
+
+// estimate returns the token counts a request is ranked and shown by: a
+// quarter token per byte of text in, and out max_tokens, or else in times
+// the policy's learned output/input ratio once it has 5 samples.
+func (rt *Router) estimate(req *chatRequest, policy string) (in, out int64) {
+	in, out = (req.TextBytes+3)/4, req.MaxTokens
+	if out <= 0 {
+		ratio := 1.0
+		if rt.ratio != nil {
+			if avg, n := rt.ratio(policy); n >= 5 {
+				ratio = avg
+			}
+		}
+		out = int64(math.Ceil(float64(in) * ratio))
+	}
+	// No model reads or writes 2^31 tokens; the bound keeps cost in int64.
+	return min(in, maxEstTokens), min(out, maxEstTokens)
+}
+
+// Why Route sets a qualified provider aside.
+const (
+	reasonCircuit = "circuit open"
+	reasonBalance = "balance too low"
+)
+
+// candidate prices the request at one provider, or says why the provider
+// is set aside: its circuit is open, or its known balance is below the
+// estimate.
+func (r *route) candidate(mc modelCand, now time.Time) (candidate, string) {
+	c := candidate{p: mc.p, price: mc.price, estMsat: mc.price.cost(r.estIn, r.estOut), maxMsat: mc.maxMsat}
+	if !mc.p.available(now) {
+		return c, reasonCircuit
+	}
+	if b := mc.p.market.balance.Load(); b >= 0 && c.estMsat > b {
+		return c, reasonBalance
+	}
+	c.ratio = mc.p.chargeRatio()
+	c.rankMsat = c.estMsat
+	if c.ratio != 1 {
+		c.rankMsat = int64(math.Round(float64(c.estMsat) * c.ratio))
+	}
+	c.latency, c.seen = mc.p.observedLatency()
+	return c, ""
 }
 
 // insertOrdered adds c to a list ordered by compare that keeps only the
