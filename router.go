@@ -570,16 +570,27 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 			continue
 		}
 		qualified++
-		c, reason := r.candidate(mc, now)
+		// The per-candidate work stays inline: this loop runs for every
+		// provider serving the model, and a call per candidate shows.
+		c := candidate{p: mc.p, price: mc.price, estMsat: mc.price.cost(r.estIn, r.estOut), maxMsat: mc.maxMsat}
+		reason := ""
+		if !mc.p.available(now) {
+			reason = reasonCircuit
+		} else if b := mc.p.market.balance.Load(); b >= 0 && c.estMsat > b {
+			reason, broke = reasonBalance, broke+1
+		}
 		if reason != "" {
-			if reason == reasonBalance {
-				broke++
-			}
 			if explain {
 				r.excluded = append(r.excluded, exclusion{mc.p.Name, reason})
 			}
 			continue
 		}
+		c.ratio = mc.p.chargeRatio()
+		c.rankMsat = c.estMsat
+		if c.ratio != 1 {
+			c.rankMsat = int64(math.Round(float64(c.estMsat) * c.ratio))
+		}
+		c.latency, c.seen = mc.p.observedLatency()
 		if limit > 0 && compare != nil {
 			r.ordered = insertOrdered(r.ordered, c, compare, limit)
 		} else {
@@ -633,31 +644,11 @@ func (rt *Router) estimate(req *chatRequest, policy string) (in, out int64) {
 	return min(in, maxEstTokens), min(out, maxEstTokens)
 }
 
-// Why Route sets a qualified provider aside.
+// Why Route sets a qualified provider aside, as /v1/cost shows it.
 const (
 	reasonCircuit = "circuit open"
 	reasonBalance = "balance too low"
 )
-
-// candidate prices the request at one provider, or says why the provider
-// is set aside: its circuit is open, or its known balance is below the
-// estimate.
-func (r *route) candidate(mc modelCand, now time.Time) (candidate, string) {
-	c := candidate{p: mc.p, price: mc.price, estMsat: mc.price.cost(r.estIn, r.estOut), maxMsat: mc.maxMsat}
-	if !mc.p.available(now) {
-		return c, reasonCircuit
-	}
-	if b := mc.p.market.balance.Load(); b >= 0 && c.estMsat > b {
-		return c, reasonBalance
-	}
-	c.ratio = mc.p.chargeRatio()
-	c.rankMsat = c.estMsat
-	if c.ratio != 1 {
-		c.rankMsat = int64(math.Round(float64(c.estMsat) * c.ratio))
-	}
-	c.latency, c.seen = mc.p.observedLatency()
-	return c, ""
-}
 
 // insertOrdered adds c to a list ordered by compare that keeps only the
 // first limit candidates; ties keep arrival order. Insertion into a short
