@@ -83,15 +83,12 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 // server serves arbstr's endpoints.
 type server struct {
-	cfg       *Config
-	router    *Router
+	live      atomic.Pointer[serving] // replaced whole by a reload
 	store     *Store
 	log       *slog.Logger
 	transport http.RoundTripper
-	timeout   time.Duration // server.upstream_timeout_secs
 	started   time.Time
 	mux       *http.ServeMux
-	authHash  [32]byte // sha256 of server.auth_token, when set
 	// drainMu orders inflight.Add against drain: once draining, no chat
 	// request starts, so none can record after the ledger has closed.
 	drainMu  sync.Mutex
@@ -99,20 +96,37 @@ type server struct {
 	inflight sync.WaitGroup
 	backoff  []time.Duration // between passes over the candidates
 	metrics  metrics
-	spend    *spendControl
 	mode     string // "config" or "mock", for the page
 }
 
+// serving is what requests are served with: a configuration and what is
+// built from it. A reload replaces it whole, at once; a request keeps the
+// one it started with to its end.
+type serving struct {
+	cfg      *Config
+	router   *Router
+	spend    *spendControl
+	authHash [32]byte      // sha256 of server.auth_token, when set
+	timeout  time.Duration // server.upstream_timeout_secs
+}
+
+func newServing(cfg *Config, router *Router, spend *spendControl) *serving {
+	sv := &serving{cfg: cfg, router: router, spend: spend,
+		timeout: time.Duration(cfg.Server.UpstreamTimeoutSecs) * time.Second}
+	if cfg.Server.AuthToken != "" {
+		sv.authHash = sha256.Sum256([]byte(cfg.Server.AuthToken))
+	}
+	return sv
+}
+
+// current is the serving in force.
+func (s *server) current() *serving { return s.live.Load() }
+
 func newServer(cfg *Config, router *Router, store *Store, logger *slog.Logger) *server {
-	timeout := time.Duration(cfg.Server.UpstreamTimeoutSecs) * time.Second
 	s := &server{
-		cfg:     cfg,
-		router:  router,
 		store:   store,
 		log:     logger,
-		timeout: timeout,
 		started: time.Now(),
-		spend:   newSpendControl(cfg, time.Now()),
 		mode:    "config",
 		backoff: []time.Duration{250 * time.Millisecond, time.Second},
 		transport: &http.Transport{
@@ -126,15 +140,14 @@ func newServer(cfg *Config, router *Router, store *Store, logger *slog.Logger) *
 			MaxIdleConnsPerHost:   128, // keep a warm pool per provider under load
 			IdleConnTimeout:       90 * time.Second,
 			TLSHandshakeTimeout:   10 * time.Second,
-			ResponseHeaderTimeout: timeout,
+			// No ResponseHeaderTimeout: each attempt bounds its own wait
+			// with server.upstream_timeout_secs, which a reload may change.
 			// Without Accept-Encoding from us, providers answer uncompressed,
 			// so the body can be spliced and streamed event by event.
 			DisableCompression: true,
 		},
 	}
-	if cfg.Server.AuthToken != "" {
-		s.authHash = sha256.Sum256([]byte(cfg.Server.AuthToken))
-	}
+	s.live.Store(newServing(cfg, router, newSpendControl(cfg, time.Now(), nil)))
 	s.mux = s.routes()
 	return s
 }
@@ -153,6 +166,7 @@ func (s *server) routes() *http.ServeMux {
 	mux.HandleFunc("GET /metrics", s.handleMetrics)
 	mux.HandleFunc("GET /{$}", s.handlePage)
 	mux.HandleFunc("GET /providers", s.handleProviders)
+	mux.HandleFunc("GET /v1/market", s.handleMarket)
 	mux.HandleFunc("GET /v1/stats", s.handleStats)
 	mux.HandleFunc("GET /v1/requests", s.handleRequests)
 	mux.HandleFunc("GET /v1/requests/{id}", s.handleRequest)
@@ -160,7 +174,8 @@ func (s *server) routes() *http.ServeMux {
 }
 
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if aerr := s.browserGuard(w, r); aerr != nil {
+	sv := s.current()
+	if aerr := sv.browserGuard(w, r); aerr != nil {
 		refusedHeaders(w, r)
 		writeError(w, aerr)
 		return
@@ -170,7 +185,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusNoContent)
 		return
 	}
-	if s.cfg.Server.AuthToken != "" && r.URL.Path != "/health" && !s.authorized(r) {
+	if sv.cfg.Server.AuthToken != "" && r.URL.Path != "/health" && !sv.authorized(r) {
 		refusedHeaders(w, r)
 		if r.URL.Path == "/" {
 			w.Header().Set("WWW-Authenticate", `Basic realm="arbstr"`)
@@ -207,8 +222,8 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // same-origin, sending no Origin on its GETs; its Host header still names
 // the page's site, so without server.auth_token only loopback names and
 // those in server.allowed_hosts are served. With a token, the token guards.
-func (s *server) browserGuard(w http.ResponseWriter, r *http.Request) *apiError {
-	if s.cfg.Server.AuthToken == "" && !s.hostAllowed(r.Host) {
+func (sv *serving) browserGuard(w http.ResponseWriter, r *http.Request) *apiError {
+	if sv.cfg.Server.AuthToken == "" && !sv.hostAllowed(r.Host) {
 		return errorf(http.StatusForbidden, "permission_error", "host_not_allowed",
 			"Host %q is not served: without server.auth_token arbstr answers only loopback names and server.allowed_hosts", r.Host)
 	}
@@ -216,7 +231,7 @@ func (s *server) browserGuard(w http.ResponseWriter, r *http.Request) *apiError 
 	if origin == "" {
 		return nil
 	}
-	if !slices.Contains(s.cfg.Server.AllowedOrigins, origin) {
+	if !slices.Contains(sv.cfg.Server.AllowedOrigins, origin) {
 		return errorf(http.StatusForbidden, "permission_error", "origin_not_allowed",
 			"requests from web pages are refused unless their origin is listed in server.allowed_origins; %q is not", origin)
 	}
@@ -237,7 +252,7 @@ func (s *server) browserGuard(w http.ResponseWriter, r *http.Request) *apiError 
 // hostAllowed reports whether a Host header names this machine (localhost
 // or a loopback address, with any port) or a name in server.allowed_hosts.
 // A request with no Host at all comes from no browser.
-func (s *server) hostAllowed(host string) bool {
+func (sv *serving) hostAllowed(host string) bool {
 	if host == "" {
 		return true
 	}
@@ -249,7 +264,7 @@ func (s *server) hostAllowed(host string) bool {
 	if strings.EqualFold(name, "localhost") || net.ParseIP(name).IsLoopback() {
 		return true
 	}
-	for _, allowed := range s.cfg.Server.AllowedHosts {
+	for _, allowed := range sv.cfg.Server.AllowedHosts {
 		if strings.EqualFold(allowed, name) || strings.EqualFold(allowed, host) {
 			return true
 		}
@@ -279,7 +294,7 @@ func (h *headerRecorder) WriteHeader(status int)      { h.status = status }
 // authorized checks Authorization: Bearer TOKEN: the scheme in any case,
 // the token compared in constant time through its hash, so that not even its
 // length leaks.
-func (s *server) authorized(r *http.Request) bool {
+func (sv *serving) authorized(r *http.Request) bool {
 	token, ok := bearerToken(r)
 	if !ok && r.URL.Path == "/" {
 		// A browser cannot send a bearer token to a page; it asks the
@@ -290,7 +305,7 @@ func (s *server) authorized(r *http.Request) bool {
 		return false
 	}
 	got := sha256.Sum256([]byte(token))
-	return subtle.ConstantTimeCompare(got[:], s.authHash[:]) == 1
+	return subtle.ConstantTimeCompare(got[:], sv.authHash[:]) == 1
 }
 
 // bearerToken returns the token of an Authorization: Bearer header, the
@@ -305,7 +320,7 @@ func bearerToken(r *http.Request) (string, bool) {
 
 // readBody reads and validates a request body: JSON content
 // type, at most server.max_body_bytes, an object with a model and messages.
-func (s *server) readBody(w http.ResponseWriter, r *http.Request, parse func([]byte) (*chatRequest, *apiError)) ([]byte, *chatRequest, *apiError) {
+func (sv *serving) readBody(w http.ResponseWriter, r *http.Request, parse func([]byte) (*chatRequest, *apiError)) ([]byte, *chatRequest, *apiError) {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		mt, _, err := mime.ParseMediaType(ct)
 		if err != nil || mt != "application/json" {
@@ -313,7 +328,7 @@ func (s *server) readBody(w http.ResponseWriter, r *http.Request, parse func([]b
 				"Content-Type must be application/json, got %q", ct)
 		}
 	}
-	limit := s.cfg.Server.MaxBodyBytes
+	limit := sv.cfg.Server.MaxBodyBytes
 	tooLarge := errorf(http.StatusRequestEntityTooLarge, "invalid_request_error", "body_too_large",
 		"request body exceeds server.max_body_bytes (%d bytes)", limit)
 	if r.ContentLength > limit {
@@ -321,7 +336,7 @@ func (s *server) readBody(w http.ResponseWriter, r *http.Request, parse func([]b
 	}
 	// A body must arrive within server.body_timeout_secs, so that a client
 	// cannot hold a connection by never finishing it.
-	if t := s.cfg.Server.BodyTimeoutSecs; t > 0 {
+	if t := sv.cfg.Server.BodyTimeoutSecs; t > 0 {
 		rc := http.NewResponseController(w)
 		rc.SetReadDeadline(time.Now().Add(time.Duration(t) * time.Second))
 		defer rc.SetReadDeadline(time.Time{})
@@ -338,7 +353,7 @@ func (s *server) readBody(w http.ResponseWriter, r *http.Request, parse func([]b
 		}
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return nil, nil, errorf(http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
-				"the request body did not arrive within server.body_timeout_secs (%ds)", s.cfg.Server.BodyTimeoutSecs)
+				"the request body did not arrive within server.body_timeout_secs (%ds)", sv.cfg.Server.BodyTimeoutSecs)
 		}
 		return nil, nil, badRequest("invalid_body", "could not read the request body: %v", err)
 	}
@@ -836,6 +851,7 @@ func newRequestID() string {
 // learns travels in its attemptResult, so a failed attempt leaves nothing
 // behind to undo.
 type exchange struct {
+	sv         *serving // what the request is served with, to its end
 	ep         *endpoint
 	id         string
 	start      time.Time
@@ -916,10 +932,10 @@ func (s *server) finish(ex *exchange, c *candidate, a answer) {
 	if a.hasUsage {
 		s.price(&row, ex, c, a)
 	}
-	if s.cfg.Logging.LogRequests {
+	if ex.sv.cfg.Logging.LogRequests {
 		s.store.Record(row)
 	}
-	s.metrics.request(&row, s.modelLabel(row.Model), a.ttft)
+	s.metrics.request(&row, ex.sv.router.modelLabel(row.Model), a.ttft)
 	level := slog.LevelInfo
 	if !a.success && a.status >= 500 {
 		level = slog.LevelWarn
@@ -1016,8 +1032,9 @@ func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoin
 		return
 	}
 	defer s.inflight.Done()
-	ex := &exchange{ep: ep, id: newRequestID(), start: time.Now()}
-	body, req, aerr := s.readBody(w, r, ep.parse)
+	sv := s.current()
+	ex := &exchange{sv: sv, ep: ep, id: newRequestID(), start: time.Now()}
+	body, req, aerr := sv.readBody(w, r, ep.parse)
 	if aerr != nil {
 		// Not a chat request: no ledger row.
 		ex.setHeaders(w.Header(), nil)
@@ -1025,7 +1042,7 @@ func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoin
 		return
 	}
 	ex.req, ex.body = req, body
-	rt, aerr := s.router.Route(req, r.Header.Get("X-Arbstr-Policy"), ex.start, s.cfg.Server.MaxAttempts)
+	rt, aerr := sv.router.Route(req, r.Header.Get("X-Arbstr-Policy"), ex.start, sv.cfg.Server.MaxAttempts)
 	ex.route = rt
 	if aerr != nil {
 		s.fail(w, ex, nil, aerr)
@@ -1079,7 +1096,7 @@ func (s *server) forward(w http.ResponseWriter, r *http.Request, ex *exchange) {
 		last        *candidate
 		lastTimeout bool
 	)
-	maxAttempts := s.cfg.Server.MaxAttempts
+	maxAttempts := ex.sv.cfg.Server.MaxAttempts
 	for pass := 0; ex.attempts < maxAttempts; pass++ {
 		if pass > 0 && !sleepCtx(r.Context(), s.backoff[min(pass, len(s.backoff))-1]) {
 			s.clientLeft(w, ex, last)
@@ -1202,10 +1219,10 @@ func (s *server) attempt(w http.ResponseWriter, r *http.Request, ex *exchange, c
 	)
 	if ex.req.Stream {
 		ctx, cancel = context.WithCancel(r.Context())
-		deadline = time.AfterFunc(s.timeout, func() { timedOut.Store(true); cancel() })
+		deadline = time.AfterFunc(ex.sv.timeout, func() { timedOut.Store(true); cancel() })
 		defer deadline.Stop()
 	} else {
-		ctx, cancel = context.WithTimeout(r.Context(), s.timeout)
+		ctx, cancel = context.WithTimeout(r.Context(), ex.sv.timeout)
 	}
 	defer cancel()
 
@@ -1913,7 +1930,7 @@ func (rl *relay) event(ev []byte) (res attemptResult, done bool) {
 		rl.firstData = now
 	}
 	// From the first data event on, the timer bounds the gap between events.
-	rl.deadline.Reset(rl.s.timeout)
+	rl.deadline.Reset(rl.ex.sv.timeout)
 	if rl.ex.ep == responsesEndpoint {
 		return rl.typedEvent(ev, data, now)
 	}
@@ -2079,7 +2096,7 @@ func (rl *relay) ended(ctx context.Context, err error) attemptResult {
 	case err == io.EOF:
 		reason = "the provider closed the stream before the answer was complete"
 	case timedOut:
-		reason = fmt.Sprintf("no data for %s", rl.s.timeout)
+		reason = fmt.Sprintf("no data for %s", rl.ex.sv.timeout)
 	}
 	return rl.interrupted(reason)
 }
@@ -2141,39 +2158,20 @@ func (rl *relay) summary(a answer) []byte {
 
 // handleCost is the routing dry run: the decision, no upstream call.
 func (s *server) handleCost(w http.ResponseWriter, r *http.Request) {
-	_, req, aerr := s.readBody(w, r, parseChat)
+	sv := s.current()
+	_, req, aerr := sv.readBody(w, r, parseChat)
 	if aerr != nil {
 		writeError(w, aerr)
 		return
 	}
-	rt, aerr := s.router.Route(req, r.Header.Get("X-Arbstr-Policy"), time.Now(), 0)
+	rt, aerr := sv.router.Route(req, r.Header.Get("X-Arbstr-Policy"), time.Now(), 0)
 	if aerr != nil && aerr.Status != http.StatusServiceUnavailable {
 		writeError(w, aerr) // a refusal: the same 400 the chat request gets
 		return
 	}
 	// With every circuit open, the dry run still shows who was set aside.
-	type costCandidate struct {
-		Provider        string   `json:"provider"`
-		InputRate       float64  `json:"input_rate"`
-		OutputRate      float64  `json:"output_rate"`
-		BaseFee         float64  `json:"base_fee"`
-		EstInputTokens  int64    `json:"estimated_input_tokens"`
-		EstOutputTokens int64    `json:"estimated_output_tokens"`
-		EstimatedCost   float64  `json:"estimated_cost_sats"`
-		ObservedLatency *float64 `json:"observed_latency_ms"`
-		Circuit         string   `json:"circuit"`
-	}
-	out := struct {
-		Model    string          `json:"model"`
-		Policy   *string         `json:"policy"`
-		Strategy string          `json:"strategy"`
-		Stream   bool            `json:"stream"`
-		EstIn    int64           `json:"estimated_input_tokens"`
-		EstOut   int64           `json:"estimated_output_tokens"`
-		Cands    []costCandidate `json:"candidates"`
-		Excluded []exclusion     `json:"excluded"`
-	}{Model: req.Model, Strategy: rt.strategy, Stream: req.Stream, EstIn: rt.estIn, EstOut: rt.estOut,
-		Cands: []costCandidate{}, Excluded: rt.excluded}
+	out := costAnswer{Model: req.Model, RateUnit: sv.cfg.RateUnit, Strategy: rt.strategy, Stream: req.Stream,
+		EstIn: rt.estIn, EstOut: rt.estOut, Cands: []costCandidate{}, Excluded: rt.excluded}
 	if rt.policy != nil {
 		out.Policy = &rt.policy.Name
 	}
@@ -2182,18 +2180,52 @@ func (s *server) handleCost(w http.ResponseWriter, r *http.Request) {
 	}
 	now := time.Now()
 	for _, c := range rt.ordered {
-		cc := costCandidate{
-			Provider: c.p.Name, InputRate: float64(c.price.InMicro) / 1000, OutputRate: float64(c.price.OutMicro) / 1000,
-			BaseFee: msatToSats(c.price.BaseMsat), EstInputTokens: rt.estIn, EstOutputTokens: rt.estOut,
-			EstimatedCost: msatToSats(c.estMsat), Circuit: c.p.state(now),
-		}
-		if c.seen {
-			ms := math.Round(c.latency*10) / 10
-			cc.ObservedLatency = &ms
-		}
-		out.Cands = append(out.Cands, cc)
+		out.Cands = append(out.Cands, sv.costCandidate(c, rt, now))
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// costAnswer is the answer of POST /v1/cost.
+type costAnswer struct {
+	Model    string          `json:"model"`
+	RateUnit string          `json:"rate_unit"`
+	Policy   *string         `json:"policy"`
+	Strategy string          `json:"strategy"`
+	Stream   bool            `json:"stream"`
+	EstIn    int64           `json:"estimated_input_tokens"`
+	EstOut   int64           `json:"estimated_output_tokens"`
+	Cands    []costCandidate `json:"candidates"`
+	Excluded []exclusion     `json:"excluded"`
+}
+
+// costCandidate is a provider of /v1/cost, in the order it would be tried.
+// Rates are in the config's rate unit; the estimate is at the price list,
+// and the ranking multiplies it by the provider's charge ratio.
+type costCandidate struct {
+	Provider        string   `json:"provider"`
+	InputRate       float64  `json:"input_rate"`
+	OutputRate      float64  `json:"output_rate"`
+	BaseFee         float64  `json:"base_fee"`
+	EstInputTokens  int64    `json:"estimated_input_tokens"`
+	EstOutputTokens int64    `json:"estimated_output_tokens"`
+	EstimatedCost   float64  `json:"estimated_cost_sats"`
+	ChargeRatio     float64  `json:"charge_ratio"`
+	RankedCost      float64  `json:"ranked_cost_sats"`
+	ObservedLatency *float64 `json:"observed_latency_ms"`
+	Circuit         string   `json:"circuit"`
+}
+
+func (sv *serving) costCandidate(c candidate, rt *route, now time.Time) costCandidate {
+	cc := costCandidate{
+		Provider: c.p.Name, InputRate: sv.router.displayRate(c.price.InMicro), OutputRate: sv.router.displayRate(c.price.OutMicro),
+		BaseFee: msatToSats(c.price.BaseMsat), EstInputTokens: rt.estIn, EstOutputTokens: rt.estOut,
+		EstimatedCost: msatToSats(c.estMsat), ChargeRatio: c.ratio, RankedCost: msatToSats(c.rankMsat), Circuit: c.p.state(now),
+	}
+	if c.seen {
+		ms := math.Round(c.latency*10) / 10
+		cc.ObservedLatency = &ms
+	}
+	return cc
 }
 
 // model is an entry of GET /v1/models, in OpenAI's shape.
@@ -2206,9 +2238,11 @@ type model struct {
 
 // models lists each model that any provider serves once, sorted by id.
 func (s *server) models() []model {
+	rt := s.current().router
+	t := rt.table.Load()
 	owners := map[string][]string{}
-	for _, p := range s.router.providers {
-		for _, m := range p.Models {
+	for i, p := range rt.providers {
+		for _, m := range t.served[i] {
 			if !slices.Contains(owners[m], p.Name) {
 				owners[m] = append(owners[m], p.Name)
 			}
@@ -2240,11 +2274,15 @@ func (s *server) handleModel(w http.ResponseWriter, r *http.Request) {
 		"the model %q does not exist or no provider serves it", id))
 }
 
+// handleHealth says whether arbstr can serve: "unhealthy" (503) when no
+// provider can take a request, "degraded" while a circuit is not closed or
+// the ledger cannot write, "ok" otherwise.
 func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
+	providers := s.current().router.providers
 	now := time.Now()
 	states := map[string]map[string]string{}
 	open, notClosed := 0, 0
-	for _, p := range s.router.providers {
+	for _, p := range providers {
 		st := p.state(now)
 		if st == stateOpen {
 			open++
@@ -2254,35 +2292,48 @@ func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 		}
 		states[p.Name] = map[string]string{"state": st}
 	}
+	out := map[string]any{"providers": states}
 	status, code := "ok", http.StatusOK
+	ledgerErr := s.store.Health()
 	switch {
-	case len(s.router.providers) == 0 || open == len(s.router.providers):
+	case len(providers) == 0 || open == len(providers):
 		status, code = "unhealthy", http.StatusServiceUnavailable
-	case notClosed > 0:
+	case notClosed > 0 || ledgerErr != nil:
 		status = "degraded"
 	}
-	writeJSON(w, code, map[string]any{"status": status, "providers": states})
+	if ledgerErr != nil {
+		out["ledger"] = map[string]string{"status": "failing", "error": ledgerErr.Error()}
+	}
+	out["status"] = status
+	writeJSON(w, code, out)
+}
+
+// providerInfo is a provider as GET /providers shows it: its configuration
+// (never its key), its circuit and latency, and its part of the market.
+type providerInfo struct {
+	Name       string           `json:"name"`
+	URL        string           `json:"url"`
+	Models     []string         `json:"models"`
+	InputRate  float64          `json:"input_rate"`
+	OutputRate float64          `json:"output_rate"`
+	BaseFee    float64          `json:"base_fee"`
+	ModelRates map[string]Rates `json:"model_rates,omitempty"`
+	HasAPIKey  bool             `json:"has_api_key"`
+	Circuit    string           `json:"circuit"`
+	Latency    *float64         `json:"observed_latency_ms"`
+	providerMarket
 }
 
 func (s *server) handleProviders(w http.ResponseWriter, r *http.Request) {
-	type providerInfo struct {
-		Name       string           `json:"name"`
-		URL        string           `json:"url"`
-		Models     []string         `json:"models"`
-		InputRate  float64          `json:"input_rate"`
-		OutputRate float64          `json:"output_rate"`
-		BaseFee    float64          `json:"base_fee"`
-		ModelRates map[string]Rates `json:"model_rates,omitempty"`
-		HasAPIKey  bool             `json:"has_api_key"`
-		Circuit    string           `json:"circuit"`
-		Latency    *float64         `json:"observed_latency_ms"`
-	}
+	rt := s.current().router
 	now := time.Now()
-	list := make([]providerInfo, 0, len(s.router.providers))
-	for _, p := range s.router.providers {
+	market := rt.ProviderMarket(now)
+	list := make([]providerInfo, 0, len(rt.providers))
+	for i, p := range rt.providers {
 		pi := providerInfo{
 			Name: p.Name, URL: redactURL(p.URL), Models: p.Models, InputRate: p.InputRate, OutputRate: p.OutputRate,
 			BaseFee: p.BaseFee, ModelRates: p.ModelRates, HasAPIKey: p.APIKey != "", Circuit: p.state(now),
+			providerMarket: market[i],
 		}
 		if pi.Models == nil {
 			pi.Models = []string{}
@@ -2293,7 +2344,11 @@ func (s *server) handleProviders(w http.ResponseWriter, r *http.Request) {
 		}
 		list = append(list, pi)
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"providers": list})
+	writeJSON(w, http.StatusOK, map[string]any{"rate_unit": rt.RateUnit(), "providers": list})
+}
+
+func (s *server) handleMarket(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, s.current().router.Market(time.Now()))
 }
 
 // statsRanges are the named windows of GET /v1/stats and /v1/requests.
@@ -2514,278 +2569,6 @@ func (s *server) ledgerError(w http.ResponseWriter, r *http.Request, err error) 
 	writeError(w, errorf(http.StatusInternalServerError, "server_error", "ledger_error", "the ledger could not be read"))
 }
 
-// ---- Spend control: clients, rate limits and budgets ----
-
-// client is one app or agent with its own token (server.auth_token's
-// holder is no client). Its requests are its own in the ledger, limited to
-// its policies, its rate and its budgets.
-type client struct {
-	ClientConfig
-	tokenHash [32]byte
-	allowed   map[string]bool // the policies it may use; nil: any
-	limiter   *rateLimiter    // nil: no rate limit
-	budgets   []*budget
-}
-
-// mayUse reports whether the client may use a policy; a nil client (the
-// operator, or no clients configured) may use any.
-func (c *client) mayUse(policy string) bool {
-	return c == nil || c.allowed == nil || c.allowed[policy]
-}
-
-// rateLimiter is a token bucket: it holds up to rate_limit_rpm requests and
-// refills at rate_limit_rpm per minute, so a client may burst its whole
-// minute at once and then goes at the steady rate.
-type rateLimiter struct {
-	mu       sync.Mutex // guards tokens and last
-	capacity float64
-	perSec   float64
-	tokens   float64
-	last     time.Time
-}
-
-func newRateLimiter(rpm int, now time.Time) *rateLimiter {
-	return &rateLimiter{capacity: float64(rpm), perSec: float64(rpm) / 60, tokens: float64(rpm), last: now}
-}
-
-// allow takes a token, or says how long until there is one.
-func (l *rateLimiter) allow(now time.Time) (ok bool, wait time.Duration) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if elapsed := now.Sub(l.last).Seconds(); elapsed > 0 {
-		l.tokens = min(l.capacity, l.tokens+elapsed*l.perSec)
-		l.last = now
-	}
-	if l.tokens >= 1 {
-		l.tokens--
-		return true, 0
-	}
-	return false, time.Duration((1 - l.tokens) / l.perSec * float64(time.Second))
-}
-
-// Budget periods: UTC calendar days and months.
-const (
-	periodDay   = "day"
-	periodMonth = "month"
-)
-
-// periodBounds returns the start and end of the period holding t.
-func periodBounds(period string, t time.Time) (start, end time.Time) {
-	t = t.UTC()
-	if period == periodDay {
-		start = time.Date(t.Year(), t.Month(), t.Day(), 0, 0, 0, 0, time.UTC)
-		return start, start.AddDate(0, 0, 1)
-	}
-	start = time.Date(t.Year(), t.Month(), 1, 0, 0, 0, 0, time.UTC)
-	return start, start.AddDate(0, 1, 0)
-}
-
-// budget is a limit on what a client or a policy spends in a day or a
-// month. Spent is what the ledger recorded in the current period; reserved
-// is the worst case of the requests in flight, so that concurrent requests
-// can never together overspend it.
-type budget struct {
-	scope, name, period string // scope: "client" or "policy"
-	limit               int64  // millisats
-	start               time.Time
-	spent, reserved     int64 // millisats, in the period that began at start
-}
-
-// roll starts a new period when now is past the current one.
-func (b *budget) roll(now time.Time) {
-	if start, _ := periodBounds(b.period, now); !start.Equal(b.start) {
-		b.start, b.spent, b.reserved = start, 0, 0
-	}
-}
-
-// spendControl holds the clients and every budget. One mutex guards all
-// budgets, so that a request reserves in all its budgets at once or in none;
-// only requests under a budget take it.
-type spendControl struct {
-	clients []*client
-	budgets []*budget
-	byName  map[string]*budget // "client/NAME/day" and the like
-
-	mu sync.Mutex // guards the spent, reserved and start of every budget
-}
-
-func budgetKey(scope, name, period string) string { return scope + "/" + name + "/" + period }
-
-func newSpendControl(cfg *Config, now time.Time) *spendControl {
-	sc := &spendControl{byName: make(map[string]*budget)}
-	add := func(scope, name string, day, month float64) []*budget {
-		var list []*budget
-		for _, l := range []struct {
-			period string
-			sats   float64
-		}{{periodDay, day}, {periodMonth, month}} {
-			if l.sats <= 0 {
-				continue
-			}
-			b := &budget{scope: scope, name: name, period: l.period, limit: int64(math.Round(l.sats * 1000))}
-			b.start, _ = periodBounds(l.period, now)
-			sc.budgets = append(sc.budgets, b)
-			sc.byName[budgetKey(scope, name, l.period)] = b
-			list = append(list, b)
-		}
-		return list
-	}
-	for _, cc := range cfg.Clients {
-		c := &client{ClientConfig: cc, tokenHash: sha256.Sum256([]byte(cc.Token))}
-		if len(cc.Policies) > 0 {
-			c.allowed = make(map[string]bool)
-			for _, p := range cc.Policies {
-				c.allowed[p] = true
-			}
-		}
-		if cc.RateLimitRPM > 0 {
-			c.limiter = newRateLimiter(cc.RateLimitRPM, now)
-		}
-		c.budgets = add("client", cc.Name, cc.BudgetSatsPerDay, cc.BudgetSatsPerMonth)
-		sc.clients = append(sc.clients, c)
-	}
-	for _, r := range cfg.Policies.Rules {
-		add("policy", r.Name, r.BudgetSatsPerDay, r.BudgetSatsPerMonth)
-	}
-	return sc
-}
-
-// clientFor returns the client whose token this is, comparing against every
-// client's token in constant time, so that neither a token nor which client
-// holds it can be learned from timing.
-func (sc *spendControl) clientFor(token string) *client {
-	h := sha256.Sum256([]byte(token))
-	var found *client
-	for _, c := range sc.clients {
-		if subtle.ConstantTimeCompare(h[:], c.tokenHash[:]) == 1 {
-			found = c
-		}
-	}
-	return found
-}
-
-// budgetsFor lists the budgets a request falls under: its client's and its
-// policy's.
-func (sc *spendControl) budgetsFor(c *client, policy string) []*budget {
-	var list []*budget
-	if c != nil {
-		list = append(list, c.budgets...)
-	}
-	if policy != "" {
-		for _, period := range []string{periodDay, periodMonth} {
-			if b := sc.byName[budgetKey("policy", policy, period)]; b != nil {
-				list = append(list, b)
-			}
-		}
-	}
-	return list
-}
-
-// reservation is what a request holds in its budgets while it runs.
-type reservation struct {
-	sc      *spendControl
-	budgets []*budget
-	starts  []time.Time // the period each was reserved in
-	msat    int64
-}
-
-// reserve takes worst, the most the request can cost, from every budget in
-// list, or refuses the request with the first budget it would overspend.
-func (sc *spendControl) reserve(list []*budget, worst int64, now time.Time) (*reservation, *apiError) {
-	if len(list) == 0 {
-		return nil, nil
-	}
-	sc.mu.Lock()
-	defer sc.mu.Unlock()
-	for _, b := range list {
-		b.roll(now)
-		if b.spent+b.reserved+worst > b.limit {
-			_, end := periodBounds(b.period, now)
-			return nil, budgetExceeded(b, worst, end.Sub(now))
-		}
-	}
-	res := &reservation{sc: sc, budgets: list, msat: worst}
-	for _, b := range list {
-		b.reserved += worst
-		res.starts = append(res.starts, b.start)
-	}
-	return res, nil
-}
-
-func budgetExceeded(b *budget, worst int64, untilReset time.Duration) *apiError {
-	adjective := "monthly"
-	if b.period == periodDay {
-		adjective = "daily"
-	}
-	e := errorf(http.StatusTooManyRequests, "insufficient_quota", "budget_exceeded",
-		"the %s budget of %s %q is spent: %g of %g sats this %s, %g sats reserved by requests in flight, and this request may cost up to %g sats",
-		adjective, b.scope, b.name, msatToSats(b.spent), msatToSats(b.limit), b.period,
-		msatToSats(b.reserved), msatToSats(worst))
-	e.retryAfter = untilReset
-	return e
-}
-
-// settle replaces the reservation by what the request cost (0 for one that
-// failed), in each budget whose period has not ended meanwhile.
-func (r *reservation) settle(costMsat int64) {
-	if r == nil {
-		return
-	}
-	r.sc.mu.Lock()
-	defer r.sc.mu.Unlock()
-	for i, b := range r.budgets {
-		if b.start.Equal(r.starts[i]) {
-			b.reserved -= r.msat
-			b.spent += costMsat
-		}
-	}
-}
-
-// budgetView is a budget as GET /v1/budgets shows it.
-type budgetView struct {
-	Scope     string  `json:"scope"`
-	Name      string  `json:"name"`
-	Period    string  `json:"period"`
-	Limit     float64 `json:"limit_sats"`
-	Spent     float64 `json:"spent_sats"`
-	Reserved  float64 `json:"reserved_sats"`
-	Remaining float64 `json:"remaining_sats"`
-	ResetsAt  string  `json:"resets_at"`
-}
-
-// view returns the budgets that show selects, as they stand at now.
-func (sc *spendControl) view(now time.Time, show func(*budget) bool) []budgetView {
-	sc.mu.Lock()
-	defer sc.mu.Unlock()
-	list := []budgetView{}
-	for _, b := range sc.budgets {
-		if !show(b) {
-			continue
-		}
-		b.roll(now)
-		_, end := periodBounds(b.period, now)
-		list = append(list, budgetView{
-			Scope: b.scope, Name: b.name, Period: b.period,
-			Limit: msatToSats(b.limit), Spent: msatToSats(b.spent), Reserved: msatToSats(b.reserved),
-			Remaining: msatToSats(max(b.limit-b.spent-b.reserved, 0)), ResetsAt: end.Format(time.RFC3339),
-		})
-	}
-	return list
-}
-
-// restore sets what each budget has spent in its current period, as the
-// ledger recorded it, so that a restart does not reset a budget. spent maps
-// budgetKey to millisats.
-func (sc *spendControl) restore(spent map[string]int64) {
-	sc.mu.Lock()
-	defer sc.mu.Unlock()
-	for k, msat := range spent {
-		if b := sc.byName[k]; b != nil {
-			b.spent = msat
-		}
-	}
-}
-
 // ---- Metrics in the Prometheus text format ----
 
 // metrics counts requests for GET /metrics. Counting takes no lock that
@@ -2974,8 +2757,8 @@ func (m *metrics) writeCounters(pw *promWriter) {
 // modelLabel bounds the model label of the metrics: a model that no
 // provider lists is counted as "other", so that a client cannot grow the
 // number of series without limit by inventing model names.
-func (s *server) modelLabel(model string) string {
-	if _, ok := s.router.byModel[model]; ok {
+func (rt *Router) modelLabel(model string) string {
+	if _, ok := rt.table.Load().byModel[model]; ok {
 		return model
 	}
 	return "other"
@@ -2985,11 +2768,35 @@ func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	pw := &promWriter{}
 	s.metrics.writeCounters(pw)
 	now := time.Now()
+	sv := s.current()
 	pw.family("arbstr_circuit_state", "gauge", "Circuit breaker state by provider: 0 closed, 1 half-open, 2 open.")
-	for _, p := range s.router.providers {
+	for _, p := range sv.router.providers {
 		state := map[string]float64{stateClosed: 0, stateHalfOpen: 1, stateOpen: 2}[p.state(now)]
 		pw.sample("arbstr_circuit_state", state, "provider", p.Name)
 	}
+	pw.family("arbstr_balance_sats", "gauge", "A provider's spendable balance as it last reported it.")
+	for i, pm := range sv.router.ProviderMarket(now) {
+		if pm.BalanceSats != nil {
+			pw.sample("arbstr_balance_sats", *pm.BalanceSats, "provider", sv.router.providers[i].Name)
+		}
+	}
+	pw.family("arbstr_token_price_sats", "gauge", "The price in force per token, by provider, model and direction (input or output).")
+	for _, m := range sv.router.Market(now).Models {
+		for _, o := range m.Providers {
+			in, out := o.InputRate/1000, o.OutputRate/1000
+			if sv.cfg.RateUnit == rateUnitPer1m {
+				in, out = o.InputRate/1e6, o.OutputRate/1e6
+			}
+			pw.sample("arbstr_token_price_sats", in, "provider", o.Provider, "model", m.ID, "direction", "input")
+			pw.sample("arbstr_token_price_sats", out, "provider", o.Provider, "model", m.ID, "direction", "output")
+		}
+	}
+	pw.family("arbstr_budget_remaining_sats", "gauge", "What a budget has left in its current period.")
+	for _, b := range sv.spend.view(now, func(*budget) bool { return true }) {
+		pw.sample("arbstr_budget_remaining_sats", b.Remaining, "scope", b.Scope, "name", b.Name, "period", b.Period)
+	}
+	pw.family("arbstr_ledger_queue_rows", "gauge", "Ledger rows waiting to be written.")
+	pw.sample("arbstr_ledger_queue_rows", float64(s.store.Queued()))
 	pw.family("arbstr_goroutines", "gauge", "Goroutines of the arbstr process.")
 	pw.sample("arbstr_goroutines", float64(runtime.NumGoroutine()))
 	if rss, ok := residentBytes(); ok {
@@ -3127,7 +2934,8 @@ func (s *server) pageData(ctx context.Context) (*pageData, error) {
 	now := time.Now().UTC()
 	today, _ := periodBounds(periodDay, now)
 	monthStart := today.AddDate(0, 0, -29)
-	d := &pageData{Now: now.Format("2006-01-02 15:04:05 UTC"), Mode: s.mode, RateUnit: s.cfg.RateUnit}
+	sv := s.current()
+	d := &pageData{Now: now.Format("2006-01-02 15:04:05 UTC"), Mode: s.mode, RateUnit: sv.cfg.RateUnit}
 	for _, p := range []struct {
 		since time.Time
 		dst   *statsTotals
@@ -3154,8 +2962,8 @@ func (s *server) pageData(ctx context.Context) (*pageData, error) {
 	for _, row := range rows {
 		d.Requests = append(d.Requests, pageRequestOf(row))
 	}
-	d.Providers, d.Market = s.pageMarket(now)
-	d.Budgets = s.spend.view(now, func(*budget) bool { return true })
+	d.Providers, d.Market = pageMarket(sv.router, now)
+	d.Budgets = sv.spend.view(now, func(*budget) bool { return true })
 	return d, nil
 }
 
@@ -3183,14 +2991,38 @@ func pageRequestOf(row ledgerRow) pageRequest {
 
 // pageMarket lists the providers and, per model, the cheapest provider and
 // the spread, at the prices in force.
-func (s *server) pageMarket(now time.Time) ([]pageProvider, []pageModel) {
+func pageMarket(rt *Router, now time.Time) ([]pageProvider, []pageModel) {
 	var provs []pageProvider
-	for _, p := range s.router.providers {
-		models := strings.Join(p.Models, ", ")
-		if models == "" {
-			models = "any"
+	for i, pm := range rt.ProviderMarket(now) {
+		p := rt.providers[i]
+		pp := pageProvider{Name: p.Name, Circuit: p.state(now), PriceSource: pm.PriceSource, Balance: "–",
+			Models: strings.Join(pm.ModelsServed, ", ")}
+		if pm.ListingAge != nil {
+			pp.PriceSource += fmt.Sprintf(", %s old", time.Duration(*pm.ListingAge)*time.Second)
+			if pm.ListingStale {
+				pp.PriceSource += " (stale)"
+			}
 		}
-		provs = append(provs, pageProvider{Name: p.Name, Circuit: p.state(now), PriceSource: "config", Balance: "–", Models: models})
+		if pm.ListingError != "" {
+			pp.PriceSource += "; last listing failed: " + pm.ListingError
+		}
+		if pm.BalanceSats != nil {
+			pp.Balance = strconv.FormatFloat(*pm.BalanceSats, 'f', -1, 64)
+		}
+		switch {
+		case pm.AnyModel:
+			pp.Models = "any"
+		case pm.ServesNothing != "":
+			pp.Models = "none: " + pm.ServesNothing
+		}
+		provs = append(provs, pp)
 	}
-	return provs, nil
+	var models []pageModel
+	for _, m := range rt.Market(now).Models {
+		cheapest := m.Providers[0]
+		models = append(models, pageModel{Model: m.ID, Cheapest: cheapest.Provider, Providers: len(m.Providers),
+			Cost:   strconv.FormatFloat(cheapest.ReferenceCostSats, 'f', -1, 64),
+			Spread: strconv.FormatFloat(m.SpreadPct, 'f', -1, 64) + "%"})
+	}
+	return provs, models
 }

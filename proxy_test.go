@@ -794,7 +794,7 @@ func TestCircuitBreaker(t *testing.T) {
 	})
 	good := newUpstream(t, jsonOK)
 	ta := newArbstr(t, testConfig(prov("bad", bad.URL, 1, 1), prov("good", good.URL, 9, 9)))
-	p := ta.srv.router.byName["bad"]
+	p := ta.srv.current().router.byName["bad"]
 	for range 3 {
 		readBody(t, ta.post(t, "/v1/chat/completions", chatBody))
 	}
@@ -889,7 +889,7 @@ func TestProbeReleasedOnClientGone(t *testing.T) {
 		<-r.Context().Done()
 	})
 	ta := newArbstr(t, testConfig(prov("p1", up.URL, 1, 1)))
-	p := ta.srv.router.byName["p1"]
+	p := ta.srv.current().router.byName["p1"]
 	p.mu.Lock()
 	p.openFor, p.failures = breakerOpenFor, 3
 	p.mu.Unlock()
@@ -1082,7 +1082,7 @@ func TestModelsHealthProviders(t *testing.T) {
 		t.Errorf("health = %d %s", resp.StatusCode, out)
 	}
 	for _, name := range []string{"a", "b", "c"} {
-		p := ta.srv.router.byName[name]
+		p := ta.srv.current().router.byName[name]
 		openCircuitUntil(p, time.Now().Add(time.Minute))
 	}
 	if resp, out := ta.get(t, "/health"); resp.StatusCode != 503 || !strings.Contains(string(out), `"status":"unhealthy"`) {
@@ -1233,7 +1233,7 @@ func TestKeysNeverLeak(t *testing.T) {
 		all.Write(body)
 	}
 	// The breaker opens on the echoing provider; fail everything for 502s.
-	openCircuitUntil(ta.srv.router.byName["b"], time.Now().Add(time.Minute))
+	openCircuitUntil(ta.srv.current().router.byName["b"], time.Now().Add(time.Minute))
 	record(ta.post(t, "/v1/chat/completions", chatBody))
 	ta.rows(t)
 	ta.srv.store.Close()
@@ -3516,7 +3516,7 @@ func TestStreamErrorEventMidway(t *testing.T) {
 	if rows := ta.rows(t); len(rows) != 1 || rows[0].Success {
 		t.Errorf("rows = %+v", rows)
 	}
-	if p := ta.srv.router.byName["p1"]; p.failures != 1 {
+	if p := ta.srv.current().router.byName["p1"]; p.failures != 1 {
 		t.Errorf("breaker failures = %d; want 1", p.failures)
 	}
 }
@@ -3663,7 +3663,7 @@ func TestRetryAfter(t *testing.T) {
 	for range 3 {
 		readBody(t, ta.post(t, "/v1/chat/completions", chatBody))
 	}
-	p := ta.srv.router.byName["p1"]
+	p := ta.srv.current().router.byName["p1"]
 	p.mu.Lock()
 	until := time.Until(p.openUntil)
 	p.mu.Unlock()
@@ -3704,7 +3704,7 @@ func TestLatencyCountsAnswersOnly(t *testing.T) {
 	fails := newUpstream(t, statusHandler(503))
 	ta := newArbstr(t, testConfig(prov("fails", fails.URL, 1, 1)))
 	readBody(t, ta.post(t, "/v1/chat/completions", chatBody))
-	if _, seen := ta.srv.router.byName["fails"].observedLatency(); seen {
+	if _, seen := ta.srv.current().router.byName["fails"].observedLatency(); seen {
 		t.Error("a failure was observed as latency")
 	}
 }
@@ -3782,14 +3782,14 @@ func TestStatsParameters(t *testing.T) {
 func TestCostWithCircuitsOpen(t *testing.T) {
 	up := newUpstream(t, jsonOK)
 	ta := newArbstr(t, testConfig(prov("a", up.URL, 1, 1)))
-	openCircuitUntil(ta.srv.router.byName["a"], time.Now().Add(time.Minute))
+	openCircuitUntil(ta.srv.current().router.byName["a"], time.Now().Add(time.Minute))
 	resp := ta.post(t, "/v1/cost", chatBody)
 	out := readBody(t, resp)
 	if resp.StatusCode != 200 || !strings.Contains(out, `"candidates":[]`) || !strings.Contains(out, `{"provider":"a","reason":"circuit open"}`) {
 		t.Errorf("cost with every circuit open = %d %s", resp.StatusCode, out)
 	}
 	_, health := ta.get(t, "/health")
-	openCircuitUntil(ta.srv.router.byName["a"], time.Now().Add(-time.Second)) // half-open
+	openCircuitUntil(ta.srv.current().router.byName["a"], time.Now().Add(-time.Second)) // half-open
 	_, health2 := ta.get(t, "/health")
 	if !strings.Contains(string(health), "unhealthy") || !strings.Contains(string(health2), `"degraded"`) {
 		t.Errorf("health open = %s, half-open = %s", health, health2)
@@ -4283,7 +4283,7 @@ func TestBudgetReservesConcurrently(t *testing.T) {
 	cfg := defaultConfig()
 	cfg.Clients = []ClientConfig{{Name: "app", Token: "t", BudgetSatsPerDay: 100}}
 	now := time.Now()
-	sc := newSpendControl(cfg, now)
+	sc := newSpendControl(cfg, now, nil)
 	c := sc.clientFor("t")
 	if c == nil {
 		t.Fatal("clientFor(token) = nil")
@@ -4332,7 +4332,7 @@ func TestBudgetSettle(t *testing.T) {
 	cfg := defaultConfig()
 	cfg.Policies.Rules = []PolicyRule{{Name: "code", BudgetSatsPerMonth: 50}}
 	now := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
-	sc := newSpendControl(cfg, now)
+	sc := newSpendControl(cfg, now, nil)
 	list := sc.budgetsFor(nil, "code")
 	res, aerr := sc.reserve(list, 30_000, now)
 	if aerr != nil {

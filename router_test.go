@@ -1,10 +1,17 @@
 package main
 
 import (
+	"cmp"
+	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
+	"maps"
 	"math"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -1675,7 +1682,7 @@ func TestConfigure(t *testing.T) {
 // ---- router.go ----
 
 // The tests of router.go: the policy, the candidates, their order and what
-// they are estimated to cost (SPEC §4, §4.1). Routers are built with
+// they are estimated to cost. Routers are built with
 // newRouter and asked directly; no HTTP.
 
 // routerNow is the clock of the router tests: Route takes the time as an
@@ -2113,7 +2120,7 @@ func TestRouteOrder(t *testing.T) {
 			map[string][]time.Duration{"zeta": {50 * time.Millisecond}, "alpha": {50 * time.Millisecond}, "mid": {40 * time.Millisecond}},
 			4000, 500, []string{"mid", "alpha", "zeta"}},
 		// router.go counts an unobserved provider as 0 ms on a tie, so that
-		// it gets observed; SPEC §4 does not say.
+		// it gets observed.
 		{"cheapest tie, unobserved first", "cheapest", []ProviderConfig{
 			routerProv("a", 10, 30), routerProv("b", 5, 40)},
 			map[string][]time.Duration{"a": {100 * time.Millisecond}},
@@ -2506,10 +2513,10 @@ func TestRouteEstimate(t *testing.T) {
 	}
 }
 
-// Word boundaries and case in scripts other than Latin. SPEC §4 asks for
-// case-insensitive matching on word boundaries; router.go lower-cases with
-// strings.ToLower and takes any letter, digit or _ of any script as part of
-// a word, which gets these wrong.
+// Word boundaries and case in scripts other than Latin. Keywords match
+// case-insensitively on word boundaries; a router that only lower-cased
+// with strings.ToLower and took any letter, digit or _ of any script as part
+// of a word would get these wrong.
 func TestMatchKeywordsUnicodeBoundaries(t *testing.T) {
 	rt := newRouter(routerConfig([]PolicyRule{
 		{Name: "debug", Keywords: []string{"debug"}},
@@ -2744,7 +2751,8 @@ func TestRouteLimitIsPrefix(t *testing.T) {
 }
 
 // qualifiedNames lists the providers that passed the model and the
-// policy's constraints (§4 steps 3–4), open circuits or not.
+// policy's constraints (the model and the output price cap), open circuits
+// or not.
 func qualifiedNames(r *route) []string {
 	var names []string
 	for _, mc := range r.cands {
@@ -2756,7 +2764,7 @@ func qualifiedNames(r *route) []string {
 }
 
 // TestReadmeTOMLMatchesExample: the README shows config.example.json in
-// TOML (issue 2); both must decode to the same configuration.
+// TOML; both must decode to the same configuration.
 func TestReadmeTOMLMatchesExample(t *testing.T) {
 	t.Setenv("ROUTSTR_ALPHA_KEY", "alpha-key")
 	t.Setenv("ROUTSTR_BETA_KEY", "beta-key")
@@ -2783,5 +2791,816 @@ func TestReadmeTOMLMatchesExample(t *testing.T) {
 	}
 	if !reflect.DeepEqual(fromTOML, fromJSON) {
 		t.Errorf("README's TOML = %+v\nconfig.example.json = %+v", fromTOML, fromJSON)
+	}
+}
+
+// ---- The live market and rate units ----
+
+// A config in sats per 1M prices exactly as the same rates per 1k divided by
+// 1000: 10000 and 30000 per 1M with a fee of 1 sat make 100 input and 200
+// output tokens cost 8 sats.
+func TestRateUnitCost(t *testing.T) {
+	for _, tt := range []struct {
+		unit    string
+		in, out float64
+	}{
+		{rateUnitPer1m, 10000, 30000},
+		{rateUnitPer1k, 10, 30},
+		{"", 10, 30}, // the default unit
+	} {
+		pc := routerProv("a", tt.in, tt.out)
+		pc.BaseFee = 1
+		cfg := routerConfig(nil, pc)
+		cfg.RateUnit = tt.unit
+		r, aerr := newRouter(cfg, nil).Route(&chatRequest{Model: "m", TextBytes: 400, MaxTokens: 200}, "", routerNow, 1)
+		if aerr != nil {
+			t.Fatalf("%q: Route = %s", tt.unit, routeString(r, aerr))
+		}
+		if got := r.ordered[0].estMsat; got != 8000 {
+			t.Errorf("%q: cost of 100 in, 200 out at %v/%v = %d msat; want 8000", tt.unit, tt.in, tt.out, got)
+		}
+	}
+}
+
+func TestRateInUnit(t *testing.T) {
+	for _, tt := range []struct {
+		micro int64
+		unit  string
+		want  float64
+	}{
+		{303, rateUnitPer1k, 0.303},
+		{303, rateUnitPer1m, 303},
+		{30000, rateUnitPer1k, 30},
+		{30000, rateUnitPer1m, 30000},
+		{0, rateUnitPer1m, 0},
+	} {
+		if got := rateInUnit(tt.micro, tt.unit); got != tt.want {
+			t.Errorf("rateInUnit(%d, %q) = %v; want %v", tt.micro, tt.unit, got, tt.want)
+		}
+		if back := unitMicroRate(tt.want, tt.unit); back != tt.micro {
+			t.Errorf("unitMicroRate(%v, %q) = %d; want %d", tt.want, tt.unit, back, tt.micro)
+		}
+	}
+}
+
+// Each output price cap means what its key says, whatever rate_unit is, and
+// the exclusion names that unit.
+func TestPolicyCapUnits(t *testing.T) {
+	for _, tt := range []struct {
+		unit       string
+		rule       PolicyRule
+		wantReason string
+	}{
+		{rateUnitPer1m, PolicyRule{Name: "p", MaxSatsPer1mOutput: new(25000.0)},
+			"output rate 30000 sats/1M exceeds the policy's max_sats_per_1m_output 25000"},
+		{rateUnitPer1m, PolicyRule{Name: "p", MaxSatsPer1kOutput: new(25.0)},
+			"output rate 30 sats/1k exceeds the policy's max_sats_per_1k_output 25"},
+		{rateUnitPer1k, PolicyRule{Name: "p", MaxSatsPer1mOutput: new(25000.0)},
+			"output rate 30000 sats/1M exceeds the policy's max_sats_per_1m_output 25000"},
+	} {
+		cheap, dear := routerProv("cheap", 1, 20), routerProv("dear", 1, 30)
+		if tt.unit == rateUnitPer1m {
+			cheap.OutputRate, dear.OutputRate = 20000, 30000
+		}
+		cfg := routerConfig([]PolicyRule{tt.rule}, cheap, dear)
+		cfg.RateUnit = tt.unit
+		r, aerr := newRouter(cfg, nil).Route(&chatRequest{Model: "m", TextBytes: 40}, "p", routerNow, 0)
+		if aerr != nil {
+			t.Fatalf("%q: Route = %s", tt.unit, routeString(r, aerr))
+		}
+		want := []exclusion{{"dear", tt.wantReason}}
+		if !reflect.DeepEqual(r.excluded, want) {
+			t.Errorf("%q, %+v: excluded = %v; want %v", tt.unit, tt.rule, r.excluded, want)
+		}
+	}
+}
+
+// routstrListing is the listing of testdata/routstr-models.json, the shape
+// a Routstr provider serves at GET /v1/models.
+func routstrListing(t testing.TB) string {
+	b, err := os.ReadFile("testdata/routstr-models.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestParseListing(t *testing.T) {
+	l, bad, err := parseListing([]byte(routstrListing(t)), routerNow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"google/gemini-2.5-flash", "openai/gpt-4o-mini"}; !slices.Equal(l.models, want) {
+		t.Errorf("models = %v; want %v (retired/model is enabled:false)", l.models, want)
+	}
+	if len(bad) != 0 {
+		t.Errorf("bad fields = %v; want none", bad)
+	}
+	// 0.000303 sats per token is 303 µsat per token; 0.001 sats is 1 msat;
+	// max_cost 463.34 sats is 463340 msat.
+	want := map[string]listedPrice{
+		"google/gemini-2.5-flash": {303, 2525, 1, 463340},
+		"openai/gpt-4o-mini":      {150, 600, 0, 29030},
+	}
+	if !maps.Equal(l.prices, want) {
+		t.Errorf("prices = %v; want %v", l.prices, want)
+	}
+}
+
+func TestParseListingFields(t *testing.T) {
+	body := `{"data":[
+		{"id":"no-pricing"},
+		{"id":"bad","sats_pricing":{"prompt":"0.1","completion":-0.002,"request":null,"max_cost":1e300}},
+		{"id":"half","sats_pricing":{"prompt":0.0004,"completion":0.0015}},
+		{"id":42,"sats_pricing":{"prompt":0.1}},
+		{"id":"","enabled":true},
+		{"id":"off","enabled":false},
+		{"id":"half","sats_pricing":{"prompt":9}},
+		"not an object"]}`
+	l, bad, err := parseListing([]byte(body), routerNow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"no-pricing", "bad", "half"}; !slices.Equal(l.models, want) {
+		t.Errorf("models = %v; want %v", l.models, want)
+	}
+	want := map[string]listedPrice{
+		"no-pricing": {-1, -1, -1, -1},
+		"bad":        {-1, -1, -1, -1},
+		"half":       {400, 1500, -1, -1},
+	}
+	if !maps.Equal(l.prices, want) {
+		t.Errorf("prices = %v; want %v", l.prices, want)
+	}
+	wantBad := []string{"bad: prompt", "bad: completion", "bad: request", "bad: max_cost", "half: request", "half: max_cost"}
+	if !slices.Equal(bad, wantBad) {
+		t.Errorf("bad fields = %v; want %v", bad, wantBad)
+	}
+	// A field the listing does not give keeps the configured price.
+	p := newProvider(ProviderConfig{Name: "a", InputRate: 10, OutputRate: 30, BaseFee: 2})
+	for _, tt := range []struct {
+		model string
+		want  price
+		live  bool
+	}{
+		{"half", price{400, 1500, 2000}, true},
+		{"bad", price{10000, 30000, 2000}, false},
+		{"unlisted", price{10000, 30000, 2000}, false},
+	} {
+		got, _, live := p.priceAt(tt.model, l)
+		if got != tt.want {
+			t.Errorf("priceAt(%q) = %v; want %v", tt.model, got, tt.want)
+		}
+		if live != tt.live {
+			t.Errorf("priceAt(%q) live = %v; want %v", tt.model, live, tt.live)
+		}
+	}
+}
+
+func TestParseListingErrors(t *testing.T) {
+	for _, body := range []string{``, `<html>`, `{"object":"list"}`, `{"data":{}}`, `[]`, `{"data":null}`} {
+		if _, _, err := parseListing([]byte(body), routerNow); err == nil {
+			t.Errorf("parseListing(%q) = nil error; want one", body)
+		}
+	}
+}
+
+// fakeRoutstr is a provider that serves a listing and a balance the way
+// routstr-core does, under /v1.
+type fakeRoutstr struct {
+	mu         sync.Mutex
+	listing    string // body of GET /v1/models
+	listStatus int    // 0: 200
+	balance    string // body of GET /v1/balance/info
+	balStatus  int    // 0: 200
+	hang       bool   // GET /v1/models waits for the client to give up
+	auth       []string
+	listReads  int
+	balReads   int
+}
+
+func (f *fakeRoutstr) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	f.auth = append(f.auth, r.Header.Get("Authorization"))
+	var body string
+	status := 0
+	hang := false
+	switch r.URL.Path {
+	case "/v1/models":
+		f.listReads++
+		body, status, hang = f.listing, f.listStatus, f.hang
+	case "/v1/balance/info":
+		f.balReads++
+		body, status = f.balance, f.balStatus
+	default:
+		status = http.StatusNotFound
+	}
+	f.mu.Unlock()
+	if hang {
+		<-r.Context().Done()
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(cmp.Or(status, http.StatusOK))
+	io.WriteString(w, body)
+}
+
+func (f *fakeRoutstr) set(fn func(f *fakeRoutstr)) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fn(f)
+}
+
+// marketLog is a logger whose text the test reads back.
+type marketLog struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (m *marketLog) Write(b []byte) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.buf.Write(b)
+}
+
+func (m *marketLog) count(msg string) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return strings.Count(m.buf.String(), fmt.Sprintf("msg=%q", msg))
+}
+
+func (m *marketLog) logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(m, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// discoveringProv is a discovering provider config for a fake provider.
+func discoveringProv(name, url, key string, models ...string) ProviderConfig {
+	return ProviderConfig{Name: name, URL: url, APIKey: key, Discover: true, Models: models, InputRate: 10, OutputRate: 30}
+}
+
+// routeFor routes a request of 400 bytes of text and 100 output tokens.
+func routeFor(t *testing.T, rt *Router, model string) (*route, *apiError) {
+	t.Helper()
+	return rt.Route(&chatRequest{Model: model, TextBytes: 400, MaxTokens: 100}, "", routerNow, 0)
+}
+
+// A discovering provider serves its listing's models at its listing's
+// prices, and a second refresh that changes them is what the next route
+// sees.
+func TestMarketRefreshPrices(t *testing.T) {
+	fake := &fakeRoutstr{listing: routstrListing(t), balance: `{"api_key":"sk-x","balance":900000,"reserved":0}`}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	cfg := routerConfig(nil, discoveringProv("live", srv.URL, "sk-live", "configured-only"), routerProv("typed", 0.5, 3, "google/gemini-2.5-flash"))
+	rt := newRouter(cfg, nil)
+	log := &marketLog{}
+
+	// Before the first listing, the configured models are served.
+	if r, aerr := routeFor(t, rt, "configured-only"); aerr != nil {
+		t.Errorf("before the first listing: Route(configured-only) = %s; want served", routeString(r, aerr))
+	}
+	rt.RefreshMarket(t.Context(), srv.Client(), log.logger())
+	if r, aerr := routeFor(t, rt, "configured-only"); aerr == nil {
+		t.Errorf("after the listing: Route(configured-only) = %s; want refused", routeString(r, aerr))
+	}
+	r, aerr := routeFor(t, rt, "google/gemini-2.5-flash")
+	if aerr != nil {
+		t.Fatalf("Route = %s", routeString(r, aerr))
+	}
+	if got := candidateNames(r.ordered); !slices.Equal(got, []string{"live", "typed"}) {
+		t.Errorf("order = %v; want [live typed]", got)
+	}
+	if got, want := r.ordered[0].price, (price{303, 2525, 1}); got != want {
+		t.Errorf("live price = %v; want %v", got, want)
+	}
+	if got := r.ordered[0].maxMsat; got != 463340 {
+		t.Errorf("live max cost = %d msat; want 463340", got)
+	}
+	for _, a := range fake.auth {
+		if a != "Bearer sk-live" {
+			t.Errorf("Authorization = %q; want the provider's key", a)
+		}
+	}
+
+	// The market moves: the provider now asks ten times as much.
+	fake.set(func(f *fakeRoutstr) {
+		f.listing = strings.NewReplacer(`"prompt":0.000303`, `"prompt":0.00303`, `"completion":0.002525`, `"completion":0.02525`).Replace(f.listing)
+	})
+	rt.RefreshMarket(t.Context(), srv.Client(), log.logger())
+	r, aerr = routeFor(t, rt, "google/gemini-2.5-flash")
+	if aerr != nil {
+		t.Fatalf("Route = %s", routeString(r, aerr))
+	}
+	if got := candidateNames(r.ordered); !slices.Equal(got, []string{"typed", "live"}) {
+		t.Errorf("after the price change: order = %v; want [typed live]", got)
+	}
+	if got, want := r.ordered[1].price, (price{3030, 25250, 1}); got != want {
+		t.Errorf("after the price change: live price = %v; want %v", got, want)
+	}
+	if r, aerr := routeFor(t, rt, "retired/model"); aerr == nil {
+		t.Errorf("Route(retired/model), enabled:false = %s; want refused", routeString(r, aerr))
+	}
+}
+
+// A listing that fails keeps the last good one; the log says so once when
+// it starts failing and once when it recovers.
+func TestMarketListingFailure(t *testing.T) {
+	fake := &fakeRoutstr{listing: routstrListing(t), balStatus: http.StatusNotFound}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	rt := newRouter(routerConfig(nil, discoveringProv("live", srv.URL, "")), nil)
+	log := &marketLog{}
+	refresh := func() { rt.RefreshMarket(t.Context(), srv.Client(), log.logger()) }
+	refresh()
+	for _, fail := range []func(f *fakeRoutstr){
+		func(f *fakeRoutstr) { f.listStatus = http.StatusBadGateway },
+		func(f *fakeRoutstr) { f.listStatus, f.listing = 0, `<html>maintenance</html>` },
+		func(f *fakeRoutstr) { f.listing = `{"error":"rate limited"}` },
+	} {
+		fake.set(fail)
+		refresh()
+		r, aerr := routeFor(t, rt, "openai/gpt-4o-mini")
+		if aerr != nil {
+			t.Fatalf("with a failing listing: Route = %s; want the last good listing", routeString(r, aerr))
+		}
+		if got, want := r.ordered[0].price, (price{150, 600, 0}); got != want {
+			t.Errorf("with a failing listing: price = %v; want the last good listing's %v", got, want)
+		}
+	}
+	info := rt.ProviderMarket(routerNow)[0]
+	if want := "listing has no data array"; info.ListingError != want {
+		t.Errorf("listing_error = %q; want %q", info.ListingError, want)
+	}
+	if info.ListingErrAt == nil {
+		t.Errorf("listing_error_at missing")
+	}
+	if info.PriceSource != "live" {
+		t.Errorf("price_source = %q; want live", info.PriceSource)
+	}
+	if info.ListingAge == nil {
+		t.Errorf("listing_age_secs missing")
+	}
+	fake.set(func(f *fakeRoutstr) { f.listing = routstrListing(t) })
+	refresh()
+	refresh()
+	if n := log.count("provider listing failing"); n != 1 {
+		t.Errorf("logged %d listing failures over three failing polls; want 1", n)
+	}
+	if n := log.count("provider listing recovered"); n != 1 {
+		t.Errorf("logged %d recoveries over two good polls; want 1", n)
+	}
+	if info := rt.ProviderMarket(routerNow)[0]; info.ListingError != "" {
+		t.Errorf("after recovery: listing error = %q; want none", info.ListingError)
+	}
+}
+
+// A discovering provider with no configured models serves nothing, not any
+// model, until its listing has been read; /providers says why.
+func TestMarketDiscoverWithoutModels(t *testing.T) {
+	fake := &fakeRoutstr{listStatus: http.StatusInternalServerError}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	rt := newRouter(routerConfig(nil, discoveringProv("live", srv.URL, "")), nil)
+	rt.RefreshMarket(t.Context(), srv.Client(), (&marketLog{}).logger())
+	if r, aerr := routeFor(t, rt, "anything"); !isAPIError(aerr, http.StatusBadRequest, "no_provider") {
+		t.Errorf("Route = %s; want 400 no_provider", routeString(r, aerr))
+	}
+	info := rt.ProviderMarket(routerNow)[0]
+	if info.ServesNothing == "" {
+		t.Errorf("serves_nothing is empty; want why the provider serves no model")
+	}
+	if info.AnyModel {
+		t.Errorf("any_model = true; want false")
+	}
+	if len(info.ModelsServed) != 0 {
+		t.Errorf("models_served = %v; want none", info.ModelsServed)
+	}
+}
+
+// A unusable price field is warned about once per listing, not at every
+// poll, and again only when the listing changes.
+func TestMarketBadFieldWarnsOnce(t *testing.T) {
+	fake := &fakeRoutstr{listing: `{"data":[{"id":"m","sats_pricing":{"prompt":"cheap","completion":0.002,"request":0,"max_cost":5}}]}`}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	rt := newRouter(routerConfig(nil, discoveringProv("live", srv.URL, "")), nil)
+	log := &marketLog{}
+	for range 3 {
+		rt.RefreshMarket(t.Context(), srv.Client(), log.logger())
+	}
+	if n := log.count("provider listing has unusable prices; configured prices kept for them"); n != 1 {
+		t.Errorf("warned %d times over three polls of one bad listing; want 1", n)
+	}
+	r, aerr := routeFor(t, rt, "m")
+	if aerr != nil {
+		t.Fatalf("Route = %s", routeString(r, aerr))
+	}
+	if got, want := r.ordered[0].price, (price{10000, 2000, 0}); got != want {
+		t.Errorf("price = %v; want the configured input rate beside the listed output rate, %v", got, want)
+	}
+}
+
+// StartMarket waits for the first listings at most its bound, so a hanging
+// provider does not hold the start; the others are in force when it returns.
+func TestStartMarketHangingProvider(t *testing.T) {
+	good := &fakeRoutstr{listing: routstrListing(t), balStatus: http.StatusNotFound}
+	hung := &fakeRoutstr{hang: true}
+	goodSrv, hungSrv := httptest.NewServer(good), httptest.NewServer(hung)
+	defer goodSrv.Close()
+	defer hungSrv.Close()
+	cfg := routerConfig(nil, discoveringProv("good", goodSrv.URL, "k"), discoveringProv("hung", hungSrv.URL, "", "m"))
+	cfg.Market.RefreshSecs = 3600
+	rt := newRouter(cfg, nil)
+	// Shorter than the 5 s of a real start, long enough for a local read.
+	rt.startWait = 2 * time.Second
+	ctx, cancel := context.WithCancel(t.Context())
+	returned := make(chan struct{})
+	go func() {
+		rt.StartMarket(ctx, http.DefaultClient, (&marketLog{}).logger())
+		close(returned)
+	}()
+	select {
+	case <-returned:
+	case <-time.After(10 * time.Second):
+		t.Fatal("StartMarket still waiting on a hanging provider after 10 s")
+	}
+	if r, aerr := routeFor(t, rt, "openai/gpt-4o-mini"); aerr != nil {
+		t.Errorf("after StartMarket: Route = %s; want the good provider's listing in force", routeString(r, aerr))
+	}
+	if r, aerr := routeFor(t, rt, "m"); aerr != nil {
+		t.Errorf("Route(m) = %s; want the hanging provider's configured model served", routeString(r, aerr))
+	}
+	cancel()
+	rt.WaitMarket()
+}
+
+// A known balance below a request's estimated cost sets the provider aside
+// with the reason "balance too low"; a 402 empties it until the next read.
+func TestMarketBalance(t *testing.T) {
+	fake := &fakeRoutstr{listing: routstrListing(t), balance: `{"api_key":"sk-x","balance":5000,"reserved":1000}`}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	cfg := routerConfig(nil, discoveringProv("live", srv.URL, "sk-live"), routerProv("typed", 100, 300, "openai/gpt-4o-mini"))
+	cfg.Market.LowBalanceSats = 10
+	rt := newRouter(cfg, nil)
+	log := &marketLog{}
+	refresh := func() { rt.RefreshMarket(t.Context(), srv.Client(), log.logger()) }
+	refresh()
+	live := rt.byName["live"]
+	info := rt.ProviderMarket(routerNow)[0]
+	if want := 5.0; !reflect.DeepEqual(info.BalanceSats, &want) {
+		t.Errorf("balance_sats = %v; want 5", info.BalanceSats)
+	}
+	if info.BalanceAge == nil {
+		t.Errorf("balance_age_secs missing")
+	}
+	// 100 input and 100 output tokens at 150 and 600 µsat: 75 msat.
+	small := &chatRequest{Model: "openai/gpt-4o-mini", TextBytes: 400, MaxTokens: 100}
+	if r, aerr := rt.Route(small, "", routerNow, 0); !slices.Equal(candidateNames(r.ordered), []string{"live", "typed"}) {
+		t.Errorf("Route(75 msat) with 5000 msat = %s; want [live typed]", routeString(r, aerr))
+	}
+	// 40000 input and 1000 output tokens: 6600 msat, more than the balance.
+	big := &chatRequest{Model: "openai/gpt-4o-mini", TextBytes: 160000, MaxTokens: 1000}
+	r, aerr := rt.Route(big, "", routerNow, 0)
+	if aerr != nil {
+		t.Fatalf("Route = %s", routeString(r, aerr))
+	}
+	if want := []exclusion{{"live", "balance too low"}}; !reflect.DeepEqual(r.excluded, want) {
+		t.Errorf("Route(6600 msat) with 5000 msat: excluded = %v; want %v", r.excluded, want)
+	}
+	if n := log.count("provider balance low"); n != 1 {
+		t.Errorf("logged %d low-balance warnings; want 1", n)
+	}
+
+	live.paymentRequired(routerNow)
+	if r, aerr := rt.Route(small, "", routerNow, 0); !reflect.DeepEqual(r.excluded, []exclusion{{"live", "balance too low"}}) {
+		t.Errorf("after a 402: Route = %s; want live set aside", routeString(r, aerr))
+	}
+	fake.set(func(f *fakeRoutstr) { f.balance = `{"balance":20000000,"reserved":0}` })
+	refresh()
+	if r, aerr := rt.Route(big, "", routerNow, 0); !slices.Equal(candidateNames(r.ordered), []string{"live", "typed"}) {
+		t.Errorf("after a top-up: Route = %s; want [live typed]", routeString(r, aerr))
+	}
+	fake.set(func(f *fakeRoutstr) { f.balance = `{"balance":1000,"reserved":0}` })
+	refresh()
+	refresh()
+	if n := log.count("provider balance low"); n != 2 {
+		t.Errorf("logged %d low-balance warnings over low, high, low, low; want 2", n)
+	}
+}
+
+// Every provider set aside for its balance or circuit: a 503 that says so.
+func TestMarketBalanceNoneLeft(t *testing.T) {
+	rt := newRouter(routerConfig(nil, routerProv("a", 1, 1)), nil)
+	rt.byName["a"].paymentRequired(routerNow)
+	r, aerr := routeFor(t, rt, "m")
+	if !isAPIError(aerr, http.StatusServiceUnavailable, "no_provider_available", "balance") {
+		t.Errorf("Route = %s; want 503 naming the balance", routeString(r, aerr))
+	}
+}
+
+// A provider without a balance API (404, as for an older routstr-core) is
+// not asked again.
+func TestMarketNoBalanceAPI(t *testing.T) {
+	for _, status := range []int{http.StatusUnauthorized, http.StatusNotFound, http.StatusMethodNotAllowed} {
+		fake := &fakeRoutstr{listing: routstrListing(t), balStatus: status}
+		srv := httptest.NewServer(fake)
+		rt := newRouter(routerConfig(nil, discoveringProv("live", srv.URL, "sk-live")), nil)
+		for range 3 {
+			rt.RefreshMarket(t.Context(), srv.Client(), (&marketLog{}).logger())
+		}
+		srv.Close()
+		if fake.balReads != 1 {
+			t.Errorf("balance answered %d: read %d times over three refreshes; want 1", status, fake.balReads)
+		}
+		if fake.listReads != 3 {
+			t.Errorf("balance answered %d: listing read %d times over three refreshes; want 3", status, fake.listReads)
+		}
+		if info := rt.ProviderMarket(routerNow)[0]; info.BalanceSats != nil {
+			t.Errorf("balance answered %d: balance_sats = %v; want none", status, *info.BalanceSats)
+		}
+	}
+	// Without a key there is no balance to ask for.
+	fake := &fakeRoutstr{listing: routstrListing(t), balance: `{"balance":1}`}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	newRouter(routerConfig(nil, discoveringProv("live", srv.URL, "")), nil).RefreshMarket(t.Context(), srv.Client(), (&marketLog{}).logger())
+	if fake.balReads != 0 {
+		t.Errorf("keyless provider: balance read %d times; want 0", fake.balReads)
+	}
+}
+
+func TestRecordCharge(t *testing.T) {
+	p := newProvider(routerProv("a", 1, 1))
+	for i, want := range []float64{1, 1, 1, 1, 1.1} {
+		p.recordCharge(1100, 1000)
+		if got := p.chargeRatio(); math.Abs(got-want) > 1e-12 {
+			t.Errorf("ratio after %d reports of 1.1 = %v; want %v", i+1, got, want)
+		}
+	}
+	// The window holds the last 20 reports: 20 honest ones forget the rest.
+	for range 20 {
+		p.recordCharge(1000, 1000)
+	}
+	if got := p.chargeRatio(); got != 1 {
+		t.Errorf("ratio after 20 honest reports = %v; want 1", got)
+	}
+	p.recordCharge(5000, 0) // a free quote teaches nothing
+	if got := p.chargeRatio(); got != 1 {
+		t.Errorf("ratio after a report on a free quote = %v; want 1", got)
+	}
+}
+
+// A provider that advertises low and bills 15% more stops winning against
+// one 10% pricier once it has enough reports; /v1/cost sees the ratio.
+func TestRouteChargeRatio(t *testing.T) {
+	rt := newRouter(routerConfig(nil, routerProv("lowball", 10, 10), routerProv("honest", 11, 11)), nil)
+	lowball := rt.byName["lowball"]
+	first := func() string {
+		r, aerr := routeFor(t, rt, "m")
+		if aerr != nil {
+			t.Fatalf("Route = %s", routeString(r, aerr))
+		}
+		return r.ordered[0].p.Name
+	}
+	for i := range 4 {
+		if got := first(); got != "lowball" {
+			t.Errorf("after %d reports: first = %q; want lowball", i, got)
+		}
+		lowball.recordCharge(1150, 1000)
+	}
+	lowball.recordCharge(1150, 1000)
+	if got := first(); got != "honest" {
+		t.Errorf("after 5 reports of 1.15: first = %q; want honest", got)
+	}
+	r, _ := routeFor(t, rt, "m")
+	got := r.ordered[1]
+	if got.ratio != 1.15 {
+		t.Errorf("lowball candidate: ratio = %v; want 1.15", got.ratio)
+	}
+	if want := int64(math.Round(float64(got.estMsat) * 1.15)); got.rankMsat != want {
+		t.Errorf("lowball candidate: rank = %d msat; want estimate %d × 1.15 = %d", got.rankMsat, got.estMsat, want)
+	}
+}
+
+func TestParseReportedCost(t *testing.T) {
+	for _, tt := range []struct {
+		name   string
+		header string
+		body   string
+		want   int64
+		ok     bool
+	}{
+		{"total_msats", "", `{"usage":{"cost":{"total_msats":1234}}}`, 1234, true},
+		{"total_msats decimal", "", `{"usage":{"cost":{"total_msats":1234.5}}}`, 1235, true},
+		{"total_msats first", "999", `{"usage":{"cost":{"total_msats":1234},"cost_sats":5}}`, 1234, true},
+		{"header second", "999", `{"usage":{"cost_sats":5}}`, 999, true},
+		{"header decimal", " 12.4 ", `not json`, 12, true},
+		{"cost_sats", "", `{"usage":{"cost_sats":0.0015}}`, 2, true},
+		{"cost_sats exponent", "", `{"usage":{"cost_sats":1.5e-3}}`, 2, true},
+		{"cost_sats integer", "", `{"usage":{"cost_sats":3}}`, 3000, true},
+		{"bad total_msats falls through", "", `{"usage":{"cost":{"total_msats":"12"},"cost_sats":1}}`, 1000, true},
+		{"bad header falls through", "lots", `{"usage":{"cost_sats":1}}`, 1000, true},
+		{"cost as a number (USD) is not msats", "", `{"usage":{"cost":0.002}}`, 0, false},
+		{"negative", "-5", `{"usage":{"cost_sats":-1}}`, 0, false},
+		{"NaN header", "NaN", ``, 0, false},
+		{"Inf header", "Inf", ``, 0, false},
+		{"hex header", "0x10", ``, 0, false},
+		{"huge", "", `{"usage":{"cost_sats":1e300}}`, 0, false},
+		{"null", "", `{"usage":{"cost_sats":null}}`, 0, false},
+		{"none", "", `{"usage":{"prompt_tokens":3}}`, 0, false},
+		{"empty", "", ``, 0, false},
+	} {
+		h := http.Header{}
+		if tt.header != "" {
+			h.Set("X-Routstr-Cost-Msats", tt.header)
+		}
+		got, ok := parseReportedCost(h, []byte(tt.body))
+		if got != tt.want {
+			t.Errorf("%s: parseReportedCost(%q, %q) = %d; want %d", tt.name, tt.header, tt.body, got, tt.want)
+		}
+		if ok != tt.ok {
+			t.Errorf("%s: parseReportedCost(%q, %q) ok = %v; want %v", tt.name, tt.header, tt.body, ok, tt.ok)
+		}
+	}
+}
+
+func FuzzParseReportedCost(f *testing.F) {
+	f.Add("12.5", []byte(`{"usage":{"cost":{"total_msats":1234}}}`))
+	f.Add("", []byte(`{"usage":{"cost_sats":1e-3}}`))
+	f.Add("1e400", []byte(`{"usage":{"cost_sats":-0}}`))
+	f.Fuzz(func(t *testing.T, header string, body []byte) {
+		h := http.Header{"X-Routstr-Cost-Msats": {header}}
+		if msat, ok := parseReportedCost(h, body); msat < 0 || (!ok && msat != 0) {
+			t.Errorf("parseReportedCost(%q, %q) = %d, %v", header, body, msat, ok)
+		}
+	})
+}
+
+func TestMarketView(t *testing.T) {
+	fake := &fakeRoutstr{listing: routstrListing(t), balance: `{"balance":7000,"reserved":0}`}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	typed := routerProv("typed", 600, 5000, "google/gemini-2.5-flash") // sats per 1M
+	typed.BaseFee = 0.5
+	cfg := routerConfig(nil, typed, discoveringProv("live", srv.URL, "sk-live"))
+	cfg.RateUnit = rateUnitPer1m
+	cfg.Market.StaleAfterSecs = 900
+	rt := newRouter(cfg, nil)
+	rt.RefreshMarket(t.Context(), srv.Client(), (&marketLog{}).logger())
+	now := time.Now().Add(1000 * time.Second) // past stale_after_secs
+	v := rt.Market(now)
+	if v.RateUnit != rateUnitPer1m {
+		t.Errorf("rate_unit = %q; want %q", v.RateUnit, rateUnitPer1m)
+	}
+	var ids []string
+	for _, m := range v.Models {
+		ids = append(ids, m.ID)
+	}
+	if want := []string{"google/gemini-2.5-flash", "openai/gpt-4o-mini"}; !slices.Equal(ids, want) {
+		t.Fatalf("models = %v; want %v", ids, want)
+	}
+	gem := v.Models[0]
+	// live: 1000·303 + 1000·2525 µsat + 1 msat = 2829 msat;
+	// typed: 1000·600 + 1000·5000 µsat + 500 msat = 6100 msat.
+	if len(gem.Providers) != 2 {
+		t.Fatalf("providers of %s = %+v; want 2", gem.ID, gem.Providers)
+	}
+	live := gem.Providers[0]
+	if live.AgeSecs == nil {
+		t.Errorf("live offer has no age_secs")
+	}
+	live.AgeSecs = nil // the age depends on the clock; the rest does not
+	want := []marketOffer{
+		{Provider: "live", InputRate: 303, OutputRate: 2525, RequestFeeSats: 0.001, ReferenceCostSats: 2.829,
+			Source: "live", Stale: true, Circuit: stateClosed, ChargeRatio: 1, BalanceSats: new(7.0), refMsat: 2829},
+		{Provider: "typed", InputRate: 600, OutputRate: 5000, RequestFeeSats: 0.5, ReferenceCostSats: 6.1,
+			Source: "config", Circuit: stateClosed, ChargeRatio: 1, refMsat: 6100},
+	}
+	if got := []marketOffer{live, gem.Providers[1]}; !reflect.DeepEqual(got, want) {
+		t.Errorf("offers for %s = %+v; want %+v", gem.ID, got, want)
+	}
+	// (6100 - 2829) / 2829 = 115.62%.
+	if gem.SpreadPct != 115.62 {
+		t.Errorf("spread_pct = %v; want 115.62", gem.SpreadPct)
+	}
+	if _, err := json.Marshal(v); err != nil {
+		t.Errorf("json.Marshal(market) = %v", err)
+	}
+}
+
+// Routing sees a refresh at once and whole: while a listing keeps changing
+// a provider's prices (input and output always equal), no route sees half of
+// one listing and half of another, and -race finds nothing.
+func TestMarketSwapIsAtomic(t *testing.T) {
+	pc := discoveringProv("live", "https://live.example", "", "m")
+	pc.OutputRate = pc.InputRate // so that the configured price is whole too
+	rt := newRouter(routerConfig(nil, pc, routerProv("typed", 1, 1)), nil)
+	p := rt.byName["live"]
+	log := slog.New(slog.DiscardHandler)
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		defer close(done)
+		for i := range 500 {
+			rate := float64(i+1) / 1e6
+			l, bad, err := parseListing(fmt.Appendf(nil, `{"data":[{"id":"m","sats_pricing":{"prompt":%g,"completion":%g,"request":0,"max_cost":1}}]}`, rate, rate), routerNow)
+			if p.applyListing(l, bad, err, routerNow, log) {
+				rt.rebuild()
+			}
+		}
+	})
+	for range 4 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				r, aerr := routeFor(t, rt, "m")
+				if aerr != nil {
+					t.Errorf("Route = %s", routeString(r, aerr))
+					return
+				}
+				for _, c := range r.ordered {
+					if c.price.InMicro != c.price.OutMicro {
+						t.Errorf("%s: price %v mixes two listings", c.p.Name, c.price)
+						return
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if r, _ := routeFor(t, rt, "m"); r.cands[0].price != (price{500, 500, 0}) {
+		t.Errorf("after the last refresh: price = %v; want {500 500 0}", r.cands[0].price)
+	}
+}
+
+// BenchmarkRouteDiscovering is BenchmarkRoute with half of the providers
+// discovering: their models and prices come from listings, swapped in as
+// one table.
+func BenchmarkRouteDiscovering(b *testing.B) {
+	cfg := routerBenchConfig()
+	for i := range cfg.Providers {
+		cfg.Providers[i].Discover = i%2 == 1
+	}
+	rt := newRouter(cfg, func(string) (float64, int64) { return 1.4, 20 })
+	log := slog.New(slog.DiscardHandler)
+	models := []string{"gpt-4o", "gpt-4o-mini", "claude-3.5-sonnet", "llama-3.1-70b", "mistral-large"}
+	for i, p := range rt.providers {
+		if i%2 == 0 {
+			p.observe(time.Duration(20+i%97) * time.Millisecond)
+		}
+		if !p.Discover {
+			continue
+		}
+		var entries []string
+		for j, m := range models[i%3:] {
+			entries = append(entries, fmt.Sprintf(`{"id":%q,"sats_pricing":{"prompt":%g,"completion":%g,"request":0.001,"max_cost":50}}`,
+				m, float64(1+(i+j)*37%100)/1e5, float64(2+(i+j)*53%300)/1e5))
+		}
+		l, bad, err := parseListing([]byte(`{"data":[`+strings.Join(entries, ",")+`]}`), routerNow)
+		p.applyListing(l, bad, err, routerNow, log)
+		p.market.balance.Store(int64(1e9))
+		if i%5 == 0 {
+			p.recordCharge(1, 1)
+		}
+	}
+	rt.rebuild()
+	last := fmt.Sprintf(routerBenchText, "refactor")
+	req := &chatRequest{Model: "gpt-4o", TextBytes: int64(len(routerBenchSystem) + len(last)), LastUser: last}
+	r, aerr := rt.Route(req, "", routerNow, 0)
+	if aerr != nil || r.policyName() != "code" {
+		b.Fatalf("Route = %s; want policy code", routeString(r, aerr))
+	}
+	b.Logf("%d candidates, %d excluded", len(r.ordered), len(r.excluded))
+	b.ReportAllocs()
+	for b.Loop() {
+		rt.Route(req, "", routerNow, 3)
+	}
+}
+
+// A listing that cannot be read says why in /providers without the URL's
+// credentials or the key.
+func TestMarketErrorHoldsNoSecret(t *testing.T) {
+	srv := httptest.NewServer(http.NotFoundHandler())
+	addr := srv.Listener.Addr().String()
+	srv.Close() // nothing listens there now
+	rt := newRouter(routerConfig(nil, discoveringProv("live", "http://user:url-secret@"+addr, "key-secret")), nil)
+	log := &marketLog{}
+	rt.RefreshMarket(t.Context(), http.DefaultClient, log.logger())
+	info := rt.ProviderMarket(routerNow)[0]
+	if info.ListingError == "" {
+		t.Fatal("listing_error is empty; want the failure")
+	}
+	for _, secret := range []string{"url-secret", "key-secret"} {
+		if strings.Contains(info.ListingError, secret) {
+			t.Errorf("listing_error = %q; holds %q", info.ListingError, secret)
+		}
+		if strings.Contains(log.buf.String(), secret) {
+			t.Errorf("log holds %q", secret)
+		}
 	}
 }

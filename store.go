@@ -757,6 +757,13 @@ func (s *Store) Admit(ctx context.Context) error {
 	}
 }
 
+// Queued returns how many rows wait to be written.
+func (s *Store) Queued() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.queue) + s.writing
+}
+
 // Record journals row and queues it for the writer. It never waits for a
 // commit, and never refuses a row: the queue's bound is applied by Admit,
 // before the request starts. Once Record returns, the row survives a crash
