@@ -135,11 +135,11 @@ func newServer(cfg *Config, router *Router, store *Store, logger *slog.Logger) *
 				Timeout:   30 * time.Second,
 				KeepAlive: 30 * time.Second,
 			}).DialContext,
-			ForceAttemptHTTP2:     true,
-			MaxIdleConns:          512,
-			MaxIdleConnsPerHost:   128, // keep a warm pool per provider under load
-			IdleConnTimeout:       90 * time.Second,
-			TLSHandshakeTimeout:   10 * time.Second,
+			ForceAttemptHTTP2:   true,
+			MaxIdleConns:        512,
+			MaxIdleConnsPerHost: 128, // keep a warm pool per provider under load
+			IdleConnTimeout:     90 * time.Second,
+			TLSHandshakeTimeout: 10 * time.Second,
 			// No ResponseHeaderTimeout: each attempt bounds its own wait
 			// with server.upstream_timeout_secs, which a reload may change.
 			// Without Accept-Encoding from us, providers answer uncompressed,
