@@ -249,11 +249,13 @@ func serve(ctx context.Context, o overrides, stderr io.Writer) error {
 	defer store.Close()
 	router := newRouter(cfg, store.Ratio)
 	srv := newServer(cfg, router, store, logger)
-	// applyReload puts a configuration read on SIGHUP into service. The
-	// server cannot yet swap its configuration while it runs, so for now
-	// this says that a restart is needed.
-	applyReload := func(*Config) error {
-		logger.Warn("reload: a new config was read; applying it needs a restart")
+	srv.mode = mode
+	// Listings and balances are read before arbstr serves, for a few
+	// seconds at most, so that the first requests see the market.
+	srv.startMarket(ctx)
+	defer srv.shutdownMarket()
+	applyReload := func(next *Config) error {
+		srv.reload(ctx, next)
 		return nil
 	}
 

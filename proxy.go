@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"reflect"
 	"runtime"
 	"slices"
 	"sort"
@@ -97,6 +98,9 @@ type server struct {
 	backoff  []time.Duration // between passes over the candidates
 	metrics  metrics
 	mode     string // "config" or "mock", for the page
+
+	reloadMu   sync.Mutex // orders reloads, and guards stopMarket
+	stopMarket func()     // stops the current router's market reads
 }
 
 // serving is what requests are served with: a configuration and what is
@@ -147,9 +151,87 @@ func newServer(cfg *Config, router *Router, store *Store, logger *slog.Logger) *
 			DisableCompression: true,
 		},
 	}
-	s.live.Store(newServing(cfg, router, newSpendControl(cfg, time.Now(), nil)))
+	spend := newSpendControl(cfg, time.Now(), nil)
+	if err := spend.restore(time.Now(), func(since time.Time) (map[string]int64, error) {
+		return store.Spent(context.Background(), since)
+	}); err != nil {
+		logger.Error("budgets: could not read what was spent from the ledger; they start at 0", "err", err)
+	}
+	s.live.Store(newServing(cfg, router, spend))
 	s.mux = s.routes()
 	return s
+}
+
+// startMarket reads the first listings and balances of the discovering
+// providers, waiting at most a few seconds, then keeps them fresh in the
+// background until ctx ends or a reload replaces the router.
+func (s *server) startMarket(ctx context.Context) {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	s.startMarketLocked(ctx, s.current().router)
+}
+
+func (s *server) startMarketLocked(ctx context.Context, rt *Router) {
+	mctx, cancel := context.WithCancel(ctx)
+	s.stopMarket = func() { cancel(); rt.WaitMarket() }
+	rt.StartMarket(mctx, &http.Client{Transport: s.transport}, s.log)
+}
+
+// reload puts a new configuration in service at once: requests that start
+// from now on use it, those in flight finish on the one they started with.
+// What was learned about each provider that keeps its name carries over
+// (circuit, latency, listing, balance, charge ratio), and so do budgets'
+// spending and clients' rate limits. One log line says what changed.
+func (s *server) reload(ctx context.Context, cfg *Config) {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	old := s.current()
+	rt := newRouter(cfg, s.store.Ratio)
+	rt.adopt(old.router)
+	spend := newSpendControl(cfg, time.Now(), old.spend)
+	if s.stopMarket != nil {
+		s.stopMarket()
+	}
+	s.startMarketLocked(ctx, rt)
+	s.live.Store(newServing(cfg, rt, spend))
+	added, removed, changed := providerChanges(old.cfg.Providers, cfg.Providers)
+	s.log.Info("reload: new config in service", "providers_added", strings.Join(added, ","),
+		"providers_removed", strings.Join(removed, ","), "providers_changed", strings.Join(changed, ","),
+		"policies", len(cfg.Policies.Rules), "clients", len(cfg.Clients))
+}
+
+// shutdownMarket stops reading listings and balances.
+func (s *server) shutdownMarket() {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	if s.stopMarket != nil {
+		s.stopMarket()
+		s.stopMarket = nil
+	}
+}
+
+// providerChanges names the providers a reload adds, removes and changes.
+func providerChanges(old, cur []ProviderConfig) (added, removed, changed []string) {
+	byName := make(map[string]ProviderConfig, len(old))
+	for _, p := range old {
+		byName[p.Name] = p
+	}
+	for _, p := range cur {
+		o, ok := byName[p.Name]
+		switch {
+		case !ok:
+			added = append(added, p.Name)
+		case !reflect.DeepEqual(o, p):
+			changed = append(changed, p.Name)
+		}
+		delete(byName, p.Name)
+	}
+	for _, p := range old {
+		if _, ok := byName[p.Name]; ok {
+			removed = append(removed, p.Name)
+		}
+	}
+	return added, removed, changed
 }
 
 // routes registers every endpoint. The mux answers wrong methods itself;
@@ -167,6 +249,7 @@ func (s *server) routes() *http.ServeMux {
 	mux.HandleFunc("GET /{$}", s.handlePage)
 	mux.HandleFunc("GET /providers", s.handleProviders)
 	mux.HandleFunc("GET /v1/market", s.handleMarket)
+	mux.HandleFunc("GET /v1/budgets", s.handleBudgets)
 	mux.HandleFunc("GET /v1/stats", s.handleStats)
 	mux.HandleFunc("GET /v1/requests", s.handleRequests)
 	mux.HandleFunc("GET /v1/requests/{id}", s.handleRequest)
@@ -185,14 +268,18 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusNoContent)
 		return
 	}
-	if sv.cfg.Server.AuthToken != "" && r.URL.Path != "/health" && !sv.authorized(r) {
+	c, ok := sv.caller(r)
+	if !ok {
 		refusedHeaders(w, r)
 		if r.URL.Path == "/" {
 			w.Header().Set("WWW-Authenticate", `Basic realm="arbstr"`)
 		}
 		writeError(w, errorf(http.StatusUnauthorized, "authentication_error", "invalid_api_key",
-			"missing or invalid bearer token; send Authorization: Bearer <server.auth_token>"))
+			"missing or invalid bearer token; send Authorization: Bearer <token>, a client's or server.auth_token"))
 		return
+	}
+	if c != nil {
+		r = r.WithContext(context.WithValue(r.Context(), clientKey{}, c))
 	}
 	h, pattern := s.mux.Handler(r)
 	if pattern != "" {
@@ -294,18 +381,56 @@ func (h *headerRecorder) WriteHeader(status int)      { h.status = status }
 // authorized checks Authorization: Bearer TOKEN: the scheme in any case,
 // the token compared in constant time through its hash, so that not even its
 // length leaks.
-func (sv *serving) authorized(r *http.Request) bool {
-	token, ok := bearerToken(r)
-	if !ok && r.URL.Path == "/" {
-		// A browser cannot send a bearer token to a page; it asks the
-		// person for a password instead (HTTP Basic, RFC 7617).
-		_, token, ok = r.BasicAuth()
-	}
-	if !ok {
-		return false
-	}
+func (sv *serving) authorized(token string) bool {
 	got := sha256.Sum256([]byte(token))
 	return subtle.ConstantTimeCompare(got[:], sv.authHash[:]) == 1
+}
+
+// clientPaths are the endpoints a client's token opens: those that route
+// and price requests, the models, and the client's own budgets.
+func clientPath(path string) bool {
+	switch path {
+	case "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/cost", "/v1/models", "/v1/budgets":
+		return true
+	}
+	return strings.HasPrefix(path, "/v1/models/")
+}
+
+// caller says who sent a request: a client (by its token), or the operator
+// (nil: server.auth_token's holder, or anyone where no token guards). ok is
+// false for a request to refuse with 401. GET /health is open to all.
+func (sv *serving) caller(r *http.Request) (c *client, ok bool) {
+	if r.URL.Path == "/health" {
+		return nil, true
+	}
+	token, hasToken := bearerToken(r)
+	if !hasToken && r.URL.Path == "/" {
+		// A browser cannot send a bearer token to a page; it asks the
+		// person for a password instead (HTTP Basic, RFC 7617).
+		_, token, hasToken = r.BasicAuth()
+	}
+	operator := sv.cfg.Server.AuthToken != ""
+	if hasToken && operator && sv.authorized(token) {
+		return nil, true
+	}
+	if len(sv.spend.clients) > 0 && clientPath(r.URL.Path) {
+		// With clients configured, these endpoints need a token.
+		if !hasToken {
+			return nil, false
+		}
+		c = sv.spend.clientFor(token)
+		return c, c != nil
+	}
+	return nil, !operator
+}
+
+// clientKey is the context key of the client a request comes from.
+type clientKey struct{}
+
+// clientOf returns the client a request comes from, nil for the operator.
+func clientOf(r *http.Request) *client {
+	c, _ := r.Context().Value(clientKey{}).(*client)
+	return c
 }
 
 // bearerToken returns the token of an Authorization: Bearer header, the
@@ -853,6 +978,9 @@ func newRequestID() string {
 type exchange struct {
 	sv         *serving // what the request is served with, to its end
 	ep         *endpoint
+	client     *client      // nil for the operator
+	reserved   *reservation // in the request's budgets; nil without any
+	spent      int64        // the recorded cost, which replaces the reservation
 	id         string
 	start      time.Time
 	req        *chatRequest
@@ -929,8 +1057,12 @@ func (s *server) finish(ex *exchange, c *candidate, a answer) {
 	if a.errMsg != "" {
 		row.Error = new(a.errMsg)
 	}
+	if ex.client != nil {
+		row.Client = ex.client.Name
+	}
 	if a.hasUsage {
 		s.price(&row, ex, c, a)
+		ex.spent = int64(*row.Cost)
 	}
 	if ex.sv.cfg.Logging.LogRequests {
 		s.store.Record(row)
@@ -1041,13 +1173,12 @@ func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoin
 		writeError(w, aerr)
 		return
 	}
-	ex.req, ex.body = req, body
-	rt, aerr := sv.router.Route(req, r.Header.Get("X-Arbstr-Policy"), ex.start, sv.cfg.Server.MaxAttempts)
-	ex.route = rt
-	if aerr != nil {
+	ex.req, ex.body, ex.client = req, body, clientOf(r)
+	if aerr := s.admit(r, ex); aerr != nil {
 		s.fail(w, ex, nil, aerr)
 		return
 	}
+	defer func() { ex.reserved.settle(ex.spent) }()
 	if req.Stream {
 		if ep == chatEndpoint {
 			ex.body, ex.addedUsage = withIncludeUsage(body, req.StreamOptions)
@@ -1056,6 +1187,49 @@ func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoin
 		defer ex.wait.end()
 	}
 	s.forward(w, r, ex)
+}
+
+// admit decides whether a request may go upstream, in this order: the
+// client's rate limit, the route (policy, candidates), the client's right
+// to the policy, room in the ledger for its row, and its worst case
+// reserved in every budget it falls under. A refusal is recorded like any
+// other.
+func (s *server) admit(r *http.Request, ex *exchange) *apiError {
+	sv, c, now := ex.sv, ex.client, ex.start
+	if c != nil && c.limiter != nil {
+		if ok, wait := c.limiter.allow(now); !ok {
+			e := errorf(http.StatusTooManyRequests, "requests", "rate_limit_exceeded",
+				"rate limit of client %q reached: %d requests per minute", c.Name, c.RateLimitRPM)
+			e.retryAfter = wait
+			return e
+		}
+	}
+	header := r.Header.Get("X-Arbstr-Policy")
+	if c != nil && header != "" && !c.mayUse(header) {
+		return errorf(http.StatusForbidden, "permission_error", "policy_not_allowed",
+			"client %q may not use policy %q", c.Name, header)
+	}
+	if c != nil {
+		ex.req.Policies = c.allowed
+	}
+	rt, aerr := sv.router.Route(ex.req, header, now, sv.cfg.Server.MaxAttempts)
+	ex.route = rt
+	if aerr != nil {
+		return aerr
+	}
+	if sv.cfg.Logging.LogRequests {
+		if err := s.store.Admit(r.Context()); errors.Is(err, ErrLedgerUnavailable) {
+			return errorf(http.StatusServiceUnavailable, "service_unavailable", "ledger_unavailable",
+				"the ledger cannot be written and its queue is full; no request is sent that cannot be recorded: %v", s.store.Health())
+		}
+	}
+	budgets := sv.spend.budgetsFor(c, rt.policyName())
+	if len(budgets) == 0 {
+		return nil
+	}
+	res, aerr := sv.spend.reserve(budgets, rt.worstCase(ex.req, sv.cfg.Budgets.DefaultReserveTokens), now)
+	ex.reserved = res
+	return aerr
 }
 
 // enter counts a chat request in flight, unless arbstr is draining.
@@ -2345,6 +2519,15 @@ func (s *server) handleProviders(w http.ResponseWriter, r *http.Request) {
 		list = append(list, pi)
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"rate_unit": rt.RateUnit(), "providers": list})
+}
+
+// handleBudgets shows every budget to the operator, and a client its own.
+func (s *server) handleBudgets(w http.ResponseWriter, r *http.Request) {
+	c := clientOf(r)
+	list := s.current().spend.view(time.Now(), func(b *budget) bool {
+		return c == nil || (b.scope == "client" && b.name == c.Name)
+	})
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": list})
 }
 
 func (s *server) handleMarket(w http.ResponseWriter, r *http.Request) {

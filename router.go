@@ -44,6 +44,9 @@ type chatRequest struct {
 	StreamOptions json.RawMessage
 	// NoOutput: the answer has no output tokens (embeddings).
 	NoOutput bool
+	// Policies are those the client may use; nil: any. Keyword matching
+	// skips the others.
+	Policies map[string]bool
 }
 
 // price is a provider's price for one model in exact units: micro-sats per
@@ -353,9 +356,10 @@ type Router struct {
 	policies     []*policy
 	policyByName map[string]*policy
 	policyNames  string // for the unknown-policy error
-	// wordRule maps a keyword that is one word to the first rule having it;
+	// wordRule maps a keyword that is one word to the rules having it, in
+	// config order (a client may not use the first);
 	// phrases are the other keywords ("unit test", "c++"), in rule order.
-	wordRule        map[string]int
+	wordRule        map[string][]int
 	phrases         []phrase
 	defaultStrategy string
 	defaultRR       atomic.Uint64
@@ -399,7 +403,7 @@ func newRouter(cfg *Config, ratio func(string) (float64, int64)) *Router {
 	rt := &Router{
 		byName:          make(map[string]*provider),
 		policyByName:    make(map[string]*policy),
-		wordRule:        make(map[string]int),
+		wordRule:        make(map[string][]int),
 		defaultStrategy: cfg.Policies.DefaultStrategy,
 		ratio:           ratio,
 		rateUnit:        cfg.RateUnit,
@@ -427,8 +431,8 @@ func newRouter(cfg *Config, ratio func(string) (float64, int64)) *Router {
 			switch {
 			case k == "":
 			case isOneWord(k):
-				if _, ok := rt.wordRule[k]; !ok {
-					rt.wordRule[k] = i
+				if rules := rt.wordRule[k]; len(rules) == 0 || rules[len(rules)-1] != i {
+					rt.wordRule[k] = append(rules, i)
 				}
 			default:
 				rt.phrases = append(rt.phrases, phrase{k, i})
@@ -539,7 +543,7 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 		}
 		r.policy = pol
 	} else {
-		r.policy = rt.matchKeywords(req.LastUser)
+		r.policy = rt.matchKeywords(req.LastUser, req.Policies)
 	}
 	if r.policy != nil {
 		r.strategy = r.policy.Strategy
@@ -638,6 +642,33 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 	return r, nil
 }
 
+// worstCase is the most a request may cost, which its budgets reserve
+// before it starts: its input estimate at the highest input rate among the
+// qualified candidates; its output (max_tokens, else the model's max_cost
+// where a listing gives one, which then stands for the whole output part,
+// else reserveTokens) at the highest output rate; and the highest
+// per-request fee. An embedding has no output.
+func (r *route) worstCase(req *chatRequest, reserveTokens int64) int64 {
+	var in, out, fee int64
+	for _, mc := range r.cands {
+		if !r.allows(mc.price) {
+			continue
+		}
+		in = max(in, r.estIn*mc.price.InMicro)
+		fee = max(fee, mc.price.BaseMsat)
+		switch {
+		case req.NoOutput:
+		case req.MaxTokens > 0:
+			out = max(out, min(req.MaxTokens, maxEstTokens)*mc.price.OutMicro)
+		case mc.maxMsat > 0:
+			out = max(out, mc.maxMsat*1000)
+		default:
+			out = max(out, reserveTokens*mc.price.OutMicro)
+		}
+	}
+	return (in+out+999)/1000 + fee
+}
+
 // estimate returns the token counts a request is ranked and shown by: a
 // quarter token per byte of text in, and out max_tokens, or else in times
 // the policy's learned output/input ratio once it has 5 samples.
@@ -729,7 +760,7 @@ func (r *route) capExclusion(mc modelCand) exclusion {
 // the text: case-insensitive, on word boundaries. The text is
 // cut into words once, each looked up among the one-word keywords; only
 // keywords of several words, or with other characters, are searched for.
-func (rt *Router) matchKeywords(text string) *policy {
+func (rt *Router) matchKeywords(text string, allowed map[string]bool) *policy {
 	if text == "" || len(rt.policies) == 0 {
 		return nil
 	}
@@ -749,14 +780,23 @@ func (rt *Router) matchKeywords(text string) *policy {
 			}
 			j += size
 		}
-		if rule, ok := rt.wordRule[lower[i:j]]; ok && rule < best {
-			best = rule
+		for _, rule := range rt.wordRule[lower[i:j]] {
+			if rule >= best {
+				break
+			}
+			if allowed == nil || allowed[rt.policies[rule].Name] {
+				best = rule
+				break
+			}
 		}
 		i = j
 	}
 	for _, ph := range rt.phrases {
 		if ph.rule >= best {
 			break
+		}
+		if allowed != nil && !allowed[rt.policies[ph.rule].Name] {
+			continue
 		}
 		if containsWord(lower, ph.text) {
 			best = ph.rule
@@ -1822,14 +1862,27 @@ func (sc *spendControl) view(now time.Time, show func(*budget) bool) []budgetVie
 }
 
 // restore sets what each budget has spent in its current period, as the
-// ledger recorded it, so that a restart does not reset a budget. spent maps
-// budgetKey to millisats.
-func (sc *spendControl) restore(spent map[string]int64) {
-	sc.mu.Lock()
-	defer sc.mu.Unlock()
-	for k, msat := range spent {
-		if b := sc.byName[k]; b != nil {
-			b.spent = msat
-		}
+// ledger recorded it, so that a restart does not reset a budget. spent
+// returns the millisats recorded since a time, by "client/NAME" and
+// "policy/NAME".
+func (sc *spendControl) restore(now time.Time, spent func(since time.Time) (map[string]int64, error)) error {
+	if len(sc.budgets) == 0 {
+		return nil
 	}
+	for _, period := range []string{periodDay, periodMonth} {
+		start, _ := periodBounds(period, now)
+		sums, err := spent(start)
+		if err != nil {
+			return err
+		}
+		sc.mu.Lock()
+		for _, b := range sc.budgets {
+			if b.period == period {
+				b.roll(now)
+				b.spent = sums[b.scope+"/"+b.name]
+			}
+		}
+		sc.mu.Unlock()
+	}
+	return nil
 }

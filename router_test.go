@@ -1834,7 +1834,7 @@ func TestMatchKeywords(t *testing.T) {
 	}
 	for _, tt := range tests {
 		var got string
-		if pol := rt.matchKeywords(tt.text); pol != nil {
+		if pol := rt.matchKeywords(tt.text, nil); pol != nil {
 			got = pol.Name
 		}
 		if got != tt.want {
@@ -2544,7 +2544,7 @@ func TestMatchKeywordsUnicodeBoundaries(t *testing.T) {
 	}
 	for _, tt := range tests {
 		var got string
-		if pol := rt.matchKeywords(tt.text); pol != nil {
+		if pol := rt.matchKeywords(tt.text, nil); pol != nil {
 			got = pol.Name
 		}
 		if got != tt.want {
@@ -2703,12 +2703,12 @@ func BenchmarkMatchKeywords(b *testing.B) {
 	for _, tt := range []struct{ keyword, want string }{{"refactor", "code"}, {"restructure", ""}} {
 		text := fmt.Sprintf(routerBenchText, tt.keyword)
 		b.Run(tt.keyword, func(b *testing.B) {
-			if pol := rt.matchKeywords(text); (pol == nil && tt.want != "") || (pol != nil && pol.Name != tt.want) {
+			if pol := rt.matchKeywords(text, nil); (pol == nil && tt.want != "") || (pol != nil && pol.Name != tt.want) {
 				b.Fatalf("matchKeywords = %v; want %q", pol, tt.want)
 			}
 			b.ReportAllocs()
 			for b.Loop() {
-				rt.matchKeywords(text)
+				rt.matchKeywords(text, nil)
 			}
 		})
 	}

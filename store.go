@@ -1468,3 +1468,31 @@ func (s *Store) Daily(ctx context.Context, since time.Time) ([]dayTotals, error)
 	}
 	return days, rows.Err()
 }
+
+// Spent sums the recorded cost of each client and of each policy since t,
+// in millisats, so that budgets survive a restart. Keys are "client/NAME"
+// and "policy/NAME".
+func (s *Store) Spent(ctx context.Context, since time.Time) (map[string]int64, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT 'client/' || client, SUM(CAST(ROUND(cost_sats * 1000) AS INTEGER))
+		FROM requests WHERE timestamp >= ?1 AND client != '' AND cost_sats IS NOT NULL GROUP BY client
+		UNION ALL
+		SELECT 'policy/' || policy, SUM(CAST(ROUND(cost_sats * 1000) AS INTEGER))
+		FROM requests WHERE timestamp >= ?1 AND policy IS NOT NULL AND cost_sats IS NOT NULL GROUP BY policy`,
+		ledgerTime(since))
+	if err != nil {
+		return nil, fmt.Errorf("spent: %w", err)
+	}
+	defer rows.Close()
+	spent := make(map[string]int64)
+	for rows.Next() {
+		var (
+			key  string
+			msat int64
+		)
+		if err := rows.Scan(&key, &msat); err != nil {
+			return nil, fmt.Errorf("spent: %w", err)
+		}
+		spent[key] = msat
+	}
+	return spent, rows.Err()
+}
