@@ -932,7 +932,10 @@ func TestProbeReleasedOnClientGone(t *testing.T) {
 	arrived := make(chan struct{}, 1)
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		arrived <- struct{}{}
-		<-r.Context().Done()
+		select {
+		case <-r.Context().Done():
+		case <-time.After(10 * time.Second):
+		}
 	})
 	ta := newArbstr(t, testConfig(prov("p1", up.URL, 1, 1)))
 	p := ta.srv.router.byName["p1"]
@@ -951,22 +954,16 @@ func TestProbeReleasedOnClientGone(t *testing.T) {
 			resp.Body.Close()
 		}
 	}()
-	<-arrived
+	receiveWithin(t, arrived, "probe at the provider")
 	if p.available(time.Now()) {
 		t.Fatal("probe slot free while the probe is in flight")
 	}
 	cancel()
-	<-done
-	deadline := time.Now().Add(5 * time.Second)
-	for !p.available(time.Now()) {
-		if time.Now().After(deadline) {
-			t.Fatal("the probe slot was never released")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	receiveWithin(t, done, "end of the client's request")
+	waitFor(t, "the probe slot released", func() bool { return p.available(time.Now()) })
 }
 
-// ---- Endpoints and errors (§7) ----
+// ---- Endpoints and errors ----
 
 func TestBadInput(t *testing.T) {
 	up := newUpstream(t, jsonOK)
@@ -1026,9 +1023,8 @@ func TestBadInput(t *testing.T) {
 				t.Errorf("Content-Type = %q", ct)
 			}
 			typ, code, _ := apiErr(t, out)
-			if code != tc.code || typ != "invalid_request_error" {
-				t.Errorf("error = %s/%s; want invalid_request_error/%s", typ, code, tc.code)
-			}
+			expect(t, "error code", code, tc.code)
+			expect(t, "error type", typ, "invalid_request_error")
 			if tc.path == "/v1/chat/completions" && resp.Header.Get("X-Arbstr-Request-Id") == "" {
 				t.Errorf("no x-arbstr-request-id on a refused chat request")
 			}
@@ -1079,9 +1075,9 @@ func TestAuth(t *testing.T) {
 			t.Errorf("%s %s with %q = %d; want %d", tc.method, tc.path, tc.auth, resp.StatusCode, tc.status)
 		}
 		if tc.status == 401 {
-			if typ, code, _ := apiErr(t, out); typ != "authentication_error" || code != "invalid_api_key" {
-				t.Errorf("401 error = %s/%s", typ, code)
-			}
+			typ, code, _ := apiErr(t, out)
+			expect(t, tc.method+" "+tc.path+" error type", typ, "authentication_error")
+			expect(t, tc.method+" "+tc.path+" error code", code, "invalid_api_key")
 		}
 		if hasID := resp.Header.Get("X-Arbstr-Request-Id") != ""; hasID != (tc.path == "/v1/chat/completions") {
 			t.Errorf("%s %s: x-arbstr-request-id present = %v", tc.method, tc.path, hasID)
@@ -1119,25 +1115,23 @@ func TestModelsHealthProviders(t *testing.T) {
 			t.Errorf("model %s object = %q", m.ID, m.Object)
 		}
 	}
-	if models.Object != "list" || strings.Join(ids, ",") != "claude,gpt-4o,llama" {
-		t.Errorf("models = %s", out)
-	}
+	expect(t, "GET /v1/models object", models.Object, "list")
+	expect(t, "GET /v1/models ids", strings.Join(ids, ","), "claude,gpt-4o,llama")
 
 	resp, out := ta.get(t, "/health")
-	if resp.StatusCode != 200 || string(out) != `{"providers":{"a":{"state":"closed"},"b":{"state":"closed"},"c":{"state":"closed"}},"status":"ok"}`+"\n" {
-		t.Errorf("health = %d %s", resp.StatusCode, out)
-	}
+	expect(t, "GET /health status", resp.StatusCode, 200)
+	expect(t, "GET /health body", string(out), `{"providers":{"a":{"state":"closed"},"b":{"state":"closed"},"c":{"state":"closed"}},"status":"ok"}`+"\n")
 	for _, name := range []string{"a", "b", "c"} {
 		p := ta.srv.router.byName[name]
 		openCircuitUntil(p, time.Now().Add(time.Minute))
 	}
-	if resp, out := ta.get(t, "/health"); resp.StatusCode != 503 || !strings.Contains(string(out), `"status":"unhealthy"`) {
-		t.Errorf("all open: health = %d %s", resp.StatusCode, out)
-	}
+	resp, out = ta.get(t, "/health")
+	expect(t, "GET /health status, all circuits open", resp.StatusCode, 503)
+	expectContains(t, "GET /health, all circuits open", string(out), `"status":"unhealthy"`)
 	resp = ta.post(t, "/v1/chat/completions", `{"model":"llama","messages":[{"role":"user","content":"x"}]}`)
-	if typ, _, _ := apiErr(t, readBody(t, resp)); resp.StatusCode != 503 || typ != "service_unavailable" {
-		t.Errorf("all circuits open: %d %s", resp.StatusCode, typ)
-	}
+	typ, _, _ := apiErr(t, readBody(t, resp))
+	expect(t, "chat status, all circuits open", resp.StatusCode, 503)
+	expect(t, "chat error type, all circuits open", typ, "service_unavailable")
 
 	_, out = ta.get(t, "/providers")
 	var ps struct {
@@ -1149,9 +1143,13 @@ func TestModelsHealthProviders(t *testing.T) {
 		}
 	}
 	json.Unmarshal(out, &ps)
-	if len(ps.Providers) != 3 || !ps.Providers[0].HasAPIKey || ps.Providers[1].HasAPIKey || ps.Providers[0].Circuit != "open" || ps.Providers[1].InputRate != 3 {
-		t.Errorf("providers = %s", out)
+	if len(ps.Providers) != 3 {
+		t.Fatalf("GET /providers lists %d providers; want 3: %s", len(ps.Providers), out)
 	}
+	expect(t, "providers[0].has_api_key", ps.Providers[0].HasAPIKey, true)
+	expect(t, "providers[1].has_api_key", ps.Providers[1].HasAPIKey, false)
+	expect(t, "providers[0].circuit", ps.Providers[0].Circuit, "open")
+	expect(t, "providers[1].input_rate", ps.Providers[1].InputRate, 3)
 	if strings.Contains(string(out), "sk-a-key") {
 		t.Error("/providers shows a key")
 	}
@@ -1178,20 +1176,31 @@ func TestCostDryRun(t *testing.T) {
 		}
 		Excluded []exclusion
 	}
-	if err := json.Unmarshal([]byte(out), &got); err != nil || resp.StatusCode != 200 {
-		t.Fatalf("%d %s", resp.StatusCode, out)
+	if resp.StatusCode != 200 {
+		t.Fatalf("POST /v1/cost = %d; want 200: %s", resp.StatusCode, out)
 	}
-	if got.Policy != "budget" || got.Strategy != "cheapest" || len(got.Candidates) != 2 ||
-		got.Candidates[0].Provider != "cheap" || got.Candidates[0].EstimatedCost != 0.21 ||
-		got.Candidates[1].Provider != "mid" || got.Candidates[1].EstimatedCost != 0.42 ||
-		got.Candidates[0].EstInputTokens != 10 || got.Candidates[0].EstOutputTokens != 100 ||
-		len(got.Excluded) != 1 || got.Excluded[0].Provider != "dear" {
-		t.Errorf("cost = %s", out)
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("POST /v1/cost answered no JSON (%v): %s", err, out)
 	}
+	expect(t, "policy", got.Policy, "budget")
+	expect(t, "strategy", got.Strategy, "cheapest")
+	if len(got.Candidates) != 2 {
+		t.Fatalf("%d candidates; want 2: %s", len(got.Candidates), out)
+	}
+	expect(t, "candidates[0].provider", got.Candidates[0].Provider, "cheap")
+	expect(t, "candidates[0].estimated_cost_sats", got.Candidates[0].EstimatedCost, 0.21)
+	expect(t, "candidates[1].provider", got.Candidates[1].Provider, "mid")
+	expect(t, "candidates[1].estimated_cost_sats", got.Candidates[1].EstimatedCost, 0.42)
+	expect(t, "candidates[0].estimated_input_tokens", got.Candidates[0].EstInputTokens, 10)
+	expect(t, "candidates[0].estimated_output_tokens", got.Candidates[0].EstOutputTokens, 100)
+	if len(got.Excluded) != 1 {
+		t.Fatalf("%d excluded; want 1: %s", len(got.Excluded), out)
+	}
+	expect(t, "excluded[0].provider", got.Excluded[0].Provider, "dear")
 	resp = ta.post(t, "/v1/cost", chatBody, "X-Arbstr-Policy", "nope")
-	if _, code, _ := apiErr(t, readBody(t, resp)); resp.StatusCode != 400 || code != "unknown_policy" {
-		t.Errorf("unknown policy: %d %s", resp.StatusCode, code)
-	}
+	_, code, _ := apiErr(t, readBody(t, resp))
+	expect(t, "status with an unknown policy", resp.StatusCode, 400)
+	expect(t, "error code with an unknown policy", code, "unknown_policy")
 	if calls.Load() != 0 {
 		t.Errorf("the dry run called a provider %d times", calls.Load())
 	}
@@ -1201,7 +1210,7 @@ func TestCostDryRun(t *testing.T) {
 }
 
 // TestRoutingRefusalsAreRecorded: a valid chat request refused by routing
-// still gets its ledger row (§8.2).
+// still gets its ledger row.
 func TestRoutingRefusalsAreRecorded(t *testing.T) {
 	up := newUpstream(t, jsonOK)
 	p := prov("p1", up.URL, 1, 1)
@@ -1218,8 +1227,10 @@ func TestRoutingRefusalsAreRecorded(t *testing.T) {
 	} {
 		resp := ta.post(t, "/v1/chat/completions", tc.body, "X-Arbstr-Policy", tc.policy)
 		out := readBody(t, resp)
-		if _, code, msg := apiErr(t, out); resp.StatusCode != 400 || code != tc.code {
-			t.Errorf("%s: %d %s %s", tc.code, resp.StatusCode, code, msg)
+		_, code, msg := apiErr(t, out)
+		expect(t, tc.code+": status", resp.StatusCode, 400)
+		if code != tc.code {
+			t.Errorf("error code = %q; want %q (%s)", code, tc.code, msg)
 		}
 		if resp.Header.Get("X-Arbstr-Request-Id") == "" {
 			t.Errorf("%s: no request id", tc.code)
@@ -1229,14 +1240,18 @@ func TestRoutingRefusalsAreRecorded(t *testing.T) {
 	if len(rows) != 3 {
 		t.Fatalf("rows = %d; want 3", len(rows))
 	}
-	for _, r := range rows {
-		if r.Success || r.Status != 400 || r.Attempts != 0 || r.Provider != "" || r.Error == "" {
-			t.Errorf("row = %+v", r)
+	for i, r := range rows {
+		expect(t, fmt.Sprintf("rows[%d].Success", i), r.Success, false)
+		expect(t, fmt.Sprintf("rows[%d].Status", i), r.Status, 400)
+		expect(t, fmt.Sprintf("rows[%d].Attempts", i), r.Attempts, 0)
+		expect(t, fmt.Sprintf("rows[%d].Provider", i), r.Provider, "")
+		if r.Error == "" {
+			t.Errorf("rows[%d].Error is empty; want the refusal", i)
 		}
 	}
 }
 
-// ---- Security (§9) ----
+// ---- Security ----
 
 // TestKeysNeverLeak puts marker keys in the config, drives every endpoint and
 // error path, and searches every response, the log and the database file.
@@ -1296,15 +1311,18 @@ func TestKeysNeverLeak(t *testing.T) {
 			}
 		}
 	}
-	if all.Len() < 1000 || len(db) == 0 {
-		t.Errorf("too little output to prove anything: %d bytes, db %d bytes", all.Len(), len(db))
+	if all.Len() < 1000 {
+		t.Errorf("too little output to prove anything: %d bytes of responses", all.Len())
+	}
+	if len(db) == 0 {
+		t.Error("the database file is empty: nothing to search")
 	}
 }
 
-// ---- The ledger through the proxy (§8) ----
+// ---- The ledger through the proxy ----
 
 // TestLoad sends thousands of requests at concurrency 64 through the real
-// server; every one succeeds and has exactly one row (§10, issue 5).
+// server; every one succeeds and has exactly one row.
 func TestLoad(t *testing.T) {
 	n := 3000
 	if testing.Short() {
@@ -1322,7 +1340,18 @@ func TestLoad(t *testing.T) {
 	ta := newArbstr(t, testConfig(prov("p1", up.URL, 1, 1), prov("p2", up.URL, 2, 2)))
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 	ids := sync.Map{}
-	var failures atomic.Int32
+	var (
+		failures     atomic.Int32
+		mu           sync.Mutex
+		firstFailure string // guarded by mu
+	)
+	failed := func(format string, args ...any) {
+		if failures.Add(1) == 1 {
+			mu.Lock()
+			firstFailure = fmt.Sprintf(format, args...)
+			mu.Unlock()
+		}
+	}
 	var wg sync.WaitGroup
 	work := make(chan int)
 	for range 64 {
@@ -1334,16 +1363,21 @@ func TestLoad(t *testing.T) {
 				}
 				resp, err := client.Post(ta.URL+"/v1/chat/completions", "application/json", strings.NewReader(body))
 				if err != nil {
-					failures.Add(1)
+					failed("request %d: %v", i, err)
 					continue
 				}
 				out, err := io.ReadAll(resp.Body)
 				resp.Body.Close()
-				if err != nil || resp.StatusCode != 200 || (i%4 == 0 && !strings.HasSuffix(string(out), "data: [DONE]\n\n")) {
-					failures.Add(1)
-					continue
+				switch {
+				case err != nil:
+					failed("request %d: reading the answer: %v", i, err)
+				case resp.StatusCode != 200:
+					failed("request %d: status = %d; want 200: %s", i, resp.StatusCode, out)
+				case i%4 == 0 && !strings.HasSuffix(string(out), "data: [DONE]\n\n"):
+					failed("request %d: a stream without [DONE] at its end: %q", i, out)
+				default:
+					ids.Store(resp.Header.Get("X-Arbstr-Request-Id"), true)
 				}
-				ids.Store(resp.Header.Get("X-Arbstr-Request-Id"), true)
 			}
 		})
 	}
@@ -1353,7 +1387,7 @@ func TestLoad(t *testing.T) {
 	close(work)
 	wg.Wait()
 	if f := failures.Load(); f != 0 {
-		t.Fatalf("%d of %d requests failed", f, n)
+		t.Fatalf("%d of %d requests failed; the first: %s", f, n, firstFailure)
 	}
 	rows := ta.rows(t)
 	if len(rows) != n {
@@ -1387,24 +1421,21 @@ func TestStatsThroughProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	// baseline at dear: 1234·4 + 567·9 = 4936 + 5103 msat = 10.039 sats.
-	if st.Total.Requests != 1 || st.Total.CostSats != 3.127 || st.Total.BaselineCostSats != 10.039 || st.Total.SavedSats != 6.912 {
-		t.Errorf("stats = %s", out)
-	}
+	expect(t, "stats total.requests", st.Total.Requests, 1)
+	expect(t, "stats total.cost_sats", st.Total.CostSats, 3.127)
+	expect(t, "stats total.baseline_cost_sats", st.Total.BaselineCostSats, 10.039)
+	expect(t, "stats total.saved_sats", st.Total.SavedSats, 6.912)
 	_, out = ta.get(t, "/v1/requests/"+id)
 	var row map[string]any
 	json.Unmarshal(out, &row)
-	if row["request_id"] != id || row["cost_sats"] != 3.127 {
-		t.Errorf("request = %s", out)
-	}
+	expect[any](t, "request_id of GET /v1/requests/{id}", row["request_id"], id)
+	expect[any](t, "cost_sats of GET /v1/requests/{id}", row["cost_sats"], 3.127)
 	_, out = ta.get(t, "/v1/requests?provider=cheap&success=true&limit=1")
-	if !strings.Contains(string(out), id) {
-		t.Errorf("requests = %s", out)
-	}
+	expectContains(t, "GET /v1/requests?provider=cheap&success=true&limit=1", string(out), id)
 }
 
 // TestLearningPrefersCheapOutput: a policy whose answers are long learns a
-// high output/input ratio, and then prefers the provider cheap on output
-// (§4.1, issue 3).
+// high output/input ratio, and then prefers the provider cheap on output.
 func TestLearningPrefersCheapOutput(t *testing.T) {
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
@@ -1427,12 +1458,12 @@ func TestLearningPrefersCheapOutput(t *testing.T) {
 	if got := strings.Join(order, ","); got != want {
 		t.Errorf("providers = %s; want %s", got, want)
 	}
-	if avg, n := ta.srv.store.Ratio("essays"); n != 7 || avg != 100 {
-		t.Errorf("ratio = %v over %d; want 100 over 7", avg, n)
-	}
+	avg, n := ta.srv.store.Ratio("essays")
+	expect(t, "requests the ratio is learned from", n, 7)
+	expect(t, "learned ratio", avg, 100)
 }
 
-// ---- Lifecycle (§2) ----
+// ---- Lifecycle ----
 
 // TestGracefulShutdown starts arbstr through run, begins a stream, and
 // cancels run's context (SIGTERM) while the stream is in flight: new
@@ -1466,9 +1497,7 @@ func TestGracefulShutdown(t *testing.T) {
 		t.Fatalf("first line = %q", line)
 	}
 	cancel() // SIGTERM
-	for !strings.Contains(logs.String(), "shutting down") {
-		time.Sleep(time.Millisecond)
-	}
+	waitFor(t, "the shutdown log line", func() bool { return strings.Contains(logs.String(), "shutting down") })
 	time.Sleep(20 * time.Millisecond)
 	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 		c.Close()
@@ -1477,8 +1506,9 @@ func TestGracefulShutdown(t *testing.T) {
 	close(release)
 	rest, _ := io.ReadAll(br)
 	resp.Body.Close()
-	if !strings.Contains(string(rest), "after") || !strings.HasSuffix(string(rest), "data: [DONE]\n\n") {
-		t.Errorf("the stream did not finish: %q", rest)
+	expectContains(t, "the rest of the stream", string(rest), "after")
+	if !strings.HasSuffix(string(rest), "data: [DONE]\n\n") {
+		t.Errorf("the stream did not end with [DONE]: %q", rest)
 	}
 	select {
 	case err := <-runErr:
@@ -1493,15 +1523,20 @@ func TestGracefulShutdown(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer store.Close()
-	rows, _ := store.Requests(context.Background(), requestsQuery{Limit: 10})
-	if len(rows) != 1 || !rows[0].Success || rows[0].OutputTokens != 2 {
-		t.Errorf("rows after shutdown = %+v", rows)
+	rows, err := store.Requests(context.Background(), requestsQuery{Limit: 10})
+	if err != nil {
+		t.Fatal(err)
 	}
+	if len(rows) != 1 {
+		t.Fatalf("ledger has %d rows after shutdown; want 1: %+v", len(rows), rows)
+	}
+	expect(t, "row.Success after shutdown", rows[0].Success, true)
+	expect(t, "row.OutputTokens after shutdown", rows[0].OutputTokens, 2)
 }
 
 // TestSlowHeadersAndLongStreams: a client that trickles its headers is cut
 // off after ReadHeaderTimeout, while a stream that outlasts that time is not
-// cut (no WriteTimeout, §6.2).
+// cut (the server has no WriteTimeout).
 func TestSlowHeadersAndLongStreams(t *testing.T) {
 	defer func(d time.Duration) { readHeaderTimeout = d }(readHeaderTimeout)
 	readHeaderTimeout = 200 * time.Millisecond
@@ -1576,16 +1611,18 @@ func TestMockMode(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := readBody(t, resp)
-	if resp.StatusCode != 200 || resp.Header.Get("X-Arbstr-Provider") != "mock-cheap" || !strings.Contains(out, `"usage"`) {
-		t.Errorf("mock completion: %d %v %s", resp.StatusCode, resp.Header, out)
-	}
+	expect(t, "mock completion status", resp.StatusCode, 200)
+	expect(t, "mock completion provider", resp.Header.Get("X-Arbstr-Provider"), "mock-cheap")
+	expectContains(t, "mock completion", out, `"usage"`)
 	resp, err = http.Post(base+"/v1/chat/completions", "application/json", strings.NewReader(`{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}`))
 	if err != nil {
 		t.Fatal(err)
 	}
 	out = readBody(t, resp)
-	if resp.Header.Get("X-Arbstr-Provider") != "mock-pricey" || !strings.Contains(out, ": arbstr {") || !strings.HasSuffix(out, "data: [DONE]\n\n") {
-		t.Errorf("mock stream: %v\n%s", resp.Header, out)
+	expect(t, "mock stream provider", resp.Header.Get("X-Arbstr-Provider"), "mock-pricey")
+	expectContains(t, "mock stream", out, ": arbstr {")
+	if !strings.HasSuffix(out, "data: [DONE]\n\n") {
+		t.Errorf("mock stream does not end with [DONE]:\n%s", out)
 	}
 	resp, err = http.Get(base + "/v1/stats")
 	if err != nil {
@@ -1594,11 +1631,10 @@ func TestMockMode(t *testing.T) {
 	if out := readBody(t, resp); !strings.Contains(out, `"requests":2`) {
 		t.Errorf("stats in mock mode: %s", out)
 	}
-	if !strings.Contains(logs.String(), "mode=mock") || !strings.Contains(logs.String(), "no config found") {
-		t.Errorf("logs do not say mock mode:\n%s", logs.String())
-	}
+	expectContains(t, "the logs", logs.String(), "mode=mock")
+	expectContains(t, "the logs", logs.String(), "no config found")
 	cancel()
-	if err := <-runErr; err != nil {
+	if err := receiveWithin(t, runErr, "return from run"); err != nil {
 		t.Fatal(err)
 	}
 }
