@@ -4110,6 +4110,7 @@ func TestHalfClosedClient(t *testing.T) {
 			up := newUpstream(t, tt.h)
 			ta := newArbstr(t, testConfig(prov("p", up.URL, 1, 1)))
 			resp, out := rawExchange(t, ta.Listener.Addr().String(), chatRequestText(tt.body), true)
+			t.Logf("status %d, %d bytes", resp.StatusCode, len(out))
 			if out == "" {
 				t.Fatalf("status %d with an empty body", resp.StatusCode)
 			}
@@ -4130,8 +4131,9 @@ func TestHalfClosedClient(t *testing.T) {
 				}
 			default:
 				_, code, _ := apiErr(t, out)
-				if resp.StatusCode == statusClientClosed && code != "client_closed_request" {
-					t.Errorf("499 with code %q; want client_closed_request", code)
+				if resp.StatusCode == statusClientClosed {
+					expect(t, "error code of the 499", code, "client_closed_request")
+					checkRow(t, onlyRow(t, ta), statusClientClosed, false, "p", "client disconnected")
 				}
 			}
 		})
@@ -4188,12 +4190,14 @@ func TestOrigin(t *testing.T) {
 	}{
 		{"unlisted POST", "POST", "/v1/chat/completions", []string{"Origin", unlisted, "Content-Type", "application/json"}, 403, "origin_not_allowed", "", 0, 0},
 		{"unlisted POST without Content-Type", "POST", "/v1/chat/completions", []string{"Origin", unlisted}, 403, "origin_not_allowed", "", 0, 0},
+		{"unlisted POST as text/plain", "POST", "/v1/chat/completions", []string{"Origin", unlisted, "Content-Type", "text/plain"}, 403, "origin_not_allowed", "", 0, 0},
 		{"unlisted GET", "GET", "/v1/requests", []string{"Origin", unlisted}, 403, "origin_not_allowed", "", 0, 0},
 		{"unlisted preflight", "OPTIONS", "/v1/chat/completions", []string{"Origin", unlisted,
 			"Access-Control-Request-Method", "POST", "Access-Control-Request-Headers", "authorization, content-type"}, 403, "origin_not_allowed", "", 0, 0},
 		{"listed POST", "POST", "/v1/chat/completions", []string{"Origin", listed, "Content-Type", "application/json"}, 200, "", listed, 1, 1},
 		{"listed preflight", "OPTIONS", "/v1/chat/completions", []string{"Origin", listed,
 			"Access-Control-Request-Method", "POST", "Access-Control-Request-Headers", "authorization, content-type"}, 204, "", listed, 0, 0},
+		{"listed GET", "GET", "/v1/requests", []string{"Origin", listed}, 200, "", listed, 0, 0},
 		{"no Origin", "POST", "/v1/chat/completions", []string{"Content-Type", "application/json"}, 200, "", "", 1, 1},
 	}
 	for _, tt := range tests {
