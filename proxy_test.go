@@ -3663,6 +3663,11 @@ func largeAnswer(n int64, withLength bool) http.HandlerFunc {
 // TestAnswerTooLarge: an answer or an event over the bound is a failure of
 // the provider, named "too large" in the 502, and arbstr goes on serving.
 func TestAnswerTooLarge(t *testing.T) {
+	// The answer is a plain 502 only if the client has not had its
+	// waiting headers yet; reading 16 MiB may take a while under -race.
+	after := waitHeadersAfter
+	waitHeadersAfter = time.Minute
+	t.Cleanup(func() { waitHeadersAfter = after })
 	tests := []struct {
 		name       string
 		body       string
