@@ -4075,7 +4075,7 @@ func rawExchange(t *testing.T, addr, request string, halfClose bool) (*http.Resp
 	return resp, string(b)
 }
 
-// chatRequest is a whole HTTP/1.1 chat request with its Content-Length.
+// chatRequestText is a whole HTTP/1.1 chat request with its Content-Length.
 func chatRequestText(body string) string {
 	return "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" +
 		"Content-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body
