@@ -27,6 +27,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -222,6 +223,12 @@ func serve(ctx context.Context, o overrides, stderr io.Writer) error {
 		return err
 	}
 	cfg := c.cfg
+	// A soft memory limit makes the garbage collector return the memory of
+	// large answers promptly, so that a burst of them cannot push a small
+	// machine's arbstr past its share; GOMEMLIMIT, when set, wins.
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(memoryLimit)
+	}
 	var level slog.Level
 	level.UnmarshalText([]byte(cfg.Logging.Level)) // configure checked it
 	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
@@ -341,6 +348,10 @@ func reload(o overrides, running *Config, apply func(*Config) error, logger *slo
 		logger.Error("reload failed", "err", err)
 	}
 }
+
+// memoryLimit is the soft limit of the Go runtime's memory: room for the
+// answers being read (48 MiB at most) and what arbstr itself needs.
+const memoryLimit = 64 << 20
 
 // readHeaderTimeout bounds how long a client may take to send its request
 // headers. A variable so that a test need not wait ten seconds.

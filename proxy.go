@@ -477,6 +477,9 @@ func (sv *serving) readBody(w http.ResponseWriter, r *http.Request, parse func([
 			return nil, nil, tooLarge
 		}
 		if errors.Is(err, os.ErrDeadlineExceeded) {
+			// The rest of the body will not come: without this, the server
+			// would try to read it before sending the answer.
+			w.Header().Set("Connection", "close")
 			return nil, nil, errorf(http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
 				"the request body did not arrive within server.body_timeout_secs (%ds)", sv.cfg.Server.BodyTimeoutSecs)
 		}
