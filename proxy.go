@@ -723,13 +723,14 @@ func parseEmbeddings(body []byte) (*chatRequest, *apiError) {
 // endpoint: from its usage (prompt_tokens and completion_tokens, or the
 // Responses API's input_tokens and output_tokens), or, without usage,
 // estimated from every part of the text sent and received.
-func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool, ok bool) {
+func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool, charge reportedUsage, ok bool) {
 	var a struct {
 		Usage *struct {
 			PromptTokens     *int64 `json:"prompt_tokens"`
 			CompletionTokens int64  `json:"completion_tokens"`
 			InputTokens      int64  `json:"input_tokens"`
 			OutputTokens     int64  `json:"output_tokens"`
+			reportedUsage
 		} `json:"usage"`
 		Choices []struct {
 			Message struct {
@@ -747,7 +748,7 @@ func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool,
 	}
 	if err := json.Unmarshal(body, &a); err != nil {
 		if _, typeErr := errors.AsType[*json.UnmarshalTypeError](err); !typeErr {
-			return 0, 0, false, false
+			return 0, 0, false, charge, false
 		}
 	}
 	if u := a.Usage; u != nil {
@@ -757,7 +758,7 @@ func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool,
 		}
 		counted := usage{PromptTokens: in, CompletionTokens: out}
 		in, out = counted.tokens()
-		return in, out, false, true
+		return in, out, false, u.reportedUsage, true
 	}
 	var text int64
 	for _, ch := range a.Choices {
@@ -771,7 +772,7 @@ func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool,
 	if req.NoOutput {
 		text = 0
 	}
-	return estimateTokens(req.TextBytes), estimateTokens(text), true, true
+	return estimateTokens(req.TextBytes), estimateTokens(text), true, charge, true
 }
 
 // chatFields are the members of a chat body that arbstr reads.
@@ -1010,6 +1011,27 @@ type answer struct {
 	chargedMsat int64
 }
 
+// cost is what the answer cost in msat: what the provider reported it
+// charged, else its tokens at the price list in force.
+func (a answer) cost(c *candidate) int64 {
+	if a.charged {
+		return a.chargedMsat
+	}
+	return c.price.cost(a.in, a.out)
+}
+
+// costSource says where the cost came from: "provider" (it reported its
+// charge), "rates" (the price list and reported tokens) or "estimate".
+func (a answer) costSource() string {
+	switch {
+	case a.charged:
+		return "provider"
+	case a.estimated:
+		return "estimate"
+	}
+	return "rates"
+}
+
 // setHeaders sets the x-arbstr-* headers known so far. c is the provider
 // that answered, nil when none did.
 func (ex *exchange) setHeaders(h http.Header, c *candidate) {
@@ -1092,15 +1114,12 @@ func (s *server) finish(ex *exchange, c *candidate, a answer) {
 // priciest qualified candidate's price list.
 func (s *server) price(row *ledgerRow, ex *exchange, c *candidate, a answer) {
 	quoted := msats(c.price.cost(a.in, a.out))
-	cost, source := quoted, "rates"
-	switch {
-	case a.charged:
-		cost, source = msats(a.chargedMsat), "provider"
-	case a.estimated:
-		source = "estimate"
+	cost := msats(a.cost(c))
+	if a.charged {
+		c.p.recordCharge(a.chargedMsat, int64(quoted))
 	}
 	row.InputTokens, row.OutputTokens = new(a.in), new(a.out)
-	row.Cost, row.QuotedCost, row.CostSource = new(cost), new(quoted), new(source)
+	row.Cost, row.QuotedCost, row.CostSource = new(cost), new(quoted), new(a.costSource())
 	row.BaselineCost = new(max(msats(ex.route.baseline(a.in, a.out)), quoted))
 }
 
@@ -1447,6 +1466,10 @@ func (s *server) refused(w http.ResponseWriter, r *http.Request, ex *exchange, c
 	if err != nil {
 		return s.transportFailure(w, r, ex, c, err, timedOut)
 	}
+	if resp.StatusCode == http.StatusPaymentRequired {
+		// Out of funds there: skipped until its balance is read again.
+		c.p.paymentRequired(time.Now())
+	}
 	if isFailure(resp.StatusCode) {
 		return attemptResult{
 			fail:       fmt.Sprintf("HTTP %d %s", resp.StatusCode, http.StatusText(resp.StatusCode)),
@@ -1542,11 +1565,12 @@ func (s *server) complete(w http.ResponseWriter, r *http.Request, ex *exchange, 
 	if open == len(body) || body[open] != '{' {
 		return attemptResult{fail: "answer is not a JSON object", outcome: outcomeFailure}
 	}
-	in, out, estimated, ok := answerTokens(body, ex.req)
+	in, out, estimated, charge, ok := answerTokens(body, ex.req)
 	if !ok {
 		return attemptResult{fail: "invalid JSON in a 2xx answer", outcome: outcomeFailure}
 	}
 	a := answer{status: resp.StatusCode, success: true, hasUsage: true, estimated: estimated, in: in, out: out}
+	a.chargedMsat, a.charged = charge.charge(resp.Header)
 	s.finish(ex, c, a)
 
 	body = redactKey(body, c.p.APIKey)
@@ -1559,8 +1583,8 @@ func (s *server) complete(w http.ResponseWriter, r *http.Request, ex *exchange, 
 	// The body is no longer the bytes the provider's encoding described.
 	h.Del("Content-Encoding")
 	ex.setHeaders(h, c)
-	if !a.estimated {
-		h.Set("X-Arbstr-Cost-Sats", strconv.FormatFloat(msatToSats(c.price.cost(a.in, a.out)), 'f', -1, 64))
+	if !a.estimated || a.charged {
+		h.Set("X-Arbstr-Cost-Sats", strconv.FormatFloat(msatToSats(a.cost(c)), 'f', -1, 64))
 	}
 	h.Set("Content-Length", strconv.Itoa(len(body)+len(insert)))
 	w.WriteHeader(resp.StatusCode)
@@ -2055,6 +2079,8 @@ type relay struct {
 	clientGone   bool
 	usageSeen    bool
 	in, out      int64
+	charged      bool // the provider reported its charge, chargedMsat
+	chargedMsat  int64
 	finished     bool // a finish_reason was seen
 	contentBytes int64
 	firstData    time.Time
@@ -2161,13 +2187,16 @@ func (rl *relay) typedEvent(ev, data []byte, now time.Time) (res attemptResult, 
 				Usage *struct {
 					InputTokens  int64 `json:"input_tokens"`
 					OutputTokens int64 `json:"output_tokens"`
+					reportedUsage
 				} `json:"usage"`
 			} `json:"response"`
 		}
 		if json.Unmarshal(data, &u) == nil && u.Response.Usage != nil {
-			counted := usage{PromptTokens: u.Response.Usage.InputTokens, CompletionTokens: u.Response.Usage.OutputTokens}
+			ru := u.Response.Usage
+			counted := usage{PromptTokens: ru.InputTokens, CompletionTokens: ru.OutputTokens}
 			rl.usageSeen = true
 			rl.in, rl.out = counted.tokens()
+			rl.chargedMsat, rl.charged = ru.charge(rl.resp.Header)
 		}
 		rl.finished = true
 		if !rl.started {
@@ -2209,7 +2238,10 @@ func eventType(ev, data []byte) string {
 // chunk is to be withheld: a usage-only chunk that arbstr asked for.
 func (rl *relay) readUsage(data []byte) (withhold bool) {
 	var u struct {
-		Usage   *usage            `json:"usage"`
+		Usage *struct {
+			usage
+			reportedUsage
+		} `json:"usage"`
 		Choices []json.RawMessage `json:"choices"`
 	}
 	if json.Unmarshal(data, &u) != nil || u.Usage == nil {
@@ -2217,6 +2249,7 @@ func (rl *relay) readUsage(data []byte) (withhold bool) {
 	}
 	rl.usageSeen = true
 	rl.in, rl.out = u.Usage.tokens()
+	rl.chargedMsat, rl.charged = u.Usage.charge(rl.resp.Header)
 	return rl.ex.addedUsage && len(u.Choices) == 0
 }
 
@@ -2288,7 +2321,9 @@ func (rl *relay) settle(success bool, errMsg string) answer {
 	case !rl.firstData.IsZero():
 		a.ttft = rl.firstData.Sub(rl.ex.start)
 	}
-	if !rl.usageSeen {
+	if rl.usageSeen {
+		a.charged, a.chargedMsat = rl.charged, rl.chargedMsat
+	} else {
 		a.estimated = true
 		a.in, a.out = estimateTokens(rl.ex.req.TextBytes), estimateTokens(rl.contentBytes)
 	}
@@ -2327,8 +2362,9 @@ func (rl *relay) summary(a answer) []byte {
 		OutputTokens   int64   `json:"output_tokens"`
 		UsageEstimated bool    `json:"usage_estimated,omitempty"`
 		CostSats       float64 `json:"cost_sats"`
+		CostSource     string  `json:"cost_source"`
 		LatencyMs      int64   `json:"latency_ms"`
-	}{rl.ex.id, rl.c.p.Name, a.in, a.out, a.estimated, msatToSats(rl.c.price.cost(a.in, a.out)),
+	}{rl.ex.id, rl.c.p.Name, a.in, a.out, a.estimated, msatToSats(a.cost(rl.c)), a.costSource(),
 		time.Since(rl.ex.start).Milliseconds()})
 	return append(append([]byte(": arbstr "), b...), '\n', '\n')
 }

@@ -5824,3 +5824,307 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// ---- What providers charge ----
+
+// TestReportedCharge: a provider's reported charge is the request's cost,
+// the price list's is kept as the quote, and both reach the client.
+func TestReportedCharge(t *testing.T) {
+	tests := []struct {
+		name     string
+		handler  http.HandlerFunc
+		body     string
+		wantCost string // x-arbstr-cost-sats, or the : arbstr comment's cost
+	}{
+		{"usage.cost.total_msats", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, `{"id":"c","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1000,"completion_tokens":1000,"cost":{"total_msats":2300}}}`)
+		}, chatBody, "2.3"},
+		{"X-Routstr-Cost-Msats", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Routstr-Cost-Msats", "2300")
+			io.WriteString(w, completionJSON("hi", 1000, 1000))
+		}, chatBody, "2.3"},
+		{"usage.cost_sats", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, `{"id":"c","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1000,"completion_tokens":1000,"cost_sats":2.3}}`)
+		}, chatBody, "2.3"},
+		{"stream usage chunk", func(w http.ResponseWriter, r *http.Request) {
+			sse(w, chunkJSON("hi"), finishChunk,
+				`{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":1000,"completion_tokens":1000,"cost":{"total_msats":2300}}}`, "[DONE]")
+		}, streamBody, "2.3"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newUpstream(t, tc.handler)
+			ta := newArbstr(t, testConfig(prov("p", up.URL, 1, 1))) // quote: 2 sats
+			resp := ta.post(t, "/v1/chat/completions", tc.body)
+			out := readBody(t, resp)
+			if tc.body == chatBody {
+				expect(t, "x-arbstr-cost-sats", resp.Header.Get("X-Arbstr-Cost-Sats"), tc.wantCost)
+			} else {
+				expectContains(t, "the : arbstr comment", out, `"cost_sats":`+tc.wantCost+`,"cost_source":"provider"`)
+			}
+			r := onlyRow(t, ta)
+			expect(t, "cost", deref(r.Cost), msats(2300))
+			expect(t, "quoted cost", deref(r.QuotedCost), msats(2000))
+			expect(t, "cost source", deref(r.CostSource), "provider")
+			if ratio := ta.srv.current().router.byName["p"].chargeRatio(); ratio != 1 {
+				t.Errorf("charge ratio after one report = %g; want 1 until there are 5", ratio)
+			}
+		})
+	}
+}
+
+// TestOverchargerStopsWinning: a provider that lists the lowest price but
+// bills 15% more loses to one 10% dearer once its charge ratio is known.
+func TestOverchargerStopsWinning(t *testing.T) {
+	billing := func(factor float64) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			// 1000 input and 1000 output tokens at the listed 1 sat per 1k: 2000 msat.
+			fmt.Fprintf(w, `{"id":"c","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1000,"completion_tokens":1000,"cost":{"total_msats":%d}}}`,
+				int(2000*factor))
+		}
+	}
+	over := newUpstream(t, billing(1.15))
+	honest := newUpstream(t, billing(1.10))
+	ta := newArbstr(t, testConfig(prov("advertises-low", over.URL, 1, 1), prov("honest", honest.URL, 1.1, 1.1)))
+	body := `{"model":"m","max_tokens":1000,"messages":[{"role":"user","content":"` + strings.Repeat("abcd", 1000) + `"}]}`
+	var last string
+	for range 8 {
+		resp := ta.post(t, "/v1/chat/completions", body)
+		readBody(t, resp)
+		last = resp.Header.Get("X-Arbstr-Provider")
+	}
+	expect(t, "provider after 8 requests", last, "honest")
+	rows := ta.rows(t)
+	var over8 int
+	for _, r := range rows {
+		if r.Provider == "advertises-low" {
+			over8++
+		}
+	}
+	expect(t, "requests sent to the overcharger before its ratio counted", over8, 5)
+	_, b := ta.get(t, "/v1/stats")
+	var st struct {
+		Total struct {
+			Overcharge float64 `json:"overcharge_sats"`
+		} `json:"total"`
+	}
+	json.Unmarshal(b, &st)
+	// 5 × 0.3 sats over the quote at the overcharger, 3 × 0 at the honest one
+	// (its quote is its own dearer list).
+	expect(t, "overcharge_sats", st.Total.Overcharge, 1.5)
+}
+
+func TestPaymentRequiredZeroesBalance(t *testing.T) {
+	broke := newUpstream(t, statusHandler(http.StatusPaymentRequired))
+	good := newUpstream(t, jsonOK)
+	ta := newArbstr(t, testConfig(prov("broke", broke.URL, 1, 1), prov("good", good.URL, 2, 2)))
+	for i := range 2 {
+		resp := ta.post(t, "/v1/chat/completions", chatBody)
+		readBody(t, resp)
+		expect(t, fmt.Sprintf("request %d: provider", i), resp.Header.Get("X-Arbstr-Provider"), "good")
+		want := []string{"2", "1"}[i] // the second skips broke: its balance is 0
+		expect(t, fmt.Sprintf("request %d: attempts", i), resp.Header.Get("X-Arbstr-Attempts"), want)
+	}
+}
+
+// ---- Clients, budgets and rate limits through the proxy ----
+
+func clientsConfig(upURL string) *Config {
+	cfg := testConfig(prov("p", upURL, 1000, 1000)) // 1 sat a token either way
+	cfg.Server.AuthToken = "operator"
+	cfg.Policies.Rules = []PolicyRule{
+		{Name: "code", Keywords: []string{"code"}},
+		{Name: "chat", Keywords: []string{"hello", "code"}},
+	}
+	cfg.Clients = []ClientConfig{
+		{Name: "app", Token: "app-token", Policies: []string{"chat"}, BudgetSatsPerDay: 100},
+		{Name: "bot", Token: "bot-token", RateLimitRPM: 2},
+	}
+	return cfg
+}
+
+func TestClientAuth(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	cfg := clientsConfig(up.URL)
+	cfg.Clients[0].BudgetSatsPerDay = 1e6 // room for the default worst case of 4096 output tokens
+	ta := newArbstr(t, cfg)
+	tests := []struct {
+		method, path, token string
+		want                int
+	}{
+		{"POST", "/v1/chat/completions", "app-token", 200},
+		{"POST", "/v1/chat/completions", "operator", 200},
+		{"POST", "/v1/chat/completions", "nope", 401},
+		{"POST", "/v1/chat/completions", "", 401},
+		{"POST", "/v1/cost", "bot-token", 200},
+		{"GET", "/v1/models", "bot-token", 200},
+		{"GET", "/v1/budgets", "app-token", 200},
+		{"GET", "/v1/stats", "app-token", 401},
+		{"GET", "/v1/stats", "operator", 200},
+		{"GET", "/providers", "bot-token", 401},
+		{"GET", "/metrics", "bot-token", 401},
+		{"GET", "/health", "", 200},
+	}
+	for _, tc := range tests {
+		var body io.Reader
+		if tc.method == "POST" {
+			body = strings.NewReader(chatBody)
+		}
+		req, _ := http.NewRequest(tc.method, ta.URL+tc.path, body)
+		if tc.token != "" {
+			req.Header.Set("Authorization", "Bearer "+tc.token)
+		}
+		resp, err := testClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := readBody(t, resp)
+		if resp.StatusCode != tc.want {
+			t.Errorf("%s %s with %q = %d; want %d: %s", tc.method, tc.path, tc.token, resp.StatusCode, tc.want, out)
+		}
+	}
+	// The client's requests are its own in the ledger, and keyword
+	// matching skips the policy it may not use ("code" is first).
+	resp := ta.post(t, "/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":"code please"}]}`,
+		"Authorization", "Bearer app-token")
+	readBody(t, resp)
+	expect(t, "policy for app's keyword match", resp.Header.Get("X-Arbstr-Policy"), "chat")
+	resp = ta.post(t, "/v1/chat/completions", chatBody, "Authorization", "Bearer app-token", "X-Arbstr-Policy", "code")
+	out := readBody(t, resp)
+	expect(t, "status of a policy the client may not use", resp.StatusCode, http.StatusForbidden)
+	if typ, code, _ := apiErr(t, out); typ != "permission_error" || code != "policy_not_allowed" {
+		t.Errorf("error = %s/%s; want permission_error/policy_not_allowed", typ, code)
+	}
+	rows := ta.rows(t)
+	expect(t, "newest row's client", rows[0].Client, "app")
+	expect(t, "newest row's status", rows[0].Status, http.StatusForbidden)
+}
+
+func TestRateLimitThroughProxy(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	ta := newArbstr(t, clientsConfig(up.URL))
+	var statuses []int
+	var last *http.Response
+	for range 3 {
+		resp := ta.post(t, "/v1/chat/completions", chatBody, "Authorization", "Bearer bot-token")
+		last = resp
+		out := readBody(t, resp)
+		statuses = append(statuses, resp.StatusCode)
+		if resp.StatusCode == http.StatusTooManyRequests {
+			if typ, code, _ := apiErr(t, out); typ != "requests" || code != "rate_limit_exceeded" {
+				t.Errorf("error = %s/%s; want requests/rate_limit_exceeded", typ, code)
+			}
+		}
+	}
+	expect(t, "statuses", fmt.Sprint(statuses), "[200 200 429]")
+	expect(t, "Retry-After", last.Header.Get("Retry-After"), "30")
+	rows := ta.rows(t)
+	expect(t, "rows", len(rows), 3)
+	expect(t, "refusal's row status", rows[0].Status, http.StatusTooManyRequests)
+}
+
+// TestBudgetUnderConcurrency: 50 concurrent requests against a budget that
+// covers 10 worst cases. What was spent plus what was reserved never passes
+// the limit; the refusals are 429s with rows.
+func TestBudgetUnderConcurrency(t *testing.T) {
+	release := make(chan struct{})
+	var maxSeen atomic.Int64
+	var sv *serving
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		// While requests are held here, their reservations are in force.
+		for _, b := range sv.spend.view(time.Now(), func(*budget) bool { return true }) {
+			used := int64(math.Round((b.Spent + b.Reserved) * 1000))
+			for old := maxSeen.Load(); used > old && !maxSeen.CompareAndSwap(old, used); old = maxSeen.Load() {
+			}
+		}
+		select {
+		case <-release:
+		case <-time.After(10 * time.Second):
+		}
+		// 10 input and 9 output tokens at 1 sat each: 19 sats, under the
+		// 10 + 10 reserved (max_tokens 10, input estimate 10).
+		io.WriteString(w, completionJSON("ok", 10, 9))
+	})
+	cfg := clientsConfig(up.URL)
+	cfg.Clients[0].BudgetSatsPerDay = 200 // 10 worst cases of 20 sats
+	ta := newArbstr(t, cfg)
+	sv = ta.srv.current()
+	body := `{"model":"m","max_tokens":10,"messages":[{"role":"user","content":"` + strings.Repeat("x", 40) + `"}]}`
+	var wg sync.WaitGroup
+	statuses := make(chan int, 50)
+	for range 50 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp := ta.post(t, "/v1/chat/completions", body, "Authorization", "Bearer app-token")
+			readBody(t, resp)
+			statuses <- resp.StatusCode
+		}()
+	}
+	waitFor(t, "the refusals", func() bool { return len(statuses) >= 40 })
+	close(release)
+	wg.Wait()
+	close(statuses)
+	count := map[int]int{}
+	for s := range statuses {
+		count[s]++
+	}
+	// Each reserves 10 input + 10 output tokens at 1 sat: 20 sats of the 200.
+	expect(t, "answered", count[200], 10)
+	expect(t, "refused", count[429], 40)
+	if got := maxSeen.Load(); got > 200_000 {
+		t.Errorf("spent + reserved reached %d msat; the limit is 200000", got)
+	}
+	rows := ta.rows(t)
+	expect(t, "rows", len(rows), 50)
+	v := sv.spend.view(time.Now(), func(*budget) bool { return true })
+	expect(t, "spent after settling", v[0].Spent, 190.0)
+	expect(t, "reserved after settling", v[0].Reserved, 0.0)
+}
+
+// TestBudgetSurvivesRestart: what a client spent is read back from the
+// ledger when arbstr starts again.
+func TestBudgetSurvivesRestart(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, completionJSON("ok", 30, 30)) })
+	cfg := clientsConfig(up.URL)
+	dir := t.TempDir()
+	db := filepath.Join(dir, "ledger.db")
+	start := func() (*server, *httptest.Server, *Store) {
+		store, err := openStore(db, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := newServer(cfg, newRouter(cfg, store.Ratio), store, slog.New(slog.DiscardHandler))
+		return srv, httptest.NewServer(srv), store
+	}
+	post := func(hs *httptest.Server) int {
+		req, _ := http.NewRequest("POST", hs.URL+"/v1/chat/completions", strings.NewReader(`{"model":"m","max_tokens":30,"messages":[{"role":"user","content":"hi"}]}`))
+		req.Header.Set("Authorization", "Bearer app-token")
+		resp, err := testClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	_, hs, store := start()
+	expect(t, "first request", post(hs), 200) // 60 of 100 sats spent
+	hs.Close()
+	store.Close()
+
+	srv, hs, store := start()
+	defer func() { hs.Close(); store.Close() }()
+	v := srv.current().spend.view(time.Now(), func(*budget) bool { return true })
+	expect(t, "spent after a restart", v[0].Spent, 60.0)
+	expect(t, "second request (60 + up to 31 ≤ 100)", post(hs), 200)
+	expect(t, "third request (120 spent)", post(hs), 429)
+
+	req, _ := http.NewRequest("GET", hs.URL+"/v1/budgets", nil)
+	req.Header.Set("Authorization", "Bearer bot-token")
+	resp, err := testClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := readBody(t, resp)
+	expect(t, "bot's budgets (it has none; it sees no other's)", out, `{"data":[],"object":"list"}`+"\n")
+}

@@ -493,9 +493,9 @@ type route struct {
 	excluded []exclusion // filled only when Route explains itself (limit 0, for /v1/cost)
 }
 
-// policyName is the matched policy's name, "" for none.
+// policyName is the matched policy's name, "" for none (or no route yet).
 func (r *route) policyName() string {
-	if r.policy == nil {
+	if r == nil || r.policy == nil {
 		return ""
 	}
 	return r.policy.Name
@@ -1363,16 +1363,28 @@ func (p *provider) chargeRatio() float64 { return math.Float64frombits(p.market.
 // chunk.
 func parseReportedCost(header http.Header, body []byte) (msat int64, ok bool) {
 	var doc struct {
-		Usage struct {
-			Cost     json.RawMessage `json:"cost"`
-			CostSats json.RawMessage `json:"cost_sats"`
-		} `json:"usage"`
+		Usage reportedUsage `json:"usage"`
 	}
-	var cost struct {
-		TotalMsats json.RawMessage `json:"total_msats"`
-	}
-	if json.Unmarshal(body, &doc) == nil && len(doc.Usage.Cost) > 0 && doc.Usage.Cost[0] == '{' {
-		if json.Unmarshal(doc.Usage.Cost, &cost) == nil {
+	json.Unmarshal(body, &doc)
+	return doc.Usage.charge(header)
+}
+
+// reportedUsage is what a usage object may say of the charge: Routstr's
+// usage.cost.total_msats, or usage.cost_sats.
+type reportedUsage struct {
+	Cost     json.RawMessage `json:"cost"`
+	CostSats json.RawMessage `json:"cost_sats"`
+}
+
+// charge returns the charge a provider reported, in msat: the first of
+// usage.cost.total_msats, the X-Routstr-Cost-Msats header, and
+// usage.cost_sats.
+func (u reportedUsage) charge(header http.Header) (msat int64, ok bool) {
+	if len(u.Cost) > 0 && u.Cost[0] == '{' {
+		var cost struct {
+			TotalMsats json.RawMessage `json:"total_msats"`
+		}
+		if json.Unmarshal(u.Cost, &cost) == nil {
 			if v, ok := reportedNumber(cost.TotalMsats, 0); ok {
 				return v, true
 			}
@@ -1383,7 +1395,7 @@ func parseReportedCost(header http.Header, body []byte) (msat int64, ok bool) {
 			return v, true
 		}
 	}
-	return reportedNumber(doc.Usage.CostSats, 3)
+	return reportedNumber(u.CostSats, 3)
 }
 
 // maxReportedMsat bounds a reported cost: more than all bitcoin is garbage.
