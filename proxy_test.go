@@ -6128,3 +6128,64 @@ func TestBudgetSurvivesRestart(t *testing.T) {
 	out := readBody(t, resp)
 	expect(t, "bot's budgets (it has none; it sees no other's)", out, `{"data":[],"object":"list"}`+"\n")
 }
+
+// TestReload: a new configuration takes over at once; a stream in flight
+// finishes on the old one and keeps its row; what was learned about a
+// provider that keeps its name carries over.
+func TestReload(t *testing.T) {
+	release := make(chan struct{})
+	slow := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if !bytes.Contains(mustRead(r), []byte(`"stream":true`)) {
+			io.WriteString(w, completionJSON("plain", 1, 1))
+			return
+		}
+		sse(w, chunkJSON("before"))
+		select {
+		case <-release:
+		case <-time.After(10 * time.Second):
+		}
+		sse(w, chunkJSON(" after"), finishChunk, usageChunk(3, 2), "[DONE]")
+	})
+	other := newUpstream(t, jsonOK)
+	cfg := testConfig(prov("kept", slow.URL, 1, 1), prov("removed", other.URL, 1, 1))
+	ta := newArbstr(t, cfg)
+
+	resp := ta.post(t, "/v1/chat/completions", streamBody)
+	reader := bufio.NewReader(resp.Body)
+	if line, err := reader.ReadString('\n'); err != nil || !strings.Contains(line, "before") {
+		t.Fatalf("first line of the stream = %q, %v", line, err)
+	}
+
+	learned, _ := ta.srv.current().router.byName["kept"].observedLatency()
+	next := testConfig(prov("kept", slow.URL, 5, 5), prov("added", other.URL, 9, 9))
+	next.Policies.Rules = []PolicyRule{{Name: "new-rule", Keywords: []string{"reloaded"}}}
+	ta.srv.reload(context.Background(), next)
+
+	close(release)
+	rest, err := io.ReadAll(reader)
+	if err != nil {
+		t.Fatalf("the stream in flight broke: %v", err)
+	}
+	expectContains(t, "the stream in flight", string(rest), "data: [DONE]")
+	r := onlyRow(t, ta)
+	expect(t, "row of the stream in flight: success", r.Success, true)
+	// Priced on the config it started with: 3 + 2 tokens at 1 sat per 1k.
+	expect(t, "row of the stream in flight: cost", deref(r.Cost), msats(5))
+
+	sv := ta.srv.current()
+	nk := sv.router.byName["kept"]
+	if ms, ok := nk.observedLatency(); !ok || ms != learned {
+		t.Errorf("latency of kept after reload = %v, %v; want %v carried over", ms, ok, learned)
+	}
+	if sv.router.byName["removed"] != nil {
+		t.Errorf("removed is still a provider")
+	}
+	if sv.router.byName["added"] == nil {
+		t.Errorf("added is not a provider")
+	}
+	resp = ta.post(t, "/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":"reloaded"}]}`)
+	readBody(t, resp)
+	expect(t, "policy after reload", resp.Header.Get("X-Arbstr-Policy"), "new-rule")
+	expect(t, "provider after reload (kept is now cheaper)", resp.Header.Get("X-Arbstr-Provider"), "kept")
+	expectContains(t, "the reload's log line", ta.logs.String(), `providers_added=added providers_removed=removed providers_changed=kept`)
+}
