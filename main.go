@@ -359,16 +359,15 @@ var readHeaderTimeout = 10 * time.Second
 
 // startMocks starts the providers of mock mode on loopback ports: real
 // HTTP servers, different prices, the same models, so that routing,
-// streaming and the ledger can be seen with nothing but curl.
+// streaming, the market and the ledger can be seen with nothing but curl.
+// They publish their prices and balance as Routstr providers do, and are
+// read as discovering providers.
 func startMocks() ([]ProviderConfig, func(), error) {
-	mocks := []struct {
-		cfg   ProviderConfig
-		delay time.Duration
-	}{
-		{ProviderConfig{Name: "mock-cheap", Models: []string{"gpt-4o-mini", "llama-3.1-8b"},
-			InputRate: 2, OutputRate: 6}, 30 * time.Millisecond},
-		{ProviderConfig{Name: "mock-pricey", Models: []string{"gpt-4o", "gpt-4o-mini", "llama-3.1-8b"},
-			InputRate: 5, OutputRate: 15, BaseFee: 1}, 10 * time.Millisecond},
+	mocks := []mockProvider{
+		{cfg: ProviderConfig{Name: "mock-cheap", Models: []string{"gpt-4o-mini", "llama-3.1-8b", "text-embedding-3-small"},
+			InputRate: 2, OutputRate: 6}, delay: 30 * time.Millisecond, balanceMsat: 21_000_000},
+		{cfg: ProviderConfig{Name: "mock-pricey", Models: []string{"gpt-4o", "gpt-4o-mini", "llama-3.1-8b", "text-embedding-3-small"},
+			InputRate: 5, OutputRate: 15, BaseFee: 1}, delay: 10 * time.Millisecond, balanceMsat: 5_000_000},
 	}
 	var servers []*http.Server
 	stop := func() {
@@ -377,42 +376,86 @@ func startMocks() ([]ProviderConfig, func(), error) {
 		}
 	}
 	var cfgs []ProviderConfig
-	for _, m := range mocks {
+	for _, mp := range mocks {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			stop()
 			return nil, nil, fmt.Errorf("start mock provider: %w", err)
 		}
-		s := &http.Server{Handler: mockProvider{name: m.cfg.Name, delay: m.delay}, ReadHeaderTimeout: 10 * time.Second}
+		s := &http.Server{Handler: mp.routes(), ReadHeaderTimeout: 10 * time.Second}
 		servers = append(servers, s)
 		go s.Serve(ln)
-		m.cfg.URL = "http://" + ln.Addr().String() + "/v1"
-		cfgs = append(cfgs, m.cfg)
+		mp.cfg.URL = "http://" + ln.Addr().String() + "/v1"
+		// A key that is no secret, so that the balance is read as from a
+		// real Routstr provider.
+		mp.cfg.APIKey, mp.cfg.KeySource, mp.cfg.Discover = "mock-key", "mock", true
+		cfgs = append(cfgs, mp.cfg)
 	}
 	return cfgs, stop, nil
 }
 
-// mockProvider answers chat completions as an OpenAI-compatible provider
-// does: a JSON body with usage, or an SSE stream of chunks, one word per
-// chunk, delay apart, with a usage chunk when asked and [DONE] last.
+// mockProvider answers as an OpenAI-compatible Routstr provider does: chat
+// completions (a JSON body with usage, or an SSE stream of chunks, one word
+// per chunk, delay apart, with a usage chunk when asked and [DONE] last),
+// the Responses API, embeddings, its listing with prices in sats, and its
+// balance.
 type mockProvider struct {
-	name  string
-	delay time.Duration
+	cfg         ProviderConfig
+	delay       time.Duration
+	balanceMsat int64
 }
 
-func (m mockProvider) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost || r.URL.Path != "/v1/chat/completions" {
-		writeError(w, errorf(http.StatusNotFound, "invalid_request_error", "not_found", "no such endpoint"))
-		return
+func (m mockProvider) routes() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/chat/completions", m.chat)
+	mux.HandleFunc("POST /v1/responses", m.responses)
+	mux.HandleFunc("POST /v1/embeddings", m.embeddings)
+	mux.HandleFunc("GET /v1/models", m.listing)
+	mux.HandleFunc("GET /v1/balance/info", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]any{"balance": m.balanceMsat, "reserved": 0})
+	})
+	return mux
+}
+
+// listing publishes the mock's models at its prices, in sats per token.
+func (m mockProvider) listing(w http.ResponseWriter, r *http.Request) {
+	var data []any
+	for _, id := range m.cfg.Models {
+		data = append(data, map[string]any{"id": id, "object": "model", "created": 1750000000, "enabled": true,
+			"sats_pricing": map[string]any{"prompt": m.cfg.InputRate / 1000, "completion": m.cfg.OutputRate / 1000,
+				"request": m.cfg.BaseFee, "max_cost": 500}})
 	}
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": data})
+}
+
+// mockReply is what a mock answers to the text of a request: its words,
+// and the tokens it counts in and out.
+func (m mockProvider) reply(question string, prompt int64) (words []string, usage map[string]int64) {
+	if len(question) > 60 {
+		question = question[:60] + "..."
+	}
+	words = strings.Fields(fmt.Sprintf("This is %s answering %q with a mock reply, so that routing, streaming and costs can be tried without a real provider.", m.cfg.Name, question))
+	out := int64(len(words))
+	return words, map[string]int64{"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
+		"input_tokens": prompt, "output_tokens": out}
+}
+
+// pace waits between two words of a stream; false when the client left.
+func (m mockProvider) pace(r *http.Request) bool {
+	select {
+	case <-r.Context().Done():
+		return false
+	case <-time.After(m.delay):
+		return true
+	}
+}
+
+func (m mockProvider) chat(w http.ResponseWriter, r *http.Request) {
 	var req struct {
-		Model    string `json:"model"`
-		Messages []struct {
-			Role    string          `json:"role"`
-			Content json.RawMessage `json:"content"`
-		} `json:"messages"`
-		Stream        bool `json:"stream"`
-		StreamOptions struct {
+		Model    string        `json:"model"`
+		Messages []chatMessage `json:"messages"`
+		Stream   bool          `json:"stream"`
+		Options  struct {
 			IncludeUsage bool `json:"include_usage"`
 		} `json:"stream_options"`
 	}
@@ -424,64 +467,116 @@ func (m mockProvider) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	question := ""
 	for _, msg := range req.Messages {
 		text := messageText(msg.Content)
-		prompt += int64(len(text)+3)/4 + 4 // plus the per-message overhead real tokenizers add
+		prompt += estimateTokens(int64(len(text))) + 4 // plus the per-message overhead real tokenizers add
 		if msg.Role == "user" {
 			question = text
 		}
 	}
-	if len(question) > 60 {
-		question = question[:60] + "..."
-	}
-	reply := fmt.Sprintf("This is %s answering %q with a mock reply, so that routing, streaming and costs can be tried without a real provider.", m.name, question)
-	words := strings.Fields(reply)
-	id := fmt.Sprintf("chatcmpl-mock%016x", rand.Uint64())
-	created := time.Now().Unix()
-	u := map[string]int64{"prompt_tokens": prompt, "completion_tokens": int64(len(words)), "total_tokens": prompt + int64(len(words))}
-
+	words, u := m.reply(question, prompt)
+	id, created := fmt.Sprintf("chatcmpl-mock%016x", rand.Uint64()), time.Now().Unix()
 	if !req.Stream {
 		writeJSON(w, http.StatusOK, map[string]any{
 			"id": id, "object": "chat.completion", "created": created, "model": req.Model,
 			"choices": []any{map[string]any{"index": 0, "finish_reason": "stop",
-				"message": map[string]any{"role": "assistant", "content": reply}}},
+				"message": map[string]any{"role": "assistant", "content": strings.Join(words, " ")}}},
 			"usage": u,
 		})
 		return
 	}
-	w.Header().Set("Content-Type", "text/event-stream")
-	w.Header().Set("Cache-Control", "no-cache")
-	rc := http.NewResponseController(w)
-	send := func(delta map[string]any, finish any, usage any) bool {
-		chunk := map[string]any{"id": id, "object": "chat.completion.chunk", "created": created, "model": req.Model,
+	ev := newMockStream(w)
+	chunk := func(delta map[string]any, finish any) map[string]any {
+		return map[string]any{"id": id, "object": "chat.completion.chunk", "created": created, "model": req.Model,
 			"choices": []any{map[string]any{"index": 0, "delta": delta, "finish_reason": finish}}}
-		if usage != nil {
-			chunk["choices"], chunk["usage"] = []any{}, usage
-		}
-		b, _ := json.Marshal(chunk)
-		if _, err := fmt.Fprintf(w, "data: %s\n\n", b); err != nil {
-			return false
-		}
-		return rc.Flush() == nil
 	}
-	if !send(map[string]any{"role": "assistant", "content": ""}, nil, nil) {
+	if !ev.send("", chunk(map[string]any{"role": "assistant", "content": ""}, nil)) {
 		return
 	}
 	for i, word := range words {
-		select {
-		case <-r.Context().Done():
-			return
-		case <-time.After(m.delay):
-		}
 		if i > 0 {
 			word = " " + word
 		}
-		if !send(map[string]any{"content": word}, nil, nil) {
+		if !m.pace(r) || !ev.send("", chunk(map[string]any{"content": word}, nil)) {
 			return
 		}
 	}
-	send(map[string]any{}, "stop", nil)
-	if req.StreamOptions.IncludeUsage {
-		send(nil, nil, u)
+	ev.send("", chunk(map[string]any{}, "stop"))
+	if req.Options.IncludeUsage {
+		ev.send("", map[string]any{"id": id, "object": "chat.completion.chunk", "created": created,
+			"model": req.Model, "choices": []any{}, "usage": u})
 	}
-	fmt.Fprint(w, "data: [DONE]\n\n")
-	rc.Flush()
+	ev.raw("data: [DONE]\n\n")
+}
+
+func (m mockProvider) responses(w http.ResponseWriter, r *http.Request) {
+	body, err := io.ReadAll(r.Body)
+	req, aerr := parseResponses(body)
+	if err != nil || aerr != nil {
+		writeError(w, badRequest("invalid_json", "not a Responses API request"))
+		return
+	}
+	words, u := m.reply(req.LastUser, estimateTokens(req.TextBytes)+4)
+	usage := map[string]int64{"input_tokens": u["input_tokens"], "output_tokens": u["output_tokens"], "total_tokens": u["total_tokens"]}
+	resp := map[string]any{"id": fmt.Sprintf("resp_mock%016x", rand.Uint64()), "object": "response",
+		"created_at": time.Now().Unix(), "status": "completed", "model": req.Model,
+		"output": []any{map[string]any{"type": "message", "id": "msg_mock", "role": "assistant", "status": "completed",
+			"content": []any{map[string]any{"type": "output_text", "text": strings.Join(words, " "), "annotations": []any{}}}}},
+		"usage": usage}
+	if !req.Stream {
+		writeJSON(w, http.StatusOK, resp)
+		return
+	}
+	ev := newMockStream(w)
+	ev.send("response.created", map[string]any{"type": "response.created", "response": map[string]any{"id": resp["id"], "status": "in_progress"}})
+	for i, word := range words {
+		if i > 0 {
+			word = " " + word
+		}
+		if !m.pace(r) || !ev.send("response.output_text.delta", map[string]any{"type": "response.output_text.delta",
+			"item_id": "msg_mock", "output_index": 0, "content_index": 0, "delta": word}) {
+			return
+		}
+	}
+	ev.send("response.completed", map[string]any{"type": "response.completed", "response": resp})
+}
+
+func (m mockProvider) embeddings(w http.ResponseWriter, r *http.Request) {
+	body, err := io.ReadAll(r.Body)
+	req, aerr := parseEmbeddings(body)
+	if err != nil || aerr != nil {
+		writeError(w, badRequest("invalid_json", "not an embeddings request"))
+		return
+	}
+	tokens := estimateTokens(req.TextBytes)
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "model": req.Model,
+		"data":  []any{map[string]any{"object": "embedding", "index": 0, "embedding": []float64{0.011, -0.027, 0.043}}},
+		"usage": map[string]int64{"prompt_tokens": tokens, "total_tokens": tokens}})
+}
+
+// mockStream writes server-sent events, flushed one by one.
+type mockStream struct {
+	w  http.ResponseWriter
+	rc *http.ResponseController
+}
+
+func newMockStream(w http.ResponseWriter) *mockStream {
+	setStreamHeaders(w.Header())
+	return &mockStream{w, http.NewResponseController(w)}
+}
+
+// send writes one event, with its event field when typ is set; false when
+// the client is gone.
+func (s *mockStream) send(typ string, data any) bool {
+	b, _ := json.Marshal(data)
+	prefix := ""
+	if typ != "" {
+		prefix = "event: " + typ + "\n"
+	}
+	return s.raw(prefix + "data: " + string(b) + "\n\n")
+}
+
+func (s *mockStream) raw(text string) bool {
+	if _, err := io.WriteString(s.w, text); err != nil {
+		return false
+	}
+	return s.rc.Flush() == nil
 }

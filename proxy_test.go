@@ -6189,3 +6189,39 @@ func TestReload(t *testing.T) {
 	expect(t, "provider after reload (kept is now cheaper)", resp.Header.Get("X-Arbstr-Provider"), "kept")
 	expectContains(t, "the reload's log line", ta.logs.String(), `providers_added=added providers_removed=removed providers_changed=kept`)
 }
+
+// TestBinary builds arbstr as a user does and serves in mock mode from the
+// binary itself: the test binary links what the tests import, so only the
+// real one shows that arbstr links everything it needs (its SQLite
+// driver, for one).
+func TestBinary(t *testing.T) {
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		t.Skip("no go command to build with")
+	}
+	bin := filepath.Join(t.TempDir(), "arbstr")
+	if out, err := exec.Command(goTool, "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, "-listen", "127.0.0.1:0")
+	cmd.Dir = t.TempDir() // no config here: mock mode
+	logs := &syncBuffer{}
+	cmd.Stderr = logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() }()
+	addr := waitListening(t, logs)
+	resp, err := testClient.Post("http://"+addr+"/v1/chat/completions", "application/json",
+		strings.NewReader(`{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}`))
+	if err != nil {
+		t.Fatalf("chat: %v\n%s", err, logs.String())
+	}
+	out := readBody(t, resp)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("chat = %d: %s\n%s", resp.StatusCode, out, logs.String())
+	}
+	expectContains(t, "the answer", out, `"arbstr_provider":"mock-cheap"`)
+}

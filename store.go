@@ -18,6 +18,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
 )
 
 // The ledger is one SQLite file. Request handlers hand rows to Record, which
