@@ -436,8 +436,7 @@ func (m mockProvider) reply(question string, prompt int64) (words []string, usag
 	}
 	words = strings.Fields(fmt.Sprintf("This is %s answering %q with a mock reply, so that routing, streaming and costs can be tried without a real provider.", m.cfg.Name, question))
 	out := int64(len(words))
-	return words, map[string]int64{"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
-		"input_tokens": prompt, "output_tokens": out}
+	return words, map[string]int64{"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out}
 }
 
 // pace waits between two words of a stream; false when the client left.
@@ -515,7 +514,7 @@ func (m mockProvider) responses(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	words, u := m.reply(req.LastUser, estimateTokens(req.TextBytes)+4)
-	usage := map[string]int64{"input_tokens": u["input_tokens"], "output_tokens": u["output_tokens"], "total_tokens": u["total_tokens"]}
+	usage := map[string]int64{"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"], "total_tokens": u["total_tokens"]}
 	resp := map[string]any{"id": fmt.Sprintf("resp_mock%016x", rand.Uint64()), "object": "response",
 		"created_at": time.Now().Unix(), "status": "completed", "model": req.Model,
 		"output": []any{map[string]any{"type": "message", "id": "msg_mock", "role": "assistant", "status": "completed",

@@ -1102,7 +1102,7 @@ func (s *server) finish(ex *exchange, c *candidate, a answer) {
 		cost = *row.Cost
 	}
 	s.log.Log(context.Background(), level, "request",
-		"id", ex.id, "policy", ex.route.policyName(), "model", row.Model, "provider", row.Provider,
+		"id", ex.id, "endpoint", ex.ep.name, "client", row.Client, "policy", ex.route.policyName(), "model", row.Model, "provider", row.Provider,
 		"stream", row.Streaming, "status", row.Status, "input_tokens", a.in,
 		"output_tokens", a.out, "cost_sats", cost.sats(),
 		"latency_ms", latency.Milliseconds(), "attempts", row.Attempts, "err", a.errMsg)
