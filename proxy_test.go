@@ -2244,7 +2244,7 @@ func TestStoreSyncWaitsForCommit(t *testing.T) {
 // TestStoreDuplicateRequestID checks that one row that cannot be written
 // costs only itself, not the rows batched with it, and is logged.
 func TestStoreDuplicateRequestID(t *testing.T) {
-	var logs storeTestLogBuffer
+	var logs syncBuffer
 	s, err := openStore(filepath.Join(t.TempDir(), "arbstr.db"), slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatal(err)
@@ -2289,7 +2289,7 @@ var (
 // The log says once that writing fails and once that it recovered.
 func TestStoreWriteRetry(t *testing.T) {
 	storeTestRegisterFail()
-	var logs storeTestLogBuffer
+	var logs syncBuffer
 	s, err := openStore(filepath.Join(t.TempDir(), "arbstr.db"), slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatal(err)
@@ -2341,24 +2341,6 @@ func waitForStore(tb testing.TB, what string, cond func() bool) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-}
-
-// storeTestLogBuffer is a bytes.Buffer safe for the writer goroutine's logs.
-type storeTestLogBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *storeTestLogBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *storeTestLogBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // storeFixtureT0 is "now" for the stats and requests fixture.
@@ -3000,7 +2982,7 @@ func TestLedgerReadParameters(t *testing.T) {
 // Health says why, reads and new requests are not held up behind it, and
 // once the lock is released every row is written.
 func TestStoreLockedLedgerKeepsRows(t *testing.T) {
-	var logs storeTestLogBuffer
+	var logs syncBuffer
 	path := filepath.Join(t.TempDir(), "arbstr.db")
 	s, err := openStore(path, slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
@@ -3083,7 +3065,7 @@ func TestStoreAdmitWaitsWhenSlow(t *testing.T) {
 // which the next open writes.
 func TestStoreCloseGivesUp(t *testing.T) {
 	storeTestRegisterFail()
-	var logs storeTestLogBuffer
+	var logs syncBuffer
 	path := filepath.Join(t.TempDir(), "arbstr.db")
 	s, err := openStore(path, slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
@@ -3264,7 +3246,7 @@ func TestStoreFileReplaced(t *testing.T) {
 	ledgerFileCheckInterval = 5 * time.Millisecond
 	defer func() { ledgerFileCheckInterval = old }()
 	for _, tt := range tests {
-		var logs storeTestLogBuffer
+		var logs syncBuffer
 		path := filepath.Join(t.TempDir(), "arbstr.db")
 		s, err := openStore(path, slog.New(slog.NewTextHandler(&logs, nil)))
 		if err != nil {

@@ -945,18 +945,7 @@ func TestConfigWarnings(t *testing.T) {
 			}},
 	}
 	for _, tt := range tests {
-		path := filepath.Join(t.TempDir(), "config.toml")
-		if err := os.WriteFile(path, []byte(tt.text), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		_, warnings, err := loadConfig(path)
-		var want []string
-		for _, w := range tt.want {
-			want = append(want, path+w)
-		}
-		if err != nil || !reflect.DeepEqual(warnings, want) {
-			t.Errorf("loadConfig(%q) = %q, %v; want %q", tt.text, warnings, err, want)
-		}
+		checkWarnings(t, tt.text, tt.want)
 	}
 }
 
@@ -1546,18 +1535,7 @@ func TestConfigRateWarnings(t *testing.T) {
 			[]string{`:7: providers[0].model_rates."m.x".input_rate = 2e+06 sats per 1M tokens, 2 sats a token: is this per 1M?`}},
 	}
 	for _, tt := range tests {
-		path := filepath.Join(t.TempDir(), "config.toml")
-		if err := os.WriteFile(path, []byte(tt.text), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		_, warnings, err := loadConfig(path)
-		var want []string
-		for _, w := range tt.want {
-			want = append(want, path+w)
-		}
-		if err != nil || !reflect.DeepEqual(warnings, want) {
-			t.Errorf("loadConfig(%q) = %q, %v; want %q", tt.text, warnings, err, want)
-		}
+		checkWarnings(t, tt.text, tt.want)
 	}
 
 	bounds := []struct{ text, want string }{
@@ -3012,21 +2990,10 @@ func (f *fakeRoutstr) set(fn func(f *fakeRoutstr)) {
 }
 
 // marketLog is a logger whose text the test reads back.
-type marketLog struct {
-	mu  sync.Mutex
-	buf strings.Builder
-}
-
-func (m *marketLog) Write(b []byte) (int, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.buf.Write(b)
-}
+type marketLog struct{ syncBuffer }
 
 func (m *marketLog) count(msg string) int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return strings.Count(m.buf.String(), fmt.Sprintf("msg=%q", msg))
+	return strings.Count(m.String(), fmt.Sprintf("msg=%q", msg))
 }
 
 func (m *marketLog) logger() *slog.Logger {
@@ -3599,8 +3566,30 @@ func TestMarketErrorHoldsNoSecret(t *testing.T) {
 		if strings.Contains(info.ListingError, secret) {
 			t.Errorf("listing_error = %q; holds %q", info.ListingError, secret)
 		}
-		if strings.Contains(log.buf.String(), secret) {
+		if strings.Contains(log.String(), secret) {
 			t.Errorf("log holds %q", secret)
 		}
+	}
+}
+
+// checkWarnings loads text as a TOML config file and compares its warnings
+// with want, each given after the file's path ("path:line: ...").
+func checkWarnings(t *testing.T, text string, want []string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, warnings, err := loadConfig(path)
+	if err != nil {
+		t.Errorf("loadConfig(%q): %v", text, err)
+		return
+	}
+	var full []string
+	for _, w := range want {
+		full = append(full, path+w)
+	}
+	if !reflect.DeepEqual(warnings, full) {
+		t.Errorf("loadConfig(%q) warnings = %q; want %q", text, warnings, full)
 	}
 }
