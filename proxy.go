@@ -49,12 +49,12 @@ type apiError struct {
 
 func (e *apiError) Error() string { return e.Message }
 
-func errorf(status int, typ, code, format string, args ...any) *apiError {
+func apiErrorf(status int, typ, code, format string, args ...any) *apiError {
 	return &apiError{Status: status, Type: typ, Code: code, Message: fmt.Sprintf(format, args...)}
 }
 
 func badRequest(code, format string, args ...any) *apiError {
-	return errorf(http.StatusBadRequest, "invalid_request_error", code, format, args...)
+	return apiErrorf(http.StatusBadRequest, "invalid_request_error", code, format, args...)
 }
 
 // writeError writes e in OpenAI's error shape:
@@ -274,7 +274,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/" {
 			w.Header().Set("WWW-Authenticate", `Basic realm="arbstr"`)
 		}
-		writeError(w, errorf(http.StatusUnauthorized, "authentication_error", "invalid_api_key",
+		writeError(w, apiErrorf(http.StatusUnauthorized, "authentication_error", "invalid_api_key",
 			"missing or invalid bearer token; send Authorization: Bearer <token>, a client's or server.auth_token"))
 		return
 	}
@@ -293,11 +293,11 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if rec.status == http.StatusMethodNotAllowed {
 		allow := rec.header.Get("Allow")
 		w.Header().Set("Allow", allow)
-		writeError(w, errorf(http.StatusMethodNotAllowed, "invalid_request_error", "method_not_allowed",
+		writeError(w, apiErrorf(http.StatusMethodNotAllowed, "invalid_request_error", "method_not_allowed",
 			"method %s is not allowed on %s; allowed: %s", r.Method, r.URL.Path, allow))
 		return
 	}
-	writeError(w, errorf(http.StatusNotFound, "invalid_request_error", "not_found",
+	writeError(w, apiErrorf(http.StatusNotFound, "invalid_request_error", "not_found",
 		"no such endpoint: %s %s", r.Method, r.URL.Path))
 }
 
@@ -311,7 +311,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // those in server.allowed_hosts are served. With a token, the token guards.
 func (sv *serving) browserGuard(w http.ResponseWriter, r *http.Request) *apiError {
 	if sv.cfg.Server.AuthToken == "" && !sv.hostAllowed(r.Host) {
-		return errorf(http.StatusForbidden, "permission_error", "host_not_allowed",
+		return apiErrorf(http.StatusForbidden, "permission_error", "host_not_allowed",
 			"Host %q is not served: without server.auth_token arbstr answers only loopback names and server.allowed_hosts", r.Host)
 	}
 	origin := r.Header.Get("Origin")
@@ -319,7 +319,7 @@ func (sv *serving) browserGuard(w http.ResponseWriter, r *http.Request) *apiErro
 		return nil
 	}
 	if !slices.Contains(sv.cfg.Server.AllowedOrigins, origin) {
-		return errorf(http.StatusForbidden, "permission_error", "origin_not_allowed",
+		return apiErrorf(http.StatusForbidden, "permission_error", "origin_not_allowed",
 			"requests from web pages are refused unless their origin is listed in server.allowed_origins; %q is not", origin)
 	}
 	h := w.Header()
@@ -454,7 +454,7 @@ func (sv *serving) readBody(w http.ResponseWriter, r *http.Request, parse func([
 		}
 	}
 	limit := sv.cfg.Server.MaxBodyBytes
-	tooLarge := errorf(http.StatusRequestEntityTooLarge, "invalid_request_error", "body_too_large",
+	tooLarge := apiErrorf(http.StatusRequestEntityTooLarge, "invalid_request_error", "body_too_large",
 		"request body exceeds server.max_body_bytes (%d bytes)", limit)
 	if r.ContentLength > limit {
 		return nil, nil, tooLarge // refused without reading it
@@ -480,7 +480,7 @@ func (sv *serving) readBody(w http.ResponseWriter, r *http.Request, parse func([
 			// The rest of the body will not come: without this, the server
 			// would try to read it before sending the answer.
 			w.Header().Set("Connection", "close")
-			return nil, nil, errorf(http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
+			return nil, nil, apiErrorf(http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
 				"the request body did not arrive within server.body_timeout_secs (%ds)", sv.cfg.Server.BodyTimeoutSecs)
 		}
 		return nil, nil, badRequest("invalid_body", "could not read the request body: %v", err)
@@ -1162,7 +1162,7 @@ const statusClientClosed = 499
 // client that only half-closed its side is still reading, and must never
 // get an empty 200.
 func (s *server) clientLeft(w http.ResponseWriter, ex *exchange, c *candidate) attemptResult {
-	e := errorf(statusClientClosed, "invalid_request_error", "client_closed_request",
+	e := apiErrorf(statusClientClosed, "invalid_request_error", "client_closed_request",
 		"the client closed its side of the connection before the answer; arbstr cancelled the upstream request")
 	s.finish(ex, c, answer{status: statusClientClosed, errMsg: "client disconnected"})
 	if ex.wait != nil && ex.wait.end() {
@@ -1182,7 +1182,7 @@ func (s *server) handle(ep *endpoint) http.HandlerFunc {
 
 func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoint) {
 	if !s.enter() {
-		writeError(w, errorf(http.StatusServiceUnavailable, "service_unavailable", "shutting_down", "arbstr is shutting down"))
+		writeError(w, apiErrorf(http.StatusServiceUnavailable, "service_unavailable", "shutting_down", "arbstr is shutting down"))
 		return
 	}
 	defer s.inflight.Done()
@@ -1220,7 +1220,7 @@ func (s *server) admit(r *http.Request, ex *exchange) *apiError {
 	sv, c, now := ex.sv, ex.client, ex.start
 	if c != nil && c.limiter != nil {
 		if ok, wait := c.limiter.allow(now); !ok {
-			e := errorf(http.StatusTooManyRequests, "requests", "rate_limit_exceeded",
+			e := apiErrorf(http.StatusTooManyRequests, "requests", "rate_limit_exceeded",
 				"rate limit of client %q reached: %d requests per minute", c.Name, c.RateLimitRPM)
 			e.retryAfter = wait
 			return e
@@ -1228,7 +1228,7 @@ func (s *server) admit(r *http.Request, ex *exchange) *apiError {
 	}
 	header := r.Header.Get("X-Arbstr-Policy")
 	if c != nil && header != "" && !c.mayUse(header) {
-		return errorf(http.StatusForbidden, "permission_error", "policy_not_allowed",
+		return apiErrorf(http.StatusForbidden, "permission_error", "policy_not_allowed",
 			"client %q may not use policy %q", c.Name, header)
 	}
 	if c != nil {
@@ -1241,7 +1241,7 @@ func (s *server) admit(r *http.Request, ex *exchange) *apiError {
 	}
 	if sv.cfg.Logging.LogRequests {
 		if err := s.store.Admit(r.Context()); errors.Is(err, ErrLedgerUnavailable) {
-			return errorf(http.StatusServiceUnavailable, "service_unavailable", "ledger_unavailable",
+			return apiErrorf(http.StatusServiceUnavailable, "service_unavailable", "ledger_unavailable",
 				"the ledger cannot be written and its queue is full; no request is sent that cannot be recorded: %v", s.store.Health())
 		}
 	}
@@ -1323,22 +1323,27 @@ func (s *server) forward(w http.ResponseWriter, r *http.Request, ex *exchange) {
 		}
 	}
 	if len(fails) == 0 {
-		s.fail(w, ex, last, errNoProviderAvailable(ex.req.Model))
+		s.fail(w, ex, last, errNoProviderAvailable(ex.req.Model, false))
 		return
 	}
 	status, code := http.StatusBadGateway, "all_providers_failed"
 	if lastTimeout {
 		status, code = http.StatusGatewayTimeout, "upstream_timeout"
 	}
-	s.fail(w, ex, last, errorf(status, "upstream_error", code,
+	s.fail(w, ex, last, apiErrorf(status, "upstream_error", code,
 		"all %d attempts failed: %s", ex.attempts, strings.Join(fails, "; ")))
 }
 
-// errNoProviderAvailable is the 503 of a model whose every provider has an
-// open circuit.
-func errNoProviderAvailable(model string) *apiError {
-	return errorf(http.StatusServiceUnavailable, "service_unavailable", "no_provider_available",
-		"every provider that serves model %q has an open circuit; retry later", model)
+// errNoProviderAvailable is the 503 of a model whose every provider is set
+// aside for now: its circuit is open, or (lowBalance) its balance is too
+// low for the request.
+func errNoProviderAvailable(model string, lowBalance bool) *apiError {
+	why := "an open circuit"
+	if lowBalance {
+		why = "an open circuit or too low a balance for this request"
+	}
+	return apiErrorf(http.StatusServiceUnavailable, "service_unavailable", "no_provider_available",
+		"every provider that serves model %q has %s; retry later", model, why)
 }
 
 // sleepCtx waits d, or less if ctx ends first; it reports whether it waited
@@ -1502,7 +1507,7 @@ func passedErrorEvent(ep *endpoint, body []byte, status int) []byte {
 	if ep == chatEndpoint && json.Compact(&buf, body) == nil && bytes.HasPrefix(buf.Bytes(), []byte("{")) {
 		return append(append([]byte("data: "), buf.Bytes()...), '\n', '\n')
 	}
-	return ep.errorEvent(errorf(status, "invalid_request_error", "upstream_rejected",
+	return ep.errorEvent(apiErrorf(status, "invalid_request_error", "upstream_rejected",
 		"provider answered HTTP %d: %s", status, strings.ToValidUTF8(string(body), "")))
 }
 
@@ -2345,7 +2350,7 @@ func (rl *relay) complete(final []byte) attemptResult {
 // gets an error as the last data line, with no [DONE] after it.
 func (rl *relay) interrupted(reason string) attemptResult {
 	rl.settle(false, "stream interrupted: "+reason)
-	rl.write(rl.ex.ep.errorEvent(errorf(http.StatusBadGateway, "upstream_error", "stream_interrupted",
+	rl.write(rl.ex.ep.errorEvent(apiErrorf(http.StatusBadGateway, "upstream_error", "stream_interrupted",
 		"upstream stream interrupted: %s", reason)))
 	rl.rc.Flush()
 	return attemptResult{done: true, outcome: outcomeFailure}
@@ -2483,7 +2488,7 @@ func (s *server) handleModel(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	writeError(w, errorf(http.StatusNotFound, "invalid_request_error", "model_not_found",
+	writeError(w, apiErrorf(http.StatusNotFound, "invalid_request_error", "model_not_found",
 		"the model %q does not exist or no provider serves it", id))
 }
 
@@ -2760,7 +2765,7 @@ func (s *server) handleRequest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !ok {
-		writeError(w, errorf(http.StatusNotFound, "invalid_request_error", "request_not_found",
+		writeError(w, apiErrorf(http.StatusNotFound, "invalid_request_error", "request_not_found",
 			"no request with id %q in the ledger", id))
 		return
 	}
@@ -2788,7 +2793,7 @@ func (s *server) ledgerError(w http.ResponseWriter, r *http.Request, err error) 
 		return
 	}
 	s.log.Error("ledger query failed", "err", err)
-	writeError(w, errorf(http.StatusInternalServerError, "server_error", "ledger_error", "the ledger could not be read"))
+	writeError(w, apiErrorf(http.StatusInternalServerError, "server_error", "ledger_error", "the ledger could not be read"))
 }
 
 // ---- Metrics in the Prometheus text format ----
@@ -3126,7 +3131,7 @@ func newChart(days []dayTotals, today time.Time) chart {
 
 func (s *server) handlePage(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path != "/" {
-		writeError(w, errorf(http.StatusNotFound, "invalid_request_error", "not_found", "no such endpoint: %s %s", r.Method, r.URL.Path))
+		writeError(w, apiErrorf(http.StatusNotFound, "invalid_request_error", "not_found", "no such endpoint: %s %s", r.Method, r.URL.Path))
 		return
 	}
 	data, err := s.pageData(r.Context())
@@ -3137,7 +3142,7 @@ func (s *server) handlePage(w http.ResponseWriter, r *http.Request) {
 	var buf bytes.Buffer
 	if err := pageTemplate.Execute(&buf, data); err != nil {
 		s.log.Error("render page", "err", err)
-		writeError(w, errorf(http.StatusInternalServerError, "server_error", "page_error", "the page could not be rendered"))
+		writeError(w, apiErrorf(http.StatusInternalServerError, "server_error", "page_error", "the page could not be rendered"))
 		return
 	}
 	h := w.Header()

@@ -538,7 +538,7 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 	if policyHeader != "" {
 		pol, ok := rt.policyByName[policyHeader]
 		if !ok {
-			return r, errorf(http.StatusBadRequest, "invalid_request_error", "unknown_policy",
+			return r, apiErrorf(http.StatusBadRequest, "invalid_request_error", "unknown_policy",
 				"unknown policy %q in X-Arbstr-Policy; configured policies: %s", policyHeader, rt.policyNames)
 		}
 		r.policy = pol
@@ -560,14 +560,14 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 		r.cands = table.anyModel
 	}
 	if len(r.cands) == 0 {
-		return r, errorf(http.StatusBadRequest, "invalid_request_error", "no_provider",
+		return r, apiErrorf(http.StatusBadRequest, "invalid_request_error", "no_provider",
 			"no provider serves model %q", req.Model)
 	}
 
 	// The policy's constraints, then open circuits and low balances set
 	// aside, then the strategy's order, kept as the candidates come.
 	if r.policy != nil && r.policy.allowed != nil && !r.policy.allowed[req.Model] {
-		return r, errorf(http.StatusBadRequest, "invalid_request_error", "model_not_allowed",
+		return r, apiErrorf(http.StatusBadRequest, "invalid_request_error", "model_not_allowed",
 			"model %q is not allowed by policy %q", req.Model, r.policy.Name)
 	}
 	compare := compareCheapest
@@ -614,16 +614,11 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 		}
 	}
 	if qualified == 0 {
-		return r, errorf(http.StatusBadRequest, "invalid_request_error", "no_provider",
+		return r, apiErrorf(http.StatusBadRequest, "invalid_request_error", "no_provider",
 			"no provider serves model %q within policy %q", req.Model, r.policy.Name)
 	}
-	if len(r.ordered) == 0 && broke > 0 {
-		return r, errorf(http.StatusServiceUnavailable, "service_unavailable", "no_provider_available",
-			"every provider that serves model %q has an open circuit or too low a balance for this request; retry later", req.Model)
-	}
 	if len(r.ordered) == 0 {
-		return r, errorf(http.StatusServiceUnavailable, "service_unavailable", "no_provider_available",
-			"every provider that serves model %q has an open circuit; retry later", req.Model)
+		return r, errNoProviderAvailable(req.Model, broke > 0)
 	}
 	if limit <= 0 && compare != nil {
 		slices.SortStableFunc(r.ordered, compare)
@@ -1817,7 +1812,7 @@ func budgetExceeded(b *budget, worst int64, untilReset time.Duration) *apiError 
 	if b.period == periodDay {
 		adjective = "daily"
 	}
-	e := errorf(http.StatusTooManyRequests, "insufficient_quota", "budget_exceeded",
+	e := apiErrorf(http.StatusTooManyRequests, "insufficient_quota", "budget_exceeded",
 		"the %s budget of %s %q is spent: %g of %g sats this %s, %g sats reserved by requests in flight, and this request may cost up to %g sats",
 		adjective, b.scope, b.name, msatToSats(b.spent), msatToSats(b.limit), b.period,
 		msatToSats(b.reserved), msatToSats(worst))
