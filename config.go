@@ -288,6 +288,11 @@ func configure(o overrides) (*configured, error) {
 	}
 	if c.mock {
 		cfg.Database.Path = ":memory:"
+		// The mock providers stand in for the file's: its having none is
+		// no cause for a warning.
+		c.warnings = slices.DeleteFunc(c.warnings, func(w string) bool {
+			return strings.HasSuffix(w, noProvidersWarning)
+		})
 	}
 	if v := os.Getenv("DATABASE_URL"); v != "" {
 		cfg.Database.Path = databasePath(v)
@@ -1130,7 +1135,7 @@ func (d *configDecoder) decode(tree map[string]any) (*Config, error) {
 		return nil, err
 	}
 	if len(cfg.Providers) == 0 {
-		d.warnf("", "no providers configured: every chat request will fail")
+		d.warnf("", noProvidersWarning)
 	}
 	return cfg, nil
 }
@@ -1163,6 +1168,9 @@ func (d *configDecoder) rateUnit(tree map[string]any, cfg *Config) error {
 	}
 	return nil
 }
+
+// noProvidersWarning is the warning of a file without providers.
+const noProvidersWarning = "no providers configured: every chat request will fail"
 
 // newerFileKey returns the path of the first key in tree that only arbstr
 // files written since mid-2026 have, or "". It reads the raw tree, before
