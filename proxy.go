@@ -1836,9 +1836,9 @@ type sseReader struct {
 	off   int // start of the bytes not yet returned
 	n     int // end of the bytes read
 	ready int // length of the complete event at off, when known; else 0
-	// scanned is how far past off the bytes were scanned for the end of
-	// an event without finding it, up to the start of their last line.
-	scanned int
+	// scan is where the search for the end of the event at off stopped,
+	// relative to off.
+	scan eventScan
 	err     error
 }
 
@@ -1861,12 +1861,7 @@ func (sr *sseReader) close() {
 // caller can write it before flushing.
 func (sr *sseReader) buffered() bool {
 	if sr.ready == 0 {
-		n, resume := scanEvent(sr.buf[sr.off+sr.scanned : sr.n])
-		if n > 0 {
-			sr.ready, sr.scanned = sr.scanned+n, 0
-		} else {
-			sr.scanned += resume
-		}
+		sr.ready, sr.scan = scanEvent(sr.buf[sr.off:sr.n], sr.scan)
 	}
 	return sr.ready > 0
 }
@@ -1924,17 +1919,21 @@ func (sr *sseReader) fill() error {
 // including the blank line that ends it, or 0 when b holds no complete event
 // yet. Lines end in CRLF, LF or CR, the three forms SSE allows.
 func nextEvent(b []byte) int {
-	n, _ := scanEvent(b)
+	n, _ := scanEvent(b, eventScan{})
 	return n
 }
 
-// scanEvent is nextEvent that also says, when b holds no complete event,
-// where its last line starts: a later scan of the same event, with more
-// bytes read, can start there, so that a large event is scanned once, not
-// once per read.
-func scanEvent(b []byte) (n, resume int) {
-	lineStart := 0
-	for i := 0; i < len(b); i++ {
+// eventScan is where a scan for the end of an event stopped: the bytes
+// before from hold no event's end, and the line being read starts at
+// lineStart. A later scan of the same bytes, with more read, goes on from
+// there, so that a large event is scanned once, not once per read.
+type eventScan struct{ from, lineStart int }
+
+// scanEvent is nextEvent going on from an earlier scan of the same bytes;
+// when b holds no complete event yet, it says where to go on from.
+func scanEvent(b []byte, at eventScan) (n int, next eventScan) {
+	lineStart := at.lineStart
+	for i := at.from; i < len(b); i++ {
 		c := b[i]
 		if c != '\n' && c != '\r' {
 			continue
@@ -1946,21 +1945,22 @@ func scanEvent(b []byte) (n, resume int) {
 					// The blank line that ends the event; a LF that may
 					// follow makes an empty event of its own, which SSE
 					// ignores, and the bytes the client gets are the same.
-					return end, 0
+					return end, eventScan{}
 				}
-				return 0, lineStart // a LF may follow in the next read
+				// A LF may follow in the next read: look at this CR again.
+				return 0, eventScan{i, lineStart}
 			}
 			if b[end] == '\n' {
 				end++
 			}
 		}
 		if i == lineStart {
-			return end, 0
+			return end, eventScan{}
 		}
 		lineStart = end
 		i = end - 1
 	}
-	return 0, lineStart
+	return 0, eventScan{len(b), lineStart}
 }
 
 // eventData returns the data of an event, its data lines joined by "\n"
