@@ -1076,7 +1076,7 @@ func (s *server) finish(ex *exchange, c *candidate, a answer) {
 	if c != nil {
 		row.Provider = c.p.Name
 	}
-	if ex.req.Stream {
+	if ex.req.Stream && a.ttft > 0 { // null for a stream that never began
 		row.TTFTMs = new(a.ttft.Milliseconds())
 	}
 	if a.errMsg != "" {
@@ -1999,11 +1999,14 @@ func eventData(ev []byte) ([]byte, bool) {
 // A streaming client may wait long for its first token: slow and reasoning
 // models can think for a minute, and clients and proxies with a first-byte
 // timeout give up on a silent connection. After waitHeadersAfter without a
-// first event, the client gets its headers (200, text/event-stream) and then
-// a keep-alive comment every keepAliveEvery. It has seen only comments, so a
-// provider that fails meanwhile is still replaced by the next, invisibly.
+// first event, the client gets its headers (200, text/event-stream) and
+// then a keep-alive comment at least every keepAliveEvery: the provider's
+// own comments, or arbstr's. It has seen only comments, so a provider that
+// fails meanwhile is still replaced by the next, invisibly. The headers go
+// out after 1.5 s rather than 2: an SDK with a 2 s timeout (on the headers)
+// would race them at 2.
 var (
-	waitHeadersAfter = 2 * time.Second
+	waitHeadersAfter = 1500 * time.Millisecond
 	keepAliveEvery   = 5 * time.Second
 )
 
@@ -2043,6 +2046,21 @@ func (sw *streamWait) tick() {
 	sw.w.Write([]byte(": arbstr waiting\n\n"))
 	sw.rc.Flush()
 	sw.timer.Reset(keepAliveEvery)
+}
+
+// pass sends the client a comment of the provider's, as a keep-alive, once
+// the client has its headers; false when it has not (the relay keeps the
+// comment for later) or the wait is over.
+func (sw *streamWait) pass(comment []byte) bool {
+	sw.mu.Lock()
+	defer sw.mu.Unlock()
+	if sw.ended || !sw.sent {
+		return false
+	}
+	sw.w.Write(comment)
+	sw.rc.Flush()
+	sw.timer.Reset(keepAliveEvery)
+	return true
 }
 
 // end stops the keep-alives and reports whether the headers went out; from
@@ -2126,9 +2144,12 @@ func (rl *relay) event(ev []byte) (res attemptResult, done bool) {
 	data, isData := eventData(ev)
 	if !isData {
 		// A comment or another field: passed on as it is.
-		if rl.started {
+		switch {
+		case rl.started:
 			rl.write(ev)
-		} else if len(rl.pending)+len(ev) <= maxPending {
+		case ev[0] == ':' && rl.ex.wait != nil && rl.ex.wait.pass(redactKey(ev, rl.c.p.APIKey)):
+			// A comment: the waiting client has it now, as a keep-alive.
+		case len(rl.pending)+len(ev) <= maxPending:
 			rl.pending = append(rl.pending, ev...)
 		}
 		return res, false

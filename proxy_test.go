@@ -5288,7 +5288,7 @@ func TestStreamsThatWait(t *testing.T) {
 				}
 				if line == ": arbstr waiting\n" {
 					seen++
-				} else if line != "\n" {
+				} else if line != "\n" && !strings.HasPrefix(line, ":") {
 					t.Fatalf("before the release: %q; want only keep-alive comments", line)
 				}
 			}
@@ -5327,7 +5327,8 @@ func checkWaitedStream(t *testing.T, rest string, wantDone bool, wantCode, wantM
 		t.Fatalf("no data line after the wait:\n%s", rest)
 	}
 	for _, line := range strings.Split(rest[:first], "\n") {
-		if line != "" && line != ": arbstr waiting" {
+		// Keep-alives: arbstr's, or the provider's comments passed on.
+		if line != "" && !strings.HasPrefix(line, ":") {
 			t.Errorf("before the first data line: %q; want only keep-alive comments", line)
 		}
 	}
@@ -6206,4 +6207,32 @@ func TestBinary(t *testing.T) {
 		t.Fatalf("chat = %d: %s\n%s", resp.StatusCode, out, logs.String())
 	}
 	expectContains(t, "the answer", out, `"arbstr_provider":"mock-cheap"`)
+}
+
+// TestWaitingClientGetsProviderComments: once a waiting client has its
+// headers, the provider's keep-alive comments reach it as they come.
+func TestWaitingClientGetsProviderComments(t *testing.T) {
+	after := waitHeadersAfter
+	waitHeadersAfter = 100 * time.Millisecond
+	t.Cleanup(func() { waitHeadersAfter = after })
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		for range 4 {
+			io.WriteString(w, ": OPENROUTER PROCESSING\n\n")
+			w.(http.Flusher).Flush()
+			time.Sleep(100 * time.Millisecond)
+		}
+		sse(w, chunkJSON("Hello"), finishChunk, "[DONE]")
+	})
+	ta := newArbstr(t, testConfig(prov("p", up.URL, 1, 1)))
+	resp := ta.post(t, "/v1/chat/completions", streamBody)
+	out := readBody(t, resp)
+	first := strings.Index(out, "data: ")
+	if first < 0 {
+		t.Fatalf("no data:\n%s", out)
+	}
+	if n := strings.Count(out[:first], ": OPENROUTER PROCESSING"); n < 2 {
+		t.Errorf("%d provider comments before the first data line; want them passed on (at least 2 of 4 after the headers):\n%s", n, out)
+	}
+	expectContains(t, "the stream", out, "data: [DONE]")
 }
