@@ -1839,7 +1839,7 @@ type sseReader struct {
 	// scan is where the search for the end of the event at off stopped,
 	// relative to off.
 	scan eventScan
-	err     error
+	err  error
 }
 
 func newSSEReader(body io.Reader) *sseReader {
