@@ -16,12 +16,16 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
+	"math"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -514,40 +518,86 @@ func (m mockProvider) responses(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	words, u := m.reply(req.LastUser, estimateTokens(req.TextBytes)+4)
-	usage := map[string]int64{"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"], "total_tokens": u["total_tokens"]}
+	text := strings.Join(words, " ")
+	part := map[string]any{"type": "output_text", "text": text, "annotations": []any{}}
+	item := map[string]any{"type": "message", "id": "msg_mock", "role": "assistant", "status": "completed", "content": []any{part}}
 	resp := map[string]any{"id": fmt.Sprintf("resp_mock%016x", rand.Uint64()), "object": "response",
-		"created_at": time.Now().Unix(), "status": "completed", "model": req.Model,
-		"output": []any{map[string]any{"type": "message", "id": "msg_mock", "role": "assistant", "status": "completed",
-			"content": []any{map[string]any{"type": "output_text", "text": strings.Join(words, " "), "annotations": []any{}}}}},
-		"usage": usage}
+		"created_at": time.Now().Unix(), "status": "completed", "model": req.Model, "output": []any{item},
+		"usage": map[string]int64{"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"], "total_tokens": u["total_tokens"]}}
 	if !req.Stream {
 		writeJSON(w, http.StatusOK, resp)
 		return
 	}
+	// The events of OpenAI's stream, in its order, each numbered.
 	ev := newMockStream(w)
-	ev.send("response.created", map[string]any{"type": "response.created", "response": map[string]any{"id": resp["id"], "status": "in_progress"}})
+	seq := 0
+	send := func(typ string, fields map[string]any) bool {
+		fields["type"], fields["sequence_number"] = typ, seq
+		seq++
+		return ev.send(typ, fields)
+	}
+	started := maps.Clone(resp)
+	started["status"], started["output"] = "in_progress", []any{}
+	delete(started, "usage")
+	at := map[string]any{"item_id": "msg_mock", "output_index": 0, "content_index": 0}
+	with := func(kv ...any) map[string]any {
+		f := maps.Clone(at)
+		for i := 0; i+1 < len(kv); i += 2 {
+			f[kv[i].(string)] = kv[i+1]
+		}
+		return f
+	}
+	send("response.created", map[string]any{"response": started})
+	send("response.in_progress", map[string]any{"response": started})
+	send("response.output_item.added", map[string]any{"output_index": 0,
+		"item": map[string]any{"type": "message", "id": "msg_mock", "role": "assistant", "status": "in_progress", "content": []any{}}})
+	send("response.content_part.added", with("part", map[string]any{"type": "output_text", "text": "", "annotations": []any{}}))
 	for i, word := range words {
 		if i > 0 {
 			word = " " + word
 		}
-		if !m.pace(r) || !ev.send("response.output_text.delta", map[string]any{"type": "response.output_text.delta",
-			"item_id": "msg_mock", "output_index": 0, "content_index": 0, "delta": word}) {
+		if !m.pace(r) || !send("response.output_text.delta", with("delta", word)) {
 			return
 		}
 	}
-	ev.send("response.completed", map[string]any{"type": "response.completed", "response": resp})
+	send("response.output_text.done", with("text", text))
+	send("response.content_part.done", with("part", part))
+	send("response.output_item.done", map[string]any{"output_index": 0, "item": item})
+	send("response.completed", map[string]any{"response": resp})
 }
 
 func (m mockProvider) embeddings(w http.ResponseWriter, r *http.Request) {
 	body, err := io.ReadAll(r.Body)
 	req, aerr := parseEmbeddings(body)
-	if err != nil || aerr != nil {
+	var opts struct {
+		Input  json.RawMessage `json:"input"`
+		Format string          `json:"encoding_format"`
+	}
+	if err != nil || aerr != nil || json.Unmarshal(body, &opts) != nil {
 		writeError(w, badRequest("invalid_json", "not an embeddings request"))
 		return
 	}
+	inputs := 1
+	var list []json.RawMessage
+	if json.Unmarshal(opts.Input, &list) == nil && len(list) > 0 && (list[0][0] == '"' || list[0][0] == '[') {
+		inputs = len(list) // strings or token arrays; a flat list of numbers is one input
+	}
+	var data []any
+	for i := range inputs {
+		vec := []float32{0.011, -0.027, 0.043, float32(i) / 10}
+		var v any = vec
+		if opts.Format == "base64" {
+			// Little-endian float32s, base64-encoded, as OpenAI sends them.
+			b := make([]byte, 0, 4*len(vec))
+			for _, f := range vec {
+				b = binary.LittleEndian.AppendUint32(b, math.Float32bits(f))
+			}
+			v = base64.StdEncoding.EncodeToString(b)
+		}
+		data = append(data, map[string]any{"object": "embedding", "index": i, "embedding": v})
+	}
 	tokens := estimateTokens(req.TextBytes)
-	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "model": req.Model,
-		"data":  []any{map[string]any{"object": "embedding", "index": 0, "embedding": []float64{0.011, -0.027, 0.043}}},
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "model": req.Model, "data": data,
 		"usage": map[string]int64{"prompt_tokens": tokens, "total_tokens": tokens}})
 }
 
