@@ -725,13 +725,7 @@ func parseEmbeddings(body []byte) (*chatRequest, *apiError) {
 // estimated from every part of the text sent and received.
 func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool, charge reportedUsage, ok bool) {
 	var a struct {
-		Usage *struct {
-			PromptTokens     *int64 `json:"prompt_tokens"`
-			CompletionTokens int64  `json:"completion_tokens"`
-			InputTokens      int64  `json:"input_tokens"`
-			OutputTokens     int64  `json:"output_tokens"`
-			reportedUsage
-		} `json:"usage"`
+		Usage   *usage `json:"usage"`
 		Choices []struct {
 			Message struct {
 				Content          json.RawMessage `json:"content"`
@@ -751,15 +745,6 @@ func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool,
 			return 0, 0, false, charge, false
 		}
 	}
-	if u := a.Usage; u != nil {
-		in, out = u.InputTokens, u.OutputTokens
-		if u.PromptTokens != nil {
-			in, out = *u.PromptTokens, u.CompletionTokens
-		}
-		counted := usage{PromptTokens: in, CompletionTokens: out}
-		in, out = counted.tokens()
-		return in, out, false, u.reportedUsage, true
-	}
 	var text int64
 	for _, ch := range a.Choices {
 		m := ch.Message
@@ -768,6 +753,11 @@ func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool,
 	}
 	for _, o := range a.Output {
 		text += int64(len(messageText(o.Content)) + len(messageText(o.Summary)) + len(o.Arguments))
+	}
+	if a.Usage != nil {
+		if in, out, estimated, ok := a.Usage.counted(req.TextBytes, text, req.NoOutput); ok {
+			return in, out, estimated, a.Usage.reportedUsage, true
+		}
 	}
 	if req.NoOutput {
 		text = 0
@@ -1547,14 +1537,59 @@ func describe(err error) string {
 
 // usage is the OpenAI usage object.
 type usage struct {
-	PromptTokens     int64 `json:"prompt_tokens"`
-	CompletionTokens int64 `json:"completion_tokens"`
+	PromptTokens     tokenCount `json:"prompt_tokens"`
+	CompletionTokens tokenCount `json:"completion_tokens"`
+	InputTokens      tokenCount `json:"input_tokens"`  // the Responses API's name
+	OutputTokens     tokenCount `json:"output_tokens"` // the Responses API's name
+	reportedUsage
 }
 
-// tokens returns the counts within [0, maxEstTokens], so that a provider's
-// nonsense cannot overflow a cost.
-func (u *usage) tokens() (in, out int64) {
-	return min(max(u.PromptTokens, 0), maxEstTokens), min(max(u.CompletionTokens, 0), maxEstTokens)
+// counted returns the tokens of a usage object. A count it lacks is
+// estimated from the text (inBytes sent, outBytes received), and estimated
+// says so; ok is false when it holds no count at all, which is no usage.
+// An answer without output (noOutput: embeddings) has 0 output tokens
+// whatever it says. Counts are bounded, so that a provider's nonsense
+// cannot overflow a cost.
+func (u *usage) counted(inBytes, outBytes int64, noOutput bool) (in, out int64, estimated, ok bool) {
+	inC, outC := u.PromptTokens, u.CompletionTokens
+	if !inC.set {
+		inC = u.InputTokens
+	}
+	if !outC.set {
+		outC = u.OutputTokens
+	}
+	if !inC.set && !outC.set {
+		return 0, 0, false, false
+	}
+	in, out = inC.n, outC.n
+	if !inC.set {
+		in, estimated = estimateTokens(inBytes), true
+	}
+	switch {
+	case noOutput:
+		out = 0
+	case !outC.set:
+		out, estimated = estimateTokens(outBytes), true
+	}
+	return min(max(in, 0), maxEstTokens), min(max(out, 0), maxEstTokens), estimated, true
+}
+
+// tokenCount is a token count as providers write it: an integer, or, from
+// a careless one, a float or a number in a string, rounded. Anything else
+// leaves it unset, so that one odd field does not lose the whole answer.
+type tokenCount struct {
+	n   int64
+	set bool
+}
+
+func (t *tokenCount) UnmarshalJSON(b []byte) error {
+	if s, ok := jsonString(b); ok {
+		b = []byte(s)
+	}
+	if f, err := strconv.ParseFloat(string(b), 64); err == nil && !math.IsNaN(f) && !math.IsInf(f, 0) {
+		t.n, t.set = int64(math.Round(min(max(f, 0), maxEstTokens))), true
+	}
+	return nil
 }
 
 // complete handles a non-streaming 2xx answer: the body as the provider sent
@@ -2096,18 +2131,20 @@ type relay struct {
 	deadline *time.Timer // the first data event's deadline, then the longest gap
 	timedOut *atomic.Bool
 
-	started      bool   // the first data event went to the client
-	pending      []byte // comments and other fields that came before it
-	wrote        bool   // written since the last flush
-	clientGone   bool
-	usageSeen    bool
-	in, out      int64
-	charged      bool // the provider reported its charge, chargedMsat
-	chargedMsat  int64
-	finished     bool // a finish_reason was seen
-	contentBytes int64
-	firstData    time.Time
-	firstContent time.Time
+	started    bool   // the first data event went to the client
+	pending    []byte // comments and other fields that came before it
+	wrote      bool   // written since the last flush
+	clientGone bool
+	usageSeen  bool
+	// usageEstimated: the usage lacked a count, which was estimated.
+	usageEstimated bool
+	in, out        int64
+	charged        bool // the provider reported its charge, chargedMsat
+	chargedMsat    int64
+	finished       bool // a finish_reason was seen
+	contentBytes   int64
+	firstData      time.Time
+	firstContent   time.Time
 }
 
 // maxPending bounds the comments kept for the client before the first data
@@ -2210,19 +2247,11 @@ func (rl *relay) typedEvent(ev, data []byte, now time.Time) (res attemptResult, 
 	case "response.completed", "response.incomplete":
 		var u struct {
 			Response struct {
-				Usage *struct {
-					InputTokens  int64 `json:"input_tokens"`
-					OutputTokens int64 `json:"output_tokens"`
-					reportedUsage
-				} `json:"usage"`
+				Usage *usage `json:"usage"`
 			} `json:"response"`
 		}
 		if json.Unmarshal(data, &u) == nil && u.Response.Usage != nil {
-			ru := u.Response.Usage
-			counted := usage{PromptTokens: ru.InputTokens, CompletionTokens: ru.OutputTokens}
-			rl.usageSeen = true
-			rl.in, rl.out = counted.tokens()
-			rl.chargedMsat, rl.charged = ru.charge(rl.resp.Header)
+			rl.takeUsage(u.Response.Usage)
 		}
 		rl.finished = true
 		if !rl.started {
@@ -2264,19 +2293,26 @@ func eventType(ev, data []byte) string {
 // chunk is to be withheld: a usage-only chunk that arbstr asked for.
 func (rl *relay) readUsage(data []byte) (withhold bool) {
 	var u struct {
-		Usage *struct {
-			usage
-			reportedUsage
-		} `json:"usage"`
+		Usage   *usage            `json:"usage"`
 		Choices []json.RawMessage `json:"choices"`
 	}
-	if json.Unmarshal(data, &u) != nil || u.Usage == nil {
+	if json.Unmarshal(data, &u) != nil || u.Usage == nil || !rl.takeUsage(u.Usage) {
 		return false
 	}
-	rl.usageSeen = true
-	rl.in, rl.out = u.Usage.tokens()
-	rl.chargedMsat, rl.charged = u.Usage.charge(rl.resp.Header)
 	return rl.ex.addedUsage && len(u.Choices) == 0
+}
+
+// takeUsage keeps the counts and the reported charge of a usage object, if
+// it has any count.
+func (rl *relay) takeUsage(u *usage) bool {
+	in, out, estimated, ok := u.counted(rl.ex.req.TextBytes, rl.contentBytes, rl.ex.req.NoOutput)
+	if !ok {
+		return false
+	}
+	rl.usageSeen, rl.usageEstimated = true, estimated
+	rl.in, rl.out = in, out
+	rl.chargedMsat, rl.charged = u.charge(rl.resp.Header)
+	return true
 }
 
 // start sends the headers, unless the client got them while it waited, and
@@ -2348,7 +2384,7 @@ func (rl *relay) settle(success bool, errMsg string) answer {
 		a.ttft = rl.firstData.Sub(rl.ex.start)
 	}
 	if rl.usageSeen {
-		a.charged, a.chargedMsat = rl.charged, rl.chargedMsat
+		a.charged, a.chargedMsat, a.estimated = rl.charged, rl.chargedMsat, rl.usageEstimated
 	} else {
 		a.estimated = true
 		a.in, a.out = estimateTokens(rl.ex.req.TextBytes), estimateTokens(rl.contentBytes)

@@ -1796,16 +1796,20 @@ func FuzzScanChunk(f *testing.F) {
 			Delta        delta   `json:"delta"`
 			FinishReason *string `json:"finish_reason"`
 		}
+		type counts struct {
+			PromptTokens     int64 `json:"prompt_tokens"`
+			CompletionTokens int64 `json:"completion_tokens"`
+		}
 		chunk := struct {
 			Choices []choice `json:"choices"`
-			Usage   *usage   `json:"usage"`
+			Usage   *counts  `json:"usage"`
 		}{Choices: []choice{{Delta: delta{content}}}}
 		if finish {
 			stop := "stop"
 			chunk.Choices[0].FinishReason = &stop
 		}
 		if withUsage {
-			chunk.Usage = &usage{1, 2}
+			chunk.Usage = &counts{1, 2}
 		}
 		data, _ := json.Marshal(chunk)
 		quoted, _ := json.Marshal(content)
@@ -6235,4 +6239,42 @@ func TestWaitingClientGetsProviderComments(t *testing.T) {
 		t.Errorf("%d provider comments before the first data line; want them passed on (at least 2 of 4 after the headers):\n%s", n, out)
 	}
 	expectContains(t, "the stream", out, "data: [DONE]")
+}
+
+// TestOddUsage: usage as careless providers write it is still counted, and
+// a usage object without any count is no usage (estimated), never free.
+func TestOddUsage(t *testing.T) {
+	chat := &chatRequest{TextBytes: 40}
+	embed := &chatRequest{TextBytes: 40, NoOutput: true}
+	tests := []struct {
+		name      string
+		req       *chatRequest
+		body      string
+		in, out   int64
+		estimated bool
+	}{
+		{"integers", chat, `{"usage":{"prompt_tokens":12,"completion_tokens":300}}`, 12, 300, false},
+		{"floats", chat, `{"usage":{"prompt_tokens":12.0,"completion_tokens":299.6}}`, 12, 300, false},
+		{"strings", chat, `{"usage":{"prompt_tokens":"12","completion_tokens":"300"}}`, 12, 300, false},
+		{"responses names", chat, `{"usage":{"input_tokens":12,"output_tokens":300}}`, 12, 300, false},
+		{"no prompt_tokens", chat, `{"usage":{"completion_tokens":300,"total_tokens":310}}`, 10, 300, true},
+		{"only a total", chat, `{"choices":[{"message":{"content":"abcdefgh"}}],"usage":{"total_tokens":310}}`, 10, 2, true},
+		{"garbage counts", chat, `{"usage":{"prompt_tokens":{},"completion_tokens":[1]}}`, 10, 0, true},
+		{"negative", chat, `{"usage":{"prompt_tokens":-5,"completion_tokens":7}}`, 0, 7, false},
+		{"embedding with completion_tokens", embed, `{"usage":{"prompt_tokens":8,"completion_tokens":50}}`, 8, 0, false},
+		{"embedding without completion_tokens", embed, `{"usage":{"prompt_tokens":8,"total_tokens":8}}`, 8, 0, false},
+	}
+	for _, tc := range tests {
+		in, out, estimated, _, ok := answerTokens([]byte(tc.body), tc.req)
+		if !ok {
+			t.Errorf("%s: not read", tc.name)
+			continue
+		}
+		if in != tc.in || out != tc.out {
+			t.Errorf("%s: tokens = %d/%d; want %d/%d", tc.name, in, out, tc.in, tc.out)
+		}
+		if estimated != tc.estimated {
+			t.Errorf("%s: estimated = %v; want %v", tc.name, estimated, tc.estimated)
+		}
+	}
 }
