@@ -296,7 +296,7 @@ func serve(ctx context.Context, o overrides, stderr io.Writer) error {
 		case err := <-errc:
 			return err
 		case <-hup:
-			reload(o, cfg, applyReload, logger)
+			reload(o, c, applyReload, logger)
 		case <-ctx.Done():
 			done = true
 		}
@@ -328,9 +328,19 @@ func shutdown(httpSrv *http.Server, srv *server, store *Store, grace time.Durati
 // arbstr keeps serving the one it has. running is the configuration arbstr
 // started with; in mock mode its mock providers carry over. server.listen
 // and database.path take effect only at a restart, and a warning says so.
-func reload(o overrides, running *Config, apply func(*Config) error, logger *slog.Logger) {
+func reload(o overrides, started *configured, apply func(*Config) error, logger *slog.Logger) {
 	logger.Info("reload: reading the config again")
+	running := started.cfg
+	if o.configPath == "" {
+		// The file found at start, not the search again: a config.json
+		// deleted (or not yet rewritten) must not turn arbstr into a mock
+		// server that keeps the real providers and drops every guard.
+		o.configPath = started.path
+	}
 	c, err := configure(o)
+	if err == nil && c.mock && !started.mock {
+		err = errors.New("no config file to read")
+	}
 	if err != nil {
 		logger.Error("reload failed", "err", err)
 		return

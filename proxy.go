@@ -152,14 +152,19 @@ func newServer(cfg *Config, router *Router, store *Store, logger *slog.Logger) *
 		},
 	}
 	spend := newSpendControl(cfg, time.Now(), nil)
-	if err := spend.restore(time.Now(), func(since time.Time) (map[string]int64, error) {
-		return store.Spent(context.Background(), since)
-	}); err != nil {
+	if err := spend.restore(time.Now(), s.spentSince, func(*budget) bool { return true }); err != nil {
 		logger.Error("budgets: could not read what was spent from the ledger; they start at 0", "err", err)
 	}
 	s.live.Store(newServing(cfg, router, spend))
 	s.mux = s.routes()
 	return s
+}
+
+// spentSince is what the ledger recorded since a time, by client and by
+// policy, once every queued row is written.
+func (s *server) spentSince(since time.Time) (map[string]int64, error) {
+	s.store.Sync(context.Background())
+	return s.store.Spent(context.Background(), since)
 }
 
 // startMarket reads the first listings and balances of the discovering
@@ -189,6 +194,10 @@ func (s *server) reload(ctx context.Context, cfg *Config) {
 	rt := newRouter(cfg, s.store.Ratio)
 	rt.adopt(old.router)
 	spend := newSpendControl(cfg, time.Now(), old.spend)
+	isNew := func(b *budget) bool { return old.spend.budget(budgetKey(b.scope, b.name, b.period)) == nil }
+	if err := spend.restore(time.Now(), s.spentSince, isNew); err != nil {
+		s.log.Error("reload: could not read what new budgets have spent from the ledger; they start at 0", "err", err)
+	}
 	if s.stopMarket != nil {
 		s.stopMarket()
 	}
@@ -975,6 +984,7 @@ type exchange struct {
 	client     *client      // nil for the operator
 	reserved   *reservation // in the request's budgets; nil without any
 	spent      int64        // the recorded cost, which replaces the reservation
+	noRow      bool         // refused because the ledger cannot write: no row
 	id         string
 	start      time.Time
 	req        *chatRequest
@@ -1079,7 +1089,7 @@ func (s *server) finish(ex *exchange, c *candidate, a answer) {
 		s.price(&row, ex, c, a)
 		ex.spent = int64(*row.Cost)
 	}
-	if ex.sv.cfg.Logging.LogRequests {
+	if ex.sv.cfg.Logging.LogRequests && !ex.noRow {
 		s.store.Record(row)
 	}
 	s.metrics.request(&row, ex.sv.router.modelLabel(row.Model), a.ttft)
@@ -1217,12 +1227,8 @@ func (s *server) admit(r *http.Request, ex *exchange) *apiError {
 		}
 	}
 	header := r.Header.Get("X-Arbstr-Policy")
-	if c != nil && header != "" && !c.mayUse(header) {
-		return apiErrorf(http.StatusForbidden, "permission_error", "policy_not_allowed",
-			"client %q may not use policy %q", c.Name, header)
-	}
-	if c != nil {
-		ex.req.Policies = c.allowed
+	if aerr := c.limit(ex.req, header); aerr != nil {
+		return aerr
 	}
 	rt, aerr := sv.router.Route(ex.req, header, now, sv.cfg.Server.MaxAttempts)
 	ex.route = rt
@@ -1231,6 +1237,9 @@ func (s *server) admit(r *http.Request, ex *exchange) *apiError {
 	}
 	if sv.cfg.Logging.LogRequests {
 		if err := s.store.Admit(r.Context()); errors.Is(err, ErrLedgerUnavailable) {
+			// Its row would only lengthen a queue that cannot be written:
+			// the refusal is logged and counted in the metrics instead.
+			ex.noRow = true
 			return apiErrorf(http.StatusServiceUnavailable, "service_unavailable", "ledger_unavailable",
 				"the ledger cannot be written and its queue is full; no request is sent that cannot be recorded: %v", s.store.Health())
 		}
@@ -1506,8 +1515,11 @@ func (s *server) transportFailure(w http.ResponseWriter, r *http.Request, ex *ex
 	switch {
 	case r.Context().Err() != nil:
 		return s.clientLeft(w, ex, c)
-	case errors.Is(err, errAnswerTooLarge) || errors.Is(err, errAnswerMemory):
+	case errors.Is(err, errAnswerTooLarge):
 		return attemptResult{fail: err.Error(), outcome: outcomeFailure}
+	case errors.Is(err, errAnswerMemory):
+		// Other answers hold the memory: not this provider's fault.
+		return attemptResult{fail: err.Error(), outcome: outcomeNeutral}
 	case timedOut || errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
 		return attemptResult{fail: "timeout", timeout: true, outcome: outcomeFailure}
 	}
@@ -1705,9 +1717,12 @@ func (h *heldBuffer) release() {
 // answerMemory; the caller releases it once the answer is written.
 func (s *server) readAnswer(resp *http.Response) (*heldBuffer, error) {
 	h := &heldBuffer{}
+	// Memory is taken as the bytes arrive, never on the word of a
+	// Content-Length: a provider that announces 16 MiB and then stalls must
+	// not hold the memory every other answer needs.
 	first := answerFirstChunk
-	if resp.ContentLength > 0 {
-		first = int(min(resp.ContentLength, maxAnswerBytes)) + 1
+	if resp.ContentLength >= 0 && resp.ContentLength < answerFirstChunk {
+		first = int(resp.ContentLength) + 1
 	}
 	if err := h.grow(first); err != nil {
 		return h, err
@@ -2355,7 +2370,11 @@ func (rl *relay) ended(ctx context.Context, err error) attemptResult {
 	case errors.Is(err, errAnswerTooLarge) || errors.Is(err, errAnswerMemory):
 		reason = "stream event " + err.Error()
 		if !rl.started {
-			return attemptResult{fail: reason, outcome: outcomeFailure}
+			o := outcomeFailure
+			if errors.Is(err, errAnswerMemory) {
+				o = outcomeNeutral // other answers hold the memory
+			}
+			return attemptResult{fail: reason, outcome: o}
 		}
 	case !rl.started && timedOut:
 		return attemptResult{fail: "timeout", timeout: true, outcome: outcomeFailure}
@@ -2435,6 +2454,9 @@ func (rl *relay) summary(a answer) []byte {
 func (s *server) handleCost(w http.ResponseWriter, r *http.Request) {
 	sv := s.current()
 	_, req, aerr := sv.readBody(w, r, parseChat)
+	if aerr == nil {
+		aerr = clientOf(r).limit(req, r.Header.Get("X-Arbstr-Policy"))
+	}
 	if aerr != nil {
 		writeError(w, aerr)
 		return

@@ -5901,16 +5901,34 @@ func TestOverchargerStopsWinning(t *testing.T) {
 	expect(t, "overcharge_sats", st.Total.Overcharge, 1.5)
 }
 
+// TestPaymentRequiredZeroesBalance: a 402 sets a polled balance to 0, so
+// that the next request skips the provider; a provider whose balance is
+// never read is left to its circuit breaker instead, or the 0 would stand
+// for ever.
 func TestPaymentRequiredZeroesBalance(t *testing.T) {
-	broke := newUpstream(t, statusHandler(http.StatusPaymentRequired))
-	good := newUpstream(t, jsonOK)
-	ta := newArbstr(t, testConfig(prov("broke", broke.URL, 1, 1), prov("good", good.URL, 2, 2)))
-	for i := range 2 {
-		resp := ta.post(t, "/v1/chat/completions", chatBody)
-		readBody(t, resp)
-		expect(t, fmt.Sprintf("request %d: provider", i), resp.Header.Get("X-Arbstr-Provider"), "good")
-		want := []string{"2", "1"}[i] // the second skips broke: its balance is 0
-		expect(t, fmt.Sprintf("request %d: attempts", i), resp.Header.Get("X-Arbstr-Attempts"), want)
+	for _, tc := range []struct {
+		name     string
+		polled   bool
+		attempts []string
+	}{
+		{"balance read", true, []string{"2", "1"}},
+		{"balance never read", false, []string{"2", "2"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			broke := newUpstream(t, statusHandler(http.StatusPaymentRequired))
+			good := newUpstream(t, jsonOK)
+			pc := prov("broke", broke.URL, 1, 1)
+			if tc.polled {
+				pc.Discover, pc.APIKey, pc.Models = true, "sk-broke", []string{"m"}
+			}
+			ta := newArbstr(t, testConfig(pc, prov("good", good.URL, 2, 2)))
+			for i, want := range tc.attempts {
+				resp := ta.post(t, "/v1/chat/completions", chatBody)
+				readBody(t, resp)
+				expect(t, fmt.Sprintf("request %d: provider", i), resp.Header.Get("X-Arbstr-Provider"), "good")
+				expect(t, fmt.Sprintf("request %d: attempts", i), resp.Header.Get("X-Arbstr-Attempts"), want)
+			}
+		})
 	}
 }
 
@@ -6277,4 +6295,63 @@ func TestOddUsage(t *testing.T) {
 			t.Errorf("%s: estimated = %v; want %v", tc.name, estimated, tc.estimated)
 		}
 	}
+}
+
+// TestClientPolicyFallback: a client limited to policies that matches no
+// keyword runs under its first policy, with that policy's caps and
+// budgets; /v1/cost confines it the same way.
+func TestClientPolicyFallback(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	cfg := testConfig(prov("p", up.URL, 1, 1))
+	cfg.Policies.Rules = []PolicyRule{{Name: "cheap", AllowedModels: []string{"small"}, Keywords: []string{"cheap"}}}
+	cfg.Clients = []ClientConfig{{Name: "app", Token: "app-token", Policies: []string{"cheap"}}}
+	ta := newArbstr(t, cfg)
+	resp := ta.post(t, "/v1/chat/completions", chatBody, "Authorization", "Bearer app-token") // model m, no keyword
+	out := readBody(t, resp)
+	expect(t, "status for a model its only policy does not allow", resp.StatusCode, http.StatusBadRequest)
+	if _, code, _ := apiErr(t, out); code != "model_not_allowed" {
+		t.Errorf("code = %q; want model_not_allowed", code)
+	}
+	resp = ta.post(t, "/v1/cost", chatBody, "Authorization", "Bearer app-token", "X-Arbstr-Policy", "other")
+	readBody(t, resp)
+	expect(t, "/v1/cost with a policy the client may not use", resp.StatusCode, http.StatusForbidden)
+}
+
+// TestReloadAddsBudget: a budget that a reload adds starts at what the
+// ledger recorded this period.
+func TestReloadAddsBudget(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, completionJSON("ok", 10, 20)) })
+	cfg := testConfig(prov("p", up.URL, 1000, 1000)) // 30 sats a request
+	cfg.Clients = []ClientConfig{{Name: "app", Token: "app-token"}}
+	ta := newArbstr(t, cfg)
+	readBody(t, ta.post(t, "/v1/chat/completions", chatBody, "Authorization", "Bearer app-token"))
+	next := testConfig(prov("p", up.URL, 1000, 1000))
+	next.Clients = []ClientConfig{{Name: "app", Token: "app-token", BudgetSatsPerDay: 40}}
+	ta.srv.reload(context.Background(), next)
+	v := ta.srv.current().spend.view(time.Now(), func(*budget) bool { return true })
+	if len(v) != 1 {
+		t.Fatalf("%d budgets after the reload; want 1", len(v))
+	}
+	expect(t, "spent of the budget the reload added", v[0].Spent, 30.0)
+}
+
+// TestReloadWithoutTheFile: a reload whose config file is gone fails and
+// changes nothing; it never falls back to mock mode.
+func TestReloadWithoutTheFile(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	os.WriteFile("config.toml", []byte("[server]\nauth_token = \"tok\"\n[database]\npath = \"l.db\"\n[[providers]]\nname = \"real\"\nurl = \"http://127.0.0.1:1\"\n"), 0o600)
+	logs := &syncBuffer{}
+	logger := slog.New(slog.NewTextHandler(logs, nil))
+	started, err := configure(overrides{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove("config.toml")
+	var applied *Config
+	reload(overrides{}, started, func(c *Config) error { applied = c; return nil }, logger)
+	if applied != nil {
+		t.Errorf("a reload without the file applied a config: auth_token %q, providers %d", applied.Server.AuthToken, len(applied.Providers))
+	}
+	expectContains(t, "the log", logs.String(), "reload failed")
 }

@@ -45,8 +45,11 @@ type chatRequest struct {
 	// NoOutput: the answer has no output tokens (embeddings).
 	NoOutput bool
 	// Policies are those the client may use; nil: any. Keyword matching
-	// skips the others.
-	Policies map[string]bool
+	// skips the others, and when no keyword matches, FallbackPolicy is the
+	// policy: a client limited to policies always runs under one of them,
+	// with its price caps and budgets.
+	Policies       map[string]bool
+	FallbackPolicy string
 }
 
 // price is a provider's price for one model in exact units: micro-sats per
@@ -544,6 +547,9 @@ func (rt *Router) Route(req *chatRequest, policyHeader string, now time.Time, li
 		r.policy = pol
 	} else {
 		r.policy = rt.matchKeywords(req.LastUser, req.Policies)
+		if r.policy == nil && req.FallbackPolicy != "" {
+			r.policy = rt.policyByName[req.FallbackPolicy]
+		}
 	}
 	if r.policy != nil {
 		r.strategy = r.policy.Strategy
@@ -649,16 +655,20 @@ func (r *route) worstCase(req *chatRequest, reserveTokens int64) int64 {
 		if !r.allows(mc.price) {
 			continue
 		}
-		in = max(in, r.estIn*mc.price.InMicro)
-		fee = max(fee, mc.price.BaseMsat)
+		// A provider known to bill above its list may bill this much above
+		// it again.
+		ratio := max(1, mc.p.chargeRatio())
+		scaled := func(v int64) int64 { return int64(math.Ceil(float64(v) * ratio)) }
+		in = max(in, scaled(r.estIn*mc.price.InMicro))
+		fee = max(fee, scaled(mc.price.BaseMsat))
 		switch {
 		case req.NoOutput:
 		case req.MaxTokens > 0:
-			out = max(out, min(req.MaxTokens, maxEstTokens)*mc.price.OutMicro)
+			out = max(out, scaled(min(req.MaxTokens, maxEstTokens)*mc.price.OutMicro))
 		case mc.maxMsat > 0:
-			out = max(out, mc.maxMsat*1000)
+			out = max(out, scaled(mc.maxMsat*1000))
 		default:
-			out = max(out, reserveTokens*mc.price.OutMicro)
+			out = max(out, scaled(reserveTokens*mc.price.OutMicro))
 		}
 	}
 	return (in+out+999)/1000 + fee
@@ -955,13 +965,14 @@ func (p *provider) servedModels(l *listing) (models []string, any bool) {
 }
 
 // adopt carries over, from the router a reload replaces, what was learned
-// about each provider that keeps its name: its circuit, its latency, its
-// listing, balance and charge ratio. A provider that had no balance API is
-// asked again.
+// about each provider that keeps its name, its URL and its key: its
+// circuit, its latency, its listing, balance and charge ratio. A provider
+// whose URL or key changed is another account, or another host, and starts
+// afresh. A provider that had no balance API is asked again.
 func (rt *Router) adopt(old *Router) {
 	for _, p := range rt.providers {
 		op := old.byName[p.Name]
-		if op == nil {
+		if op == nil || op.URL != p.URL || op.APIKey != p.APIKey {
 			continue
 		}
 		p.learned = op.learned
@@ -986,7 +997,9 @@ func (rt *Router) rebuild() {
 	// Every model named anywhere gets its own list: served by a provider,
 	// or priced by a provider's model_rates (one serving any model).
 	for i, p := range rt.providers {
-		lists[i] = p.market.listing.Load()
+		if p.Discover { // a listing kept from before a reload that stopped discovery is not the price
+			lists[i] = p.market.listing.Load()
+		}
 		t.served[i], t.anyServed[i] = p.servedModels(lists[i])
 		for _, m := range t.served[i] {
 			t.byModel[m] = nil
@@ -1255,6 +1268,11 @@ func (p *provider) applyBalance(msat int64, noAPI bool, err error, now time.Time
 func (p *provider) paymentRequired(now time.Time) {
 	p.market.mu.Lock()
 	defer p.market.mu.Unlock()
+	if !p.Discover || p.APIKey == "" || p.market.noBalanceAPI {
+		// Its balance is never read again, so a 0 would stand for ever;
+		// the circuit breaker counts the 402 as a failure instead.
+		return
+	}
 	p.market.balance.Store(0)
 	p.market.balanceAt = now
 }
@@ -1539,6 +1557,9 @@ func (rt *Router) ProviderMarket(now time.Time) []providerMarket {
 			pm.ModelsServed = []string{}
 		}
 		l := p.market.listing.Load()
+		if !p.Discover {
+			l = nil
+		}
 		if l != nil {
 			age := int64(now.Sub(l.at) / time.Second)
 			pm.PriceSource, pm.ListingAge, pm.ListingStale = "live", &age, rt.stale(l, now)
@@ -1579,10 +1600,20 @@ type client struct {
 	budgets   []*budget
 }
 
-// mayUse reports whether the client may use a policy; a nil client (the
-// operator, or no clients configured) may use any.
-func (c *client) mayUse(policy string) bool {
-	return c == nil || c.allowed == nil || c.allowed[policy]
+// limit confines a request to the client's policies: a named one it may
+// not use is a 403, keyword matching skips the others, and with no keyword
+// match the request runs under the client's first policy. A nil client
+// (the operator) is not confined.
+func (c *client) limit(req *chatRequest, header string) *apiError {
+	if c == nil || c.allowed == nil {
+		return nil
+	}
+	if header != "" && !c.allowed[header] {
+		return apiErrorf(http.StatusForbidden, "permission_error", "policy_not_allowed",
+			"client %q may not use policy %q; its policies: %s", c.Name, header, strings.Join(c.Policies, ", "))
+	}
+	req.Policies, req.FallbackPolicy = c.allowed, c.Policies[0]
+	return nil
 }
 
 // rateLimiter is a token bucket: it holds up to rate_limit_rpm requests and
@@ -1868,12 +1899,12 @@ func (sc *spendControl) view(now time.Time, show func(*budget) bool) []budgetVie
 	return list
 }
 
-// restore sets what each budget has spent in its current period, as the
-// ledger recorded it, so that a restart does not reset a budget. spent
-// returns the millisats recorded since a time, by "client/NAME" and
-// "policy/NAME".
-func (sc *spendControl) restore(now time.Time, spent func(since time.Time) (map[string]int64, error)) error {
-	if len(sc.budgets) == 0 {
+// restore sets what the budgets that only selects have spent in their
+// current period, as the ledger recorded it, so that neither a restart nor
+// a reload that adds a budget starts it at 0. spent returns the millisats
+// recorded since a time, by "client/NAME" and "policy/NAME".
+func (sc *spendControl) restore(now time.Time, spent func(since time.Time) (map[string]int64, error), only func(*budget) bool) error {
+	if !slices.ContainsFunc(sc.budgets, only) {
 		return nil
 	}
 	for _, period := range []string{periodDay, periodMonth} {
@@ -1884,7 +1915,7 @@ func (sc *spendControl) restore(now time.Time, spent func(since time.Time) (map[
 		}
 		sc.mu.Lock()
 		for _, b := range sc.budgets {
-			if b.period == period {
+			if b.period == period && only(b) {
 				b.roll(now)
 				b.spent = sums[b.scope+"/"+b.name]
 			}

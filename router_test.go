@@ -3258,7 +3258,9 @@ func TestMarketBalance(t *testing.T) {
 
 // Every provider set aside for its balance or circuit: a 503 that says so.
 func TestMarketBalanceNoneLeft(t *testing.T) {
-	rt := newRouter(routerConfig(nil, routerProv("a", 1, 1)), nil)
+	pc := routerProv("a", 1, 1, "m")
+	pc.Discover, pc.APIKey = true, "sk-a" // a provider whose balance is read
+	rt := newRouter(routerConfig(nil, pc), nil)
 	rt.byName["a"].paymentRequired(routerNow)
 	r, aerr := routeFor(t, rt, "m")
 	if !isAPIError(aerr, http.StatusServiceUnavailable, "no_provider_available", "balance") {
