@@ -468,9 +468,11 @@ func (sv *serving) readBody(w http.ResponseWriter, r *http.Request, parse func([
 	}
 	var buf bytes.Buffer
 	if r.ContentLength > 0 {
-		// One allocation, and ReadFrom's final EOF read fits; no more than
-		// 1 MiB up front for a client that only claims a large body.
-		buf.Grow(int(min(r.ContentLength, 1<<20)) + 1)
+		// One allocation: ReadFrom grows the buffer unless bytes.MinRead
+		// bytes are free before each read, the final one that sees EOF
+		// included. No more than 1 MiB up front for a client that only
+		// claims a large body.
+		buf.Grow(int(min(r.ContentLength, 1<<20)) + bytes.MinRead)
 	}
 	if _, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, limit)); err != nil {
 		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
@@ -556,8 +558,8 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 	req.TextBytes = int64(len(raw.Tools))
 	lastUser := -1
 	for i, m := range raw.Messages {
-		if s, ok := jsonString(m.Content); ok {
-			req.TextBytes += int64(len(s))
+		if n, ok := jsonStringLen(m.Content); ok {
+			req.TextBytes += n
 		} else {
 			req.TextBytes += int64(len(messageText(m.Content)))
 		}
@@ -868,6 +870,17 @@ func jsonString(v json.RawMessage) (string, bool) {
 	}
 	var s string
 	return s, json.Unmarshal(v, &s) == nil
+}
+
+// jsonStringLen is the length of jsonString(v), without copying a string
+// that holds no escape: parseChat counts every message but keeps only the
+// last user's text.
+func jsonStringLen(v json.RawMessage) (int64, bool) {
+	if len(v) >= 2 && v[0] == '"' && bytes.IndexByte(v, '\\') < 0 {
+		return int64(len(v) - 2), true
+	}
+	s, ok := jsonString(v)
+	return int64(len(s)), ok
 }
 
 // messageText returns the text of a message content: the string itself, or

@@ -3757,6 +3757,55 @@ func residentMB(b *testing.B) float64 {
 	return 0
 }
 
+// TestJournalLine: the journal's hand-written encoder writes a row exactly
+// as json.Marshal does, so that the journal reads back as before.
+func TestJournalLine(t *testing.T) {
+	str := func(s string) *string { return &s }
+	num := func(n int64) *int64 { return &n }
+	cost := func(m msats) *msats { return &m }
+	full := ledgerRow{RequestID: "req-1", Time: ledgerStamp{time.Date(2026, 11, 29, 21, 0, 0, 123e6, time.UTC)},
+		Policy: str("code"), Model: "openai/gpt-4o-mini", Provider: "p1", Streaming: true,
+		InputTokens: num(250), OutputTokens: num(12), UsageEstimated: true, Cost: cost(1234), BaselineCost: cost(0),
+		LatencyMs: num(42), TTFTMs: num(7), Attempts: 2, Success: true, Status: 200, Error: str("upstream_error"),
+		Client: "bench", QuotedCost: cost(1), CostSource: str("provider"), Endpoint: "chat"}
+	odd := full
+	odd.Model, odd.Client, odd.Error = "<m&\"é\u2028\x7f>", "tab\tnew\nline", str("bad \xff byte")
+	odd.Cost, odd.BaselineCost, odd.QuotedCost = cost(-5), cost(1e18), cost(123456789012345)
+	for _, row := range []ledgerRow{{}, {RequestID: "r", Endpoint: "chat"}, full, odd} {
+		want, err := json.Marshal(&row)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := row.appendJSON(nil); string(got) != string(want) {
+			t.Errorf("appendJSON(%+v) =\n%s\nwant\n%s", row, got, want)
+		}
+	}
+}
+
+// BenchmarkJournalLine is the journal line that Record writes for each
+// request, through json.Marshal and through the hand-written encoder.
+func BenchmarkJournalLine(b *testing.B) {
+	in, out, latency := int64(250), int64(12), int64(42)
+	policy, source := "default", "rates"
+	c := msats(1234)
+	row := ledgerRow{RequestID: "6f1c2a4e-93d7-4b1e-8f0a-2c5d7e9b1a3f", Time: ledgerStamp{time.Now()}, Policy: &policy,
+		Model: "m", Provider: "p1", InputTokens: &in, OutputTokens: &out, Cost: &c, BaselineCost: &c,
+		LatencyMs: &latency, Attempts: 1, Success: true, Status: 200, Client: "bench", QuotedCost: &c,
+		CostSource: &source, Endpoint: "chat"}
+	b.Run("json.Marshal", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			json.Marshal(&row)
+		}
+	})
+	b.Run("appendJSON", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			row.appendJSON(make([]byte, 0, 512))
+		}
+	})
+}
+
 // TestLoadRun is the load run: arbstr's binary, in the second version's
 // configuration, beside a bare httputil.ReverseProxy built as its own
 // binary, both in front of the same loopback provider in this process. It
