@@ -454,10 +454,12 @@ func (sv *serving) readBody(w http.ResponseWriter, r *http.Request, parse func([
 		}
 	}
 	limit := sv.cfg.Server.MaxBodyBytes
-	tooLarge := errorf(http.StatusRequestEntityTooLarge, "invalid_request_error", "body_too_large",
-		"request body exceeds server.max_body_bytes (%d bytes)", limit)
+	tooLarge := func() *apiError { // built only for a refusal: it formats a message
+		return errorf(http.StatusRequestEntityTooLarge, "invalid_request_error", "body_too_large",
+			"request body exceeds server.max_body_bytes (%d bytes)", limit)
+	}
 	if r.ContentLength > limit {
-		return nil, nil, tooLarge // refused without reading it
+		return nil, nil, tooLarge() // refused without reading it
 	}
 	// A body must arrive within server.body_timeout_secs, so that a client
 	// cannot hold a connection by never finishing it.
@@ -476,7 +478,7 @@ func (sv *serving) readBody(w http.ResponseWriter, r *http.Request, parse func([
 	}
 	if _, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, limit)); err != nil {
 		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
-			return nil, nil, tooLarge
+			return nil, nil, tooLarge()
 		}
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			// The rest of the body will not come: without this, the server
