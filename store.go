@@ -185,7 +185,9 @@ type ledgerRow struct {
 
 // appendJSON appends r as json.Marshal writes it, field for field and byte
 // for byte, without reflection: Record journals every row, on the request's
-// path and under the store's lock, where json.Marshal cost about 3 µs.
+// path and under the store's lock, where json.Marshal cost 4 to 6 µs and
+// 10 allocations. A field added to ledgerRow must be added here too, in
+// the same place; TestJournalLine fails until it is.
 func (r *ledgerRow) appendJSON(b []byte) []byte {
 	b = append(b, `{"request_id":`...)
 	b = appendJSONString(b, r.RequestID)
