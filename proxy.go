@@ -463,10 +463,12 @@ func (sv *serving) readBody(w http.ResponseWriter, r *http.Request, parse func([
 		}
 	}
 	limit := sv.cfg.Server.MaxBodyBytes
-	tooLarge := apiErrorf(http.StatusRequestEntityTooLarge, "invalid_request_error", "body_too_large",
-		"request body exceeds server.max_body_bytes (%d bytes)", limit)
+	tooLarge := func() *apiError { // built only for a refusal: it formats a message
+		return apiErrorf(http.StatusRequestEntityTooLarge, "invalid_request_error", "body_too_large",
+			"request body exceeds server.max_body_bytes (%d bytes)", limit)
+	}
 	if r.ContentLength > limit {
-		return nil, nil, tooLarge // refused without reading it
+		return nil, nil, tooLarge() // refused without reading it
 	}
 	// A body must arrive within server.body_timeout_secs, so that a client
 	// cannot hold a connection by never finishing it.
@@ -477,13 +479,15 @@ func (sv *serving) readBody(w http.ResponseWriter, r *http.Request, parse func([
 	}
 	var buf bytes.Buffer
 	if r.ContentLength > 0 {
-		// One allocation, and ReadFrom's final EOF read fits; no more than
-		// 1 MiB up front for a client that only claims a large body.
-		buf.Grow(int(min(r.ContentLength, 1<<20)) + 1)
+		// One allocation: ReadFrom grows the buffer unless bytes.MinRead
+		// bytes are free before each read, the final one that sees EOF
+		// included. No more than 1 MiB up front for a client that only
+		// claims a large body.
+		buf.Grow(int(min(r.ContentLength, 1<<20)) + bytes.MinRead)
 	}
 	if _, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, limit)); err != nil {
 		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
-			return nil, nil, tooLarge
+			return nil, nil, tooLarge()
 		}
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			// The rest of the body will not come: without this, the server
@@ -565,8 +569,8 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 	req.TextBytes = int64(len(raw.Tools))
 	lastUser := -1
 	for i, m := range raw.Messages {
-		if s, ok := jsonString(m.Content); ok {
-			req.TextBytes += int64(len(s))
+		if n, ok := jsonStringLen(m.Content); ok {
+			req.TextBytes += n
 		} else {
 			req.TextBytes += int64(len(messageText(m.Content)))
 		}
@@ -867,6 +871,17 @@ func jsonString(v json.RawMessage) (string, bool) {
 	}
 	var s string
 	return s, json.Unmarshal(v, &s) == nil
+}
+
+// jsonStringLen is the length of jsonString(v), without copying a string
+// that holds no escape: parseChat counts every message but keeps only the
+// last user's text.
+func jsonStringLen(v json.RawMessage) (int64, bool) {
+	if len(v) >= 2 && v[0] == '"' && bytes.IndexByte(v, '\\') < 0 {
+		return int64(len(v) - 2), true
+	}
+	s, ok := jsonString(v)
+	return int64(len(s)), ok
 }
 
 // messageText returns the text of a message content: the string itself, or

@@ -3388,14 +3388,26 @@ func (s staticTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	}, nil
 }
 
-// discardWriter is a ResponseWriter that keeps nothing, so that benchmarks
-// measure the handler and not a recorder.
-type discardWriter struct{ h http.Header }
+// discardWriter is a ResponseWriter that keeps nothing but the status, so
+// that benchmarks measure the handler and not a recorder.
+type discardWriter struct {
+	h      http.Header
+	status int
+}
 
-func (d *discardWriter) Header() http.Header         { return d.h }
-func (d *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
-func (d *discardWriter) WriteHeader(int)             {}
-func (d *discardWriter) Flush()                      {}
+func (d *discardWriter) Header() http.Header { return d.h }
+func (d *discardWriter) Write(b []byte) (int, error) {
+	if d.status == 0 {
+		d.status = http.StatusOK
+	}
+	return len(b), nil
+}
+func (d *discardWriter) WriteHeader(status int) {
+	if d.status == 0 {
+		d.status = status
+	}
+}
+func (d *discardWriter) Flush() {}
 
 // streamPayload is a provider stream of n content events, a finish chunk,
 // a usage chunk and [DONE].
@@ -3406,6 +3418,93 @@ func streamPayload(n int) []byte {
 	}
 	fmt.Fprintf(&b, "data: %s\n\ndata: %s\n\ndata: [DONE]\n\n", finishChunk, usageChunk(250, n))
 	return b.Bytes()
+}
+
+// benchListing and benchBalance are what a Routstr node publishes at
+// GET /v1/models and GET /v1/balance/info: model m's prices in sats per
+// token, and a balance in msat that no benchmark spends.
+const (
+	benchListing = `{"object":"list","data":[{"id":"m","name":"m","sats_pricing":{"prompt":0.001,"completion":0.002,"request":0,"max_cost":50},"enabled":true}]}`
+	benchBalance = `{"api_key":"sk-bench","balance":900000000000,"reserved":0}`
+)
+
+// benchToken is the bearer token of the client that secondVersion adds.
+const benchToken = "bench-token"
+
+// secondVersion turns cfg into the second version's configuration: every
+// provider discovers its models and prices from its listing and reads its
+// balance, and a client sends the requests, with day and month budgets and
+// a rate limit that never refuse one. Metrics are always on.
+func secondVersion(cfg *Config) *Config {
+	for i := range cfg.Providers {
+		cfg.Providers[i].Discover = true
+		cfg.Providers[i].APIKey = "sk-bench"
+		cfg.Providers[i].Models = nil
+	}
+	cfg.Clients = []ClientConfig{{Name: "bench", Token: benchToken,
+		BudgetSatsPerDay: 1e11, BudgetSatsPerMonth: 1e12, RateLimitRPM: 1 << 30}}
+	return cfg
+}
+
+// startSecondVersion reads the providers' first listings and balances, as
+// arbstr does at start, and keeps reading them until the benchmark ends.
+func startSecondVersion(b *testing.B, ta *testArbstr) {
+	ta.srv.startMarket(context.Background())
+	b.Cleanup(ta.srv.shutdownMarket)
+	if len(ta.srv.current().router.Market(time.Now()).Models) == 0 {
+		b.Fatal("no model listed after the first market read")
+	}
+}
+
+// routstrNode serves a Routstr node's listing and balance, and passes every
+// other request to h.
+func routstrNode(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/v1/models":
+			w.Header().Set("Content-Type", "application/json")
+			io.WriteString(w, benchListing)
+		case "/v1/balance/info":
+			w.Header().Set("Content-Type", "application/json")
+			io.WriteString(w, benchBalance)
+		default:
+			h(w, r)
+		}
+	}
+}
+
+// marketTransport is routstrNode without a socket: it answers the listing
+// and the balance from memory and passes every other request to next.
+type marketTransport struct{ next http.RoundTripper }
+
+func (m marketTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	var body string
+	switch {
+	case strings.HasSuffix(r.URL.Path, "/models"):
+		body = benchListing
+	case strings.HasSuffix(r.URL.Path, "/balance/info"):
+		body = benchBalance
+	default:
+		return m.next.RoundTrip(r)
+	}
+	return &http.Response{
+		StatusCode:    200,
+		Header:        http.Header{"Content-Type": {"application/json"}},
+		Body:          io.NopCloser(strings.NewReader(body)),
+		ContentLength: int64(len(body)),
+		Request:       r,
+	}, nil
+}
+
+// benchHandlerV2 returns arbstr's handler in the second version's
+// configuration, calling rt, with its ledger in a file.
+func benchHandlerV2(b *testing.B, rt http.RoundTripper) http.Handler {
+	cfg := secondVersion(testConfig(prov("p1", "http://provider.invalid", 1, 2), prov("p2", "http://provider.invalid", 2, 3)))
+	ta := newArbstr(b, cfg)
+	ta.srv.transport = marketTransport{rt}
+	ta.srv.log = slog.New(slog.DiscardHandler)
+	startSecondVersion(b, ta)
+	return ta.srv
 }
 
 // benchHandlers returns arbstr's handler and a bare reverse proxy, both
@@ -3426,13 +3525,27 @@ func benchHandlers(b *testing.B, rt http.RoundTripper, logRequests bool) (arbstr
 }
 
 func runHandler(b *testing.B, h http.Handler, body string) {
+	runHandlerAs(b, h, body, "")
+}
+
+// runHandlerAs sends body to h with token as its bearer token, if any.
+func runHandlerAs(b *testing.B, h http.Handler, body, token string) {
 	b.ReportAllocs()
+	defer reportCPU(b, processCPU())
 	w := &discardWriter{h: make(http.Header)}
 	for b.Loop() {
 		clear(w.h)
+		w.status = 0
 		r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", strings.NewReader(body))
+		r.Host = "localhost" // served without a token only under a loopback name
 		r.Header.Set("Content-Type", "application/json")
+		if token != "" {
+			r.Header.Set("Authorization", "Bearer "+token)
+		}
 		h.ServeHTTP(w, r)
+		if w.status != http.StatusOK {
+			b.Fatalf("status %d; want 200", w.status)
+		}
 	}
 }
 
@@ -3453,6 +3566,9 @@ func BenchmarkHandler(b *testing.B) {
 		h, _ := benchHandlers(b, rt, false)
 		runHandler(b, h, benchBody)
 	})
+	b.Run("arbstr-v2", func(b *testing.B) {
+		runHandlerAs(b, benchHandlerV2(b, rt), benchBody, benchToken)
+	})
 }
 
 // BenchmarkStreamHandler is a 20-event stream through the handler, and a
@@ -3470,6 +3586,11 @@ func BenchmarkStreamHandler(b *testing.B) {
 			h, _ := benchHandlers(b, rt, true)
 			b.SetBytes(int64(len(rt.body)))
 			runHandler(b, h, body)
+		})
+		b.Run(fmt.Sprintf("events=%d/arbstr-v2", events), func(b *testing.B) {
+			h := benchHandlerV2(b, rt)
+			b.SetBytes(int64(len(rt.body)))
+			runHandlerAs(b, h, body, benchToken)
 		})
 	}
 }
@@ -3498,7 +3619,7 @@ func BenchmarkProxy(b *testing.B) {
 			}
 		}},
 	} {
-		up := newUpstream(b, tc.h)
+		up := newUpstream(b, routstrNode(tc.h))
 		target, _ := url.Parse(up.URL)
 		upTransport := &http.Transport{MaxIdleConnsPerHost: 64, DisableCompression: true}
 		rp := httptest.NewServer(&httputil.ReverseProxy{
@@ -3513,17 +3634,22 @@ func BenchmarkProxy(b *testing.B) {
 		noLog.Logging.LogRequests = false
 		tn := newArbstr(b, noLog)
 		tn.srv.log = slog.New(slog.DiscardHandler)
+		tv := newArbstr(b, secondVersion(testConfig(prov("p1", up.URL, 1, 2))))
+		tv.srv.log = slog.New(slog.DiscardHandler)
+		startSecondVersion(b, tv)
 		client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, DisableCompression: true}}
-		for _, target := range []struct{ name, url string }{
-			{"direct", up.URL + "/v1/chat/completions"},
-			{"reverseproxy", rp.URL + "/v1/chat/completions"},
-			{"arbstr", ta.URL + "/v1/chat/completions"},
-			{"arbstr-nolog", tn.URL + "/v1/chat/completions"},
+		for _, target := range []struct{ name, url, token string }{
+			{"direct", up.URL + "/v1/chat/completions", ""},
+			{"reverseproxy", rp.URL + "/v1/chat/completions", ""},
+			{"arbstr", ta.URL + "/v1/chat/completions", ""},
+			{"arbstr-nolog", tn.URL + "/v1/chat/completions", ""},
+			{"arbstr-v2", tv.URL + "/v1/chat/completions", benchToken},
 		} {
 			b.Run(tc.name+"/"+target.name, func(b *testing.B) {
 				b.ReportAllocs()
+				defer reportCPU(b, processCPU())
 				for b.Loop() {
-					resp, err := client.Post(target.url, "application/json", strings.NewReader(tc.body))
+					resp, err := client.Do(benchRequest(target.url, tc.body, target.token))
 					if err != nil {
 						b.Fatal(err)
 					}
@@ -3538,18 +3664,64 @@ func BenchmarkProxy(b *testing.B) {
 	}
 }
 
+// processCPU is the CPU time this process has used, user and system.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// reportCPU reports the CPU time per operation since start, of every
+// goroutine of the process (the ledger's writer, and over sockets the
+// client and the provider too). Unlike ns/op, other programs on the
+// machine do not inflate it, so it is the figure to compare on a busy one.
+func reportCPU(b *testing.B, start time.Duration) {
+	if b.N > 0 {
+		b.ReportMetric(float64(processCPU()-start)/float64(b.N), "cpu-ns/op")
+	}
+}
+
+// benchRequest is a POST of a chat request to url, with token as its
+// bearer token, if any.
+func benchRequest(url, body, token string) *http.Request {
+	req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(body))
+	if err != nil {
+		panic(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	return req
+}
+
 // BenchmarkResidentMemory runs 10,000 requests through arbstr over sockets
 // and reports resident memory before and after (VmRSS of this process,
-// which includes the test binary and the fake provider).
+// which includes the test binary and the fake provider), in the first
+// version's configuration and in the second's.
 func BenchmarkResidentMemory(b *testing.B) {
 	if _, err := os.Stat("/proc/self/status"); err != nil {
 		b.Skip("no /proc/self/status")
 	}
-	up := newUpstream(b, func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(b, routstrNode(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, completionJSON("ok", 250, 12))
+	}))
+	b.Run("arbstr", func(b *testing.B) {
+		ta := newArbstr(b, testConfig(prov("p1", up.URL, 1, 2)))
+		ta.srv.log = slog.New(slog.DiscardHandler)
+		runResident(b, ta, "")
 	})
-	ta := newArbstr(b, testConfig(prov("p1", up.URL, 1, 2)))
-	ta.srv.log = slog.New(slog.DiscardHandler)
+	b.Run("arbstr-v2", func(b *testing.B) {
+		ta := newArbstr(b, secondVersion(testConfig(prov("p1", up.URL, 1, 2))))
+		ta.srv.log = slog.New(slog.DiscardHandler)
+		startSecondVersion(b, ta)
+		runResident(b, ta, benchToken)
+	})
+}
+
+// runResident sends 10,000 requests to ta from 8 goroutines, and reports
+// this process's resident memory before and after.
+func runResident(b *testing.B, ta *testArbstr, token string) {
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8}}
 	for b.Loop() {
 		before := residentMB(b)
@@ -3557,7 +3729,7 @@ func BenchmarkResidentMemory(b *testing.B) {
 		for range 8 {
 			wg.Go(func() {
 				for range 10000 / 8 {
-					resp, err := client.Post(ta.URL+"/v1/chat/completions", "application/json", strings.NewReader(benchBody))
+					resp, err := client.Do(benchRequest(ta.URL+"/v1/chat/completions", benchBody, token))
 					if err != nil {
 						b.Error(err)
 						return
@@ -3588,6 +3760,402 @@ func residentMB(b *testing.B) float64 {
 	}
 	b.Fatal("no VmRSS")
 	return 0
+}
+
+// TestJournalLine: the journal's hand-written encoder writes a row exactly
+// as json.Marshal does, so that the journal reads back as before.
+func TestJournalLine(t *testing.T) {
+	str := func(s string) *string { return &s }
+	num := func(n int64) *int64 { return &n }
+	cost := func(m msats) *msats { return &m }
+	full := ledgerRow{RequestID: "req-1", Time: ledgerStamp{time.Date(2026, 11, 29, 21, 0, 0, 123e6, time.UTC)},
+		Policy: str("code"), Model: "openai/gpt-4o-mini", Provider: "p1", Streaming: true,
+		InputTokens: num(250), OutputTokens: num(12), UsageEstimated: true, Cost: cost(1234), BaselineCost: cost(0),
+		LatencyMs: num(42), TTFTMs: num(7), Attempts: 2, Success: true, Status: 200, Error: str("upstream_error"),
+		Client: "bench", QuotedCost: cost(1), CostSource: str("provider"), Endpoint: "chat"}
+	odd := full
+	odd.Model, odd.Client, odd.Error = "<m&\"é\u2028\x7f>", "tab\tnew\nline", str("bad \xff byte")
+	odd.Cost, odd.BaselineCost, odd.QuotedCost = cost(-5), cost(1e18), cost(123456789012345)
+	for _, row := range []ledgerRow{{}, {RequestID: "r", Endpoint: "chat"}, full, odd} {
+		want, err := json.Marshal(&row)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := row.appendJSON(nil); string(got) != string(want) {
+			t.Errorf("appendJSON(%+v) =\n%s\nwant\n%s", row, got, want)
+		}
+	}
+}
+
+// BenchmarkJournalLine is the journal line that Record writes for each
+// request, through json.Marshal and through the hand-written encoder.
+func BenchmarkJournalLine(b *testing.B) {
+	in, out, latency := int64(250), int64(12), int64(42)
+	policy, source := "default", "rates"
+	c := msats(1234)
+	row := ledgerRow{RequestID: "6f1c2a4e-93d7-4b1e-8f0a-2c5d7e9b1a3f", Time: ledgerStamp{time.Now()}, Policy: &policy,
+		Model: "m", Provider: "p1", InputTokens: &in, OutputTokens: &out, Cost: &c, BaselineCost: &c,
+		LatencyMs: &latency, Attempts: 1, Success: true, Status: 200, Client: "bench", QuotedCost: &c,
+		CostSource: &source, Endpoint: "chat"}
+	b.Run("json.Marshal", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			json.Marshal(&row)
+		}
+	})
+	b.Run("appendJSON", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			row.appendJSON(make([]byte, 0, 512))
+		}
+	})
+}
+
+// TestLoadRun is the load run: arbstr's binary, in the second version's
+// configuration, beside a bare httputil.ReverseProxy built as its own
+// binary, both in front of the same loopback provider in this process. It
+// takes a few minutes, so it runs only when asked:
+//
+//	ARBSTR_LOAD=1 go test -run '^TestLoadRun$' -v -timeout 15m
+//
+// ARBSTR_LOAD_N sets the requests of the run at concurrency 64 (100,000).
+// It reports, for each proxy: the latency it adds at p50, one request at a
+// time; requests per second at concurrency 64; the p99 delay of a streamed
+// event between the provider sending it and the client reading it; and
+// resident memory after start, after the run, and at its peak. It fails
+// only on errors and on a ledger without exactly one row per request: the
+// figures are for the README, not assertions.
+func TestLoadRun(t *testing.T) {
+	if os.Getenv("ARBSTR_LOAD") == "" {
+		t.Skip("a load run of a few minutes; set ARBSTR_LOAD=1 to run it")
+	}
+	n := 100_000
+	if v, err := strconv.Atoi(os.Getenv("ARBSTR_LOAD_N")); err == nil && v > 0 {
+		n = v
+	}
+	up := newUpstream(t, routstrNode(loadProvider))
+	dir := t.TempDir()
+	db := filepath.Join(dir, "ledger.db")
+	arbstr := startLoadArbstr(t, dir, db, up.URL)
+	rp := startLoadReverseProxy(t, dir, up.URL)
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 128, DisableCompression: true}}
+	targets := []loadTarget{
+		{name: "direct", url: up.URL},
+		{name: "reverseproxy", url: rp.url, proc: rp.cmd},
+		{name: "arbstr", url: arbstr.url, token: benchToken, proc: arbstr.cmd},
+	}
+	time.Sleep(time.Second) // idle: let start-up settle
+	idle := map[string]float64{}
+	for _, tg := range targets[1:] {
+		idle[tg.name] = procStatusMB(t, tg.proc.Process.Pid, "VmRSS:")
+	}
+	sent := 0
+	p50 := loadLatency(t, client, targets, 2000)
+	sent += 2000
+	delay := loadStreams(t, client, targets, 30, 40)
+	sent += 30
+	rps := loadThroughput(t, client, targets[1:], n, 64)
+	sent += n
+	time.Sleep(time.Second)
+	for _, tg := range targets[1:] {
+		t.Logf("%s: rss after start %.1f MB, after %d requests %.1f MB, peak %.1f MB", tg.name, idle[tg.name], n,
+			procStatusMB(t, tg.proc.Process.Pid, "VmRSS:"), procStatusMB(t, tg.proc.Process.Pid, "VmHWM:"))
+	}
+	for _, tg := range targets[1:] {
+		t.Logf("%s: added latency p50 %.1f µs (ratio %.2f); %.0f requests/s at concurrency 64 (ratio %.2f); streamed event delay p99 %.3f ms (direct %.3f ms)",
+			tg.name, (p50[tg.name]-p50["direct"])*1e6, (p50[tg.name]-p50["direct"])/(p50["reverseproxy"]-p50["direct"]),
+			rps[tg.name], rps[tg.name]/rps["reverseproxy"], delay[tg.name]*1e3, delay["direct"]*1e3)
+	}
+	arbstr.cmd.Process.Signal(os.Interrupt)
+	arbstr.cmd.Wait()
+	expect(t, "ledger rows, one per request to arbstr", ledgerCount(t, db), sent)
+}
+
+// loadTarget is where the load run sends requests: the provider itself,
+// the reverse proxy or arbstr.
+type loadTarget struct {
+	name, url, token string
+	proc             *exec.Cmd // nil for the provider, in this process
+}
+
+// loadProvider answers a ~1 KB completion, or, for a stream, 40 events
+// 5 ms apart, each carrying the time it was sent in nanoseconds as its
+// content, then the finish and usage chunks and [DONE].
+func loadProvider(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	if !bytes.Contains(body, []byte(`"stream":true`)) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, completionJSON(strings.Repeat("Sats are the smallest unit. ", 26), 250, 200))
+		return
+	}
+	w.Header().Set("Content-Type", "text/event-stream")
+	for range 40 {
+		time.Sleep(5 * time.Millisecond)
+		fmt.Fprintf(w, "data: %s\n\n", chunkJSON(strconv.FormatInt(time.Now().UnixNano(), 10)))
+		w.(http.Flusher).Flush()
+	}
+	sse(w, finishChunk, usageChunk(250, 40), "[DONE]")
+}
+
+// loadProcess is a proxy running as its own process.
+type loadProcess struct {
+	cmd *exec.Cmd
+	url string
+}
+
+// startLoadArbstr builds arbstr and runs it with a second-version config:
+// one discovering provider with a key, a client with budgets and a rate
+// limit that never refuse, the ledger in db.
+func startLoadArbstr(t *testing.T, dir, db, upURL string) loadProcess {
+	bin := filepath.Join(dir, "arbstr")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	cfg := fmt.Sprintf(`{"server": {"listen": "127.0.0.1:0", "upstream_timeout_secs": 30},
+  "database": {"path": %q},
+  "providers": [{"name": "node", "url": %q, "api_key": "${LOAD_PROVIDER_KEY}", "discover": true}],
+  "clients": [{"name": "bench", "token": "${LOAD_CLIENT_TOKEN}", "budget_sats_per_day": 1e11, "budget_sats_per_month": 1e12, "rate_limit_rpm": 1000000000}]}`,
+		db, upURL+"/v1")
+	path := filepath.Join(dir, "config.json")
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "-config", path)
+	cmd.Env = append(os.Environ(), "LOAD_PROVIDER_KEY=sk-bench", "LOAD_CLIENT_TOKEN="+benchToken)
+	return startLoadProcess(t, cmd)
+}
+
+// startLoadReverseProxy builds and runs a bare httputil.ReverseProxy in
+// front of upURL, flushing at once, with the same keep-alive pool as
+// arbstr's (128 idle connections per host; the default of 2 would open a
+// connection per request at concurrency 64).
+func startLoadReverseProxy(t *testing.T, dir, upURL string) loadProcess {
+	src := filepath.Join(dir, "reverseproxy")
+	os.MkdirAll(src, 0o755)
+	os.WriteFile(filepath.Join(src, "go.mod"), []byte("module reverseproxy\n\ngo 1.24\n"), 0o644)
+	os.WriteFile(filepath.Join(src, "main.go"), []byte(`package main
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+)
+
+func main() {
+	target, _ := url.Parse(os.Args[1])
+	rp := &httputil.ReverseProxy{
+		Rewrite:       func(pr *httputil.ProxyRequest) { pr.SetURL(target) },
+		Transport:     &http.Transport{MaxIdleConns: 512, MaxIdleConnsPerHost: 128, DisableCompression: true},
+		FlushInterval: -1,
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	fmt.Fprintf(os.Stderr, "listen=%s\n", ln.Addr())
+	panic(http.Serve(ln, rp))
+}
+`), 0o644)
+	bin := filepath.Join(dir, "reverseproxy-bin")
+	build := exec.Command("go", "build", "-o", bin, ".")
+	build.Dir = src
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build reverse proxy: %v\n%s", err, out)
+	}
+	return startLoadProcess(t, exec.Command(bin, upURL))
+}
+
+// startLoadProcess starts cmd, which logs listen=ADDR, with its log in a
+// file (arbstr logs a line per request, as it does in service), and stops
+// it at the end of the test.
+func startLoadProcess(t *testing.T, cmd *exec.Cmd) loadProcess {
+	logPath := filepath.Join(t.TempDir(), "log")
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logFile.Close()
+	cmd.Stderr = logFile
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		logs, _ := os.ReadFile(logPath)
+		if _, rest, ok := strings.Cut(string(logs), "listen="); ok {
+			if addr, _, ok := strings.Cut(rest, "\n"); ok {
+				addr, _, _ = strings.Cut(addr, " ")
+				return loadProcess{cmd: cmd, url: "http://" + addr}
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	logs, _ := os.ReadFile(logPath)
+	t.Fatalf("%s did not start:\n%s", cmd.Path, logs)
+	return loadProcess{}
+}
+
+// loadCall sends one request to tg and reads the whole answer.
+func loadCall(client *http.Client, tg loadTarget, body string) error {
+	resp, err := client.Do(benchRequest(tg.url+"/v1/chat/completions", body, tg.token))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: status %d", tg.name, resp.StatusCode)
+	}
+	return nil
+}
+
+// loadLatency sends n requests to each target, one at a time, taking the
+// targets in turn so that they share the machine's moments, and returns
+// each target's median time in seconds.
+func loadLatency(t *testing.T, client *http.Client, targets []loadTarget, n int) map[string]float64 {
+	times := map[string][]float64{}
+	for range n {
+		for _, tg := range targets {
+			start := time.Now()
+			if err := loadCall(client, tg, benchBody); err != nil {
+				t.Fatal(err)
+			}
+			times[tg.name] = append(times[tg.name], time.Since(start).Seconds())
+		}
+	}
+	p50 := map[string]float64{}
+	for name, ts := range times {
+		p50[name] = percentile(ts, 0.50)
+		t.Logf("%s: one at a time, p50 %.1f µs, p99 %.1f µs", name, p50[name]*1e6, percentile(ts, 0.99)*1e6)
+	}
+	return p50
+}
+
+// loadStreams reads streams streams of events events from each target, in
+// turn, and returns each target's p99 delay in seconds between the
+// provider writing an event and the client reading it.
+func loadStreams(t *testing.T, client *http.Client, targets []loadTarget, streams, events int) map[string]float64 {
+	body := strings.Replace(benchBody, `"max_tokens"`, `"stream":true,"max_tokens"`, 1)
+	delays := map[string][]float64{}
+	for range streams {
+		for _, tg := range targets {
+			resp, err := client.Do(benchRequest(tg.url+"/v1/chat/completions", body, tg.token))
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := 0
+			sc := bufio.NewScanner(resp.Body)
+			for sc.Scan() {
+				_, stamp, ok := strings.Cut(sc.Text(), `"content":"`)
+				if !ok {
+					continue
+				}
+				stamp, _, _ = strings.Cut(stamp, `"`)
+				sent, err := strconv.ParseInt(stamp, 10, 64)
+				if err != nil {
+					continue
+				}
+				delays[tg.name] = append(delays[tg.name], float64(time.Now().UnixNano()-sent)/1e9)
+				got++
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK || got != events {
+				t.Fatalf("%s: stream status %d with %d stamped events; want 200 with %d", tg.name, resp.StatusCode, got, events)
+			}
+		}
+	}
+	p99 := map[string]float64{}
+	for name, ds := range delays {
+		p99[name] = percentile(ds, 0.99)
+		t.Logf("%s: streamed event delay p50 %.3f ms, p99 %.3f ms over %d events", name, percentile(ds, 0.5)*1e3, p99[name]*1e3, len(ds))
+	}
+	return p99
+}
+
+// loadThroughput sends n requests to each target from conc goroutines, in
+// four rounds that alternate between the targets, and returns each
+// target's requests per second. Any error fails the test.
+func loadThroughput(t *testing.T, client *http.Client, targets []loadTarget, n, conc int) map[string]float64 {
+	elapsed := map[string]time.Duration{}
+	for round := range 4 {
+		count := n / 4 // the rounds split n
+		if round == 3 {
+			count = n - 3*(n/4)
+		}
+		for _, tg := range targets {
+			var next atomic.Int64
+			var errs atomic.Int64
+			var wg sync.WaitGroup
+			start := time.Now()
+			for range conc {
+				wg.Go(func() {
+					for next.Add(1) <= int64(count) {
+						if err := loadCall(client, tg, benchBody); err != nil {
+							if errs.Add(1) == 1 {
+								t.Error(err)
+							}
+						}
+					}
+				})
+			}
+			wg.Wait()
+			elapsed[tg.name] += time.Since(start)
+			if e := errs.Load(); e != 0 {
+				t.Fatalf("%s: %d errors in %d requests at concurrency %d", tg.name, e, count, conc)
+			}
+		}
+	}
+	rps := map[string]float64{}
+	for name, d := range elapsed {
+		rps[name] = float64(n) / d.Seconds()
+	}
+	return rps
+}
+
+// percentile returns the p-th quantile of xs (nearest rank); it sorts xs.
+func percentile(xs []float64, p float64) float64 {
+	slices.Sort(xs)
+	return xs[min(len(xs)-1, int(math.Ceil(p*float64(len(xs))))-1)]
+}
+
+// procStatusMB reads a figure in kB, such as VmRSS: or VmHWM:, from a
+// process's /proc status, in MB.
+func procStatusMB(t *testing.T, pid int, key string) float64 {
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.SplitSeq(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, key); ok {
+			kb, err := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return kb / 1024
+		}
+	}
+	t.Fatalf("no %s in /proc/%d/status", key, pid)
+	return 0
+}
+
+// ledgerCount counts the rows of the ledger file at path.
+func ledgerCount(t *testing.T, path string) int {
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var n int
+	if err := db.QueryRow("SELECT count(*) FROM requests").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 // ---- Regressions and corners ----
