@@ -6923,3 +6923,72 @@ func TestReloadWithoutTheFile(t *testing.T) {
 	}
 	expectContains(t, "the log", logs.String(), "reload failed")
 }
+
+// TestSlowFirstTokenWithDefaults plays the user's case at the real timings:
+// a provider silent for 4 s behind ": OPENROUTER PROCESSING" comments, and
+// one that fails after 3 s of silence before a healthy one answers, each
+// called by a client that gives up on headers after 2 s, as SDKs with a
+// 2 s timeout do.
+func TestSlowFirstTokenWithDefaults(t *testing.T) {
+	processing := func(silence time.Duration, then http.HandlerFunc) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			w.WriteHeader(http.StatusOK)
+			for deadline := time.Now().Add(silence); time.Now().Before(deadline); {
+				io.WriteString(w, ": OPENROUTER PROCESSING\n\n")
+				w.(http.Flusher).Flush()
+				select {
+				case <-r.Context().Done():
+					return
+				case <-time.After(time.Second):
+				}
+			}
+			then(w, r)
+		}
+	}
+	failAfter := func(silence time.Duration) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			select {
+			case <-r.Context().Done():
+			case <-time.After(silence):
+				statusHandler(http.StatusInternalServerError)(w, r)
+			}
+		}
+	}
+	answer := func(w http.ResponseWriter, r *http.Request) {
+		sse(w, chunkJSON("Hello"), finishChunk, usageChunk(5, 1), "[DONE]")
+	}
+	tests := []struct {
+		name      string
+		providers func(t *testing.T) []ProviderConfig
+		provider  string
+	}{
+		{"silent 4 s behind comments", func(t *testing.T) []ProviderConfig {
+			return []ProviderConfig{prov("slow", newUpstream(t, processing(4*time.Second, answer)).URL, 1, 1)}
+		}, "slow"},
+		{"fails after 3 s, then a healthy one", func(t *testing.T) []ProviderConfig {
+			return []ProviderConfig{prov("a-failing", newUpstream(t, failAfter(3*time.Second)).URL, 1, 1),
+				prov("b-healthy", newUpstream(t, answer).URL, 2, 2)}
+		}, "b-healthy"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			cfg := testConfig(tc.providers(t)...)
+			cfg.Server.UpstreamTimeoutSecs = 30
+			ta := newArbstr(t, cfg)
+			client := &http.Client{Transport: &http.Transport{ResponseHeaderTimeout: 2 * time.Second}, Timeout: time.Minute}
+			req, _ := http.NewRequest(http.MethodPost, ta.URL+"/v1/chat/completions", strings.NewReader(streamBody))
+			req.Header.Set("Content-Type", "application/json")
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatalf("a client with a 2 s header timeout: %v", err)
+			}
+			out := readBody(t, resp)
+			expectContains(t, "the answer", out, "Hello")
+			expectContains(t, "the summary", out, `"provider":"`+tc.provider+`"`)
+			expectContains(t, "the end", out, "data: [DONE]")
+			checkRow(t, onlyRow(t, ta), http.StatusOK, true, tc.provider, "")
+		})
+	}
+}
