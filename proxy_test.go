@@ -187,7 +187,14 @@ func newArbstr(t testing.TB, cfg *Config) *testArbstr {
 
 func (ta *testArbstr) post(t testing.TB, path, body string, header ...string) *http.Response {
 	t.Helper()
-	req, err := http.NewRequest(http.MethodPost, ta.URL+path, strings.NewReader(body))
+	return postTo(t, testClient, ta.URL+path, body, header...)
+}
+
+// postTo posts a JSON body to url through c, with extra headers given as
+// name, value pairs.
+func postTo(t testing.TB, c *http.Client, url, body string, header ...string) *http.Response {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -195,7 +202,7 @@ func (ta *testArbstr) post(t testing.TB, path, body string, header ...string) *h
 	for i := 0; i+1 < len(header); i += 2 {
 		req.Header.Set(header[i], header[i+1])
 	}
-	resp, err := testClient.Do(req)
+	resp, err := c.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -5385,19 +5392,7 @@ func clientFor(timeout time.Duration) *http.Client {
 // postWith sends a chat body with extra headers through c.
 func postWith(t testing.TB, c *http.Client, url, body string, header ...string) *http.Response {
 	t.Helper()
-	req, err := http.NewRequest(http.MethodPost, url+"/v1/chat/completions", strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	for i := 0; i+1 < len(header); i += 2 {
-		req.Header.Set(header[i], header[i+1])
-	}
-	resp, err := c.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return resp
+	return postTo(t, c, url+"/v1/chat/completions", body, header...)
 }
 
 // onlyRow returns the ledger's single row, failing the test when there is
