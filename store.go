@@ -276,9 +276,8 @@ func appendJSONMsats(b []byte, m *msats) []byte {
 	return append(b, v...)
 }
 
-// fields points at the fields of r in the order of ledgerColumns: Scan
-// fills them, and an INSERT takes them as arguments (database/sql reads a
-// nil pointer as NULL).
+// fields points at the fields of r in the order of ledgerColumns, for
+// Scan to fill.
 func (r *ledgerRow) fields() []any {
 	return []any{
 		&r.RequestID, &r.Time, &r.Policy, &r.Model, &r.Provider, &r.Streaming,
@@ -288,8 +287,45 @@ func (r *ledgerRow) fields() []any {
 	}
 }
 
-var ledgerInsert = "INSERT OR IGNORE INTO requests (" + ledgerColumns + ") VALUES (?" +
-	strings.Repeat(", ?", strings.Count(ledgerColumns, ",")) + ")"
+// values appends r's column values, in the order of ledgerColumns, as
+// plain values that the driver takes without reflection (nil is NULL).
+func (r *ledgerRow) values(dst []any) []any {
+	return append(dst, r.RequestID, ledgerTime(r.Time.Time), optional(r.Policy), r.Model, r.Provider, r.Streaming,
+		optional(r.InputTokens), optional(r.OutputTokens), r.UsageEstimated, optionalSats(r.Cost), optionalSats(r.BaselineCost),
+		optional(r.LatencyMs), optional(r.TTFTMs), int64(r.Attempts), r.Success, int64(r.Status), optional(r.Error),
+		r.Client, optionalSats(r.QuotedCost), optional(r.CostSource), r.Endpoint)
+}
+
+func optional[T any](p *T) any {
+	if p == nil {
+		return nil
+	}
+	return *p
+}
+
+func optionalSats(m *msats) any {
+	if m == nil {
+		return nil
+	}
+	return m.sats()
+}
+
+// ledgerChunk is how many rows one INSERT writes. A statement per row cost
+// the writer most of its time; 32 rows of 21 values stay far below
+// SQLite's limit on parameters.
+const ledgerChunk = 32
+
+// ledgerInsert is the INSERT of n rows. OR IGNORE: a request_id already in
+// the ledger (a journal replayed twice) is not written again.
+func ledgerInsert(n int) string {
+	row := "(?" + strings.Repeat(", ?", strings.Count(ledgerColumns, ",")) + ")"
+	return "INSERT OR IGNORE INTO requests (" + ledgerColumns + ") VALUES " +
+		strings.TrimSuffix(strings.Repeat(row+", ", n), ", ")
+}
+
+// errChunkDuplicate says that a chunk of rows held one already in the
+// ledger: the batch is written again row by row, to know which.
+var errChunkDuplicate = errors.New("a row of the chunk is already in the ledger")
 
 // teachesRatio reports whether the row counts toward its policy's learned
 // output/input ratio: a success whose usage the provider reported.
@@ -400,7 +436,7 @@ type Store struct {
 	path   string      // the database file; "" for ":memory:"
 	file   os.FileInfo // the database file as opened, to notice it replaced
 
-	insertRow   *sql.Stmt
+	inserts     [ledgerChunk + 1]*sql.Stmt // the INSERT of n rows, prepared when first used by the writer
 	upsertRatio *sql.Stmt
 
 	mu          sync.Mutex    // guards the fields up to progress, and appends to journal
@@ -603,9 +639,6 @@ func newStore(db *sql.DB, path string, memory bool, logger *slog.Logger) (*Store
 		rewriteAt:      ledgerJournalRewrite,
 		ratios:         ratios,
 	}
-	if s.insertRow, err = db.PrepareContext(ctx, ledgerInsert); err != nil {
-		return nil, err
-	}
 	s.upsertRatio, err = db.PrepareContext(ctx, `INSERT INTO token_ratios (policy, avg_ratio, sample_count) VALUES (?, ?, ?)
 		ON CONFLICT (policy) DO UPDATE SET avg_ratio = excluded.avg_ratio, sample_count = excluded.sample_count`)
 	if err == nil && !memory {
@@ -627,7 +660,7 @@ func newStore(db *sql.DB, path string, memory bool, logger *slog.Logger) (*Store
 }
 
 func (s *Store) closeStatements() {
-	for _, st := range []*sql.Stmt{s.insertRow, s.upsertRatio} {
+	for _, st := range append(s.inserts[:], s.upsertRatio) {
 		if st != nil {
 			st.Close()
 		}
@@ -1147,23 +1180,71 @@ func (s *Store) abandon(batch []ledgerRow) {
 // the indexes of the rows that INSERT OR IGNORE skipped, which teach
 // nothing.
 func (s *Store) commit(rows []ledgerRow) (skipped []int, err error) {
+	skipped, err = s.commitIn(rows, ledgerChunk)
+	if errors.Is(err, errChunkDuplicate) {
+		return s.commitIn(rows, 1)
+	}
+	return skipped, err
+}
+
+// insertStmt returns the prepared INSERT of n rows.
+func (s *Store) insertStmt(ctx context.Context, n int) (*sql.Stmt, error) {
+	if n > 0 && s.inserts[n] == nil {
+		st, err := s.db.PrepareContext(ctx, ledgerInsert(n))
+		if err != nil {
+			return nil, err
+		}
+		s.inserts[n] = st
+	}
+	return s.inserts[n], nil
+}
+
+// commitIn is commit with chunk rows an INSERT. With chunks of more than
+// one row, a duplicate request_id fails the whole transaction with
+// errChunkDuplicate; with one row a statement, it skips that row.
+func (s *Store) commitIn(rows []ledgerRow, chunk int) (skipped []int, err error) {
 	ctx := context.Background() // a write is never abandoned halfway
+	// Prepared before the transaction: an in-memory ledger has one
+	// connection, which the transaction holds.
+	for _, n := range []int{min(chunk, len(rows)), len(rows) % chunk} {
+		if _, err := s.insertStmt(ctx, n); n > 0 && err != nil {
+			return nil, err
+		}
+	}
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return nil, err
 	}
 	defer tx.Rollback() // after Commit, a no-op
 
-	insert := tx.StmtContext(ctx, s.insertRow)
-	var learned map[string]tokenRatio // policies whose ratio this batch moves
+	var (
+		learned map[string]tokenRatio // policies whose ratio this batch moves
+		args    []any
+	)
+	for start := 0; start < len(rows); start += chunk {
+		part := rows[start:min(start+chunk, len(rows))]
+		args = args[:0]
+		for i := range part {
+			args = part[i].values(args)
+		}
+		st, err := s.insertStmt(ctx, len(part))
+		if err != nil {
+			return nil, err
+		}
+		res, err := tx.StmtContext(ctx, st).ExecContext(ctx, args...)
+		if err != nil {
+			return nil, fmt.Errorf("insert %d requests from %s: %w", len(part), part[0].RequestID, err)
+		}
+		if n, err := res.RowsAffected(); err == nil && n < int64(len(part)) {
+			if len(part) > 1 {
+				return nil, errChunkDuplicate
+			}
+			skipped = append(skipped, start)
+		}
+	}
 	for i := range rows {
 		r := &rows[i]
-		res, err := insert.ExecContext(ctx, r.fields()...)
-		if err != nil {
-			return nil, fmt.Errorf("insert request %s: %w", r.RequestID, err)
-		}
-		if n, err := res.RowsAffected(); err == nil && n == 0 {
-			skipped = append(skipped, i)
+		if slices.Contains(skipped, i) {
 			continue
 		}
 		if r.teachesRatio() {
