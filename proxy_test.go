@@ -6987,3 +6987,27 @@ func TestSlowFirstTokenWithDefaults(t *testing.T) {
 		})
 	}
 }
+
+// TestAnswerMemoryNotHeldAgainstProvider: an answer refused because other
+// answers hold arbstr's memory for answers is not the provider's fault: its
+// circuit stays closed.
+func TestAnswerMemoryNotHeldAgainstProvider(t *testing.T) {
+	up := newUpstream(t, jsonOK)
+	cfg := testConfig(prov("p", up.URL, 1, 1))
+	cfg.Server.MaxAttempts = 1
+	ta := newArbstr(t, cfg)
+	if !answerMemory.take(answerMemoryCap) {
+		t.Fatal("answer memory already in use")
+	}
+	for i := range 4 {
+		resp := ta.post(t, "/v1/chat/completions", chatBody)
+		out := readBody(t, resp)
+		expect(t, fmt.Sprintf("request %d: status", i), resp.StatusCode, http.StatusBadGateway)
+		expectContains(t, fmt.Sprintf("request %d: message", i), out, "too large")
+	}
+	answerMemory.give(answerMemoryCap)
+	expect(t, "circuit", ta.srv.current().router.byName["p"].state(time.Now()), stateClosed)
+	resp := ta.post(t, "/v1/chat/completions", chatBody)
+	readBody(t, resp)
+	expect(t, "status once memory is free", resp.StatusCode, http.StatusOK)
+}

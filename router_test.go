@@ -3595,3 +3595,67 @@ func checkWarnings(t *testing.T, text string, want []string) {
 		t.Errorf("loadConfig(%q) warnings = %q; want %q", text, warnings, full)
 	}
 }
+
+// TestAdoptOnReload: a reload carries a provider's learned state only when
+// its name, URL and key stay; a provider that stops discovering stops using
+// its old listing's prices.
+func TestAdoptOnReload(t *testing.T) {
+	fake := &fakeRoutstr{listing: routstrListing(t), balance: `{"balance":900000,"reserved":0}`}
+	srv := httptest.NewServer(fake)
+	defer srv.Close()
+	const model = "google/gemini-2.5-flash"
+	live := discoveringProv("live", srv.URL, "sk-live", model)
+	old := newRouter(routerConfig(nil, live), nil)
+	old.RefreshMarket(t.Context(), srv.Client(), (&marketLog{}).logger())
+	old.byName["live"].observe(42 * time.Millisecond)
+
+	tests := []struct {
+		name        string
+		change      func(pc *ProviderConfig)
+		wantLatency bool
+		wantPrice   price
+	}{
+		{"unchanged", func(pc *ProviderConfig) {}, true, price{303, 2525, 1}},
+		{"discovery off", func(pc *ProviderConfig) { pc.Discover = false }, true, price{10000, 30000, 0}},
+		{"another key", func(pc *ProviderConfig) { pc.APIKey = "sk-other" }, false, price{10000, 30000, 0}},
+		{"another URL", func(pc *ProviderConfig) { pc.URL = "https://elsewhere.example/v1" }, false, price{10000, 30000, 0}},
+	}
+	for _, tc := range tests {
+		pc := live
+		tc.change(&pc)
+		rt := newRouter(routerConfig(nil, pc), nil)
+		rt.adopt(old)
+		_, seen := rt.byName["live"].observedLatency()
+		if seen != tc.wantLatency {
+			t.Errorf("%s: latency carried over = %v; want %v", tc.name, seen, tc.wantLatency)
+		}
+		r, aerr := routeFor(t, rt, model)
+		if aerr != nil {
+			t.Errorf("%s: Route = %s", tc.name, routeString(r, aerr))
+			continue
+		}
+		if got := r.ordered[0].price; got != tc.wantPrice {
+			t.Errorf("%s: price = %v; want %v", tc.name, got, tc.wantPrice)
+		}
+	}
+}
+
+// TestWorstCaseAtChargeRatio: a provider known to bill above its list
+// reserves its worst case times that ratio.
+func TestWorstCaseAtChargeRatio(t *testing.T) {
+	rt := newRouter(routerConfig(nil, routerProv("a", 1, 1, "m")), nil) // 1 sat per 1k tokens
+	req := &chatRequest{Model: "m", TextBytes: 4000, MaxTokens: 1000}   // 1000 in, 1000 out
+	r, aerr := rt.Route(req, "", routerNow, 3)
+	if aerr != nil {
+		t.Fatal(aerr)
+	}
+	if got := r.worstCase(req, 4096); got != 2000 {
+		t.Errorf("worst case at ratio 1 = %d msat; want 2000", got)
+	}
+	for range chargeMinReports {
+		rt.byName["a"].recordCharge(1500, 1000)
+	}
+	if got := r.worstCase(req, 4096); got != 3000 {
+		t.Errorf("worst case at ratio 1.5 = %d msat; want 3000", got)
+	}
+}
