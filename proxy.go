@@ -1131,7 +1131,8 @@ func (s *server) price(row *ledgerRow, ex *exchange, c *candidate, a answer) {
 	quoted := msats(c.price.cost(a.in, a.out))
 	cost := msats(a.cost(c))
 	if a.charged {
-		c.p.recordCharge(a.chargedMsat, int64(quoted))
+		c.p.recordChargeOf(chargeSample{reported: a.chargedMsat, quoted: int64(quoted), model: ex.req.Model,
+			in: a.in, out: a.out, at: time.Now()})
 	}
 	row.InputTokens, row.OutputTokens = new(a.in), new(a.out)
 	row.Cost, row.QuotedCost, row.CostSource = new(cost), new(quoted), new(a.costSource())

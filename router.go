@@ -892,8 +892,17 @@ type marketState struct {
 	balanceAt    time.Time
 	noBalanceAPI bool // the provider answered 401, 404 or 405 for its balance
 	lowWarned    bool // the low-balance warning was logged and still holds
-	charges      [chargeWindow]float64
+	charges      [chargeWindow]chargeSample
 	nCharges     int // reports recorded, all time
+}
+
+// chargeSample is one charge a provider reported, and what it was quoted.
+// Model and tokens let a later listing quote it again.
+type chargeSample struct {
+	reported, quoted int64 // msat
+	model            string
+	in, out          int64
+	at               time.Time // when it was reported
 }
 
 // A provider's charge ratio is the mean over its last chargeWindow reports,
@@ -1231,7 +1240,15 @@ func (p *provider) applyListing(l *listing, bad []string, err error, now time.Ti
 		}
 	}
 	old := m.listing.Swap(l)
-	return old == nil || !slices.Equal(old.models, l.models) || !maps.Equal(old.prices, l.prices)
+	changed := old == nil || !slices.Equal(old.models, l.models) || !maps.Equal(old.prices, l.prices)
+	if changed {
+		var since time.Time // before the first listing, every quote was the config's
+		if old != nil {
+			since = old.at
+		}
+		p.requoteLocked(l, since)
+	}
+	return changed
 }
 
 // applyBalance records the outcome of a balance read. A failure keeps the
@@ -1345,23 +1362,56 @@ func (rt *Router) poll(ctx context.Context, client *http.Client, p *provider, lo
 // force. The charge ratio is the mean of reported/quoted over the last
 // chargeWindow reports, and 1 until there are chargeMinReports of them.
 func (p *provider) recordCharge(reportedMsat, quotedMsat int64) {
-	if reportedMsat < 0 || quotedMsat <= 0 {
+	p.recordChargeOf(chargeSample{reported: reportedMsat, quoted: quotedMsat})
+}
+
+// recordChargeOf learns from one reported charge.
+func (p *provider) recordChargeOf(s chargeSample) {
+	if s.reported < 0 || s.quoted <= 0 {
 		return // nothing to learn from a free request
 	}
 	m := &p.market
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.charges[m.nCharges%chargeWindow] = float64(reportedMsat) / float64(quotedMsat)
+	m.charges[m.nCharges%chargeWindow] = s
 	m.nCharges++
+	p.learnRatioLocked()
+}
+
+// learnRatioLocked sets the charge ratio from the samples; m.mu is held.
+func (p *provider) learnRatioLocked() {
+	m := &p.market
 	if m.nCharges < chargeMinReports {
 		return
 	}
 	n := min(m.nCharges, chargeWindow)
 	var sum float64
-	for _, r := range m.charges[:n] {
-		sum += r
+	for _, s := range m.charges[:n] {
+		sum += float64(s.reported) / float64(s.quoted)
 	}
 	m.ratio.Store(math.Float64bits(sum / float64(n)))
+}
+
+// requoteLocked quotes again, at a new listing's prices, the charge
+// samples reported since the listing before it was read (since), keeping
+// for each the quote its charge is nearer to. A provider bills at its price
+// of the moment, which may have moved since arbstr last read its listing:
+// a charge that matches the new price was no overcharge, and should not
+// keep the provider ranked as one once nothing corrects it. m.mu is held.
+func (p *provider) requoteLocked(l *listing, since time.Time) {
+	m := &p.market
+	for i := range min(m.nCharges, chargeWindow) {
+		s := &m.charges[i]
+		if s.model == "" || s.at.Before(since) {
+			continue
+		}
+		pr, _, _ := p.priceAt(s.model, l)
+		q := pr.cost(s.in, s.out)
+		if q > 0 && math.Abs(float64(s.reported)/float64(q)-1) < math.Abs(float64(s.reported)/float64(s.quoted)-1) {
+			s.quoted = q
+		}
+	}
+	p.learnRatioLocked()
 }
 
 // chargeRatio is the provider's charge ratio, read without a lock on the

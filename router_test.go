@@ -3659,3 +3659,36 @@ func TestWorstCaseAtChargeRatio(t *testing.T) {
 		t.Errorf("worst case at ratio 1.5 = %d msat; want 3000", got)
 	}
 }
+
+// TestChargeRatioAfterPriceMove: charges reported between two listing
+// reads, at a price that moved meanwhile, are quoted again at the new
+// listing; an honest provider is not left ranked as an overcharger, while
+// one that bills above both prices still is.
+func TestChargeRatioAfterPriceMove(t *testing.T) {
+	listingAt := func(at time.Time, in int64) *listing {
+		return &listing{at: at, models: []string{"m"}, prices: map[string]listedPrice{"m": {in: in, out: in, fee: -1, max: -1}}}
+	}
+	log := (&marketLog{}).logger()
+	t0 := routerNow
+	for _, tc := range []struct {
+		name   string
+		factor float64 // what it bills, times the new price
+		want   float64
+	}{
+		{"honest, price rose 10%", 1, 1},
+		{"overcharger, price rose 10%", 1.15, 1.15},
+	} {
+		p := newProvider(discoveringProv("p", "https://p.example", "sk", "m"))
+		p.applyListing(listingAt(t0, 1000), nil, nil, t0, log) // 1 msat a token
+		// The price rose to 1.1 msat at t0+5s; arbstr still quotes 1.
+		for i := range 5 {
+			reported := int64(math.Round(2000 * 1.1 * tc.factor)) // 1000 in, 1000 out
+			p.recordChargeOf(chargeSample{reported: reported, quoted: 2000, model: "m", in: 1000, out: 1000,
+				at: t0.Add(time.Duration(6+i) * time.Second)})
+		}
+		p.applyListing(listingAt(t0.Add(10*time.Second), 1100), nil, nil, t0.Add(10*time.Second), log)
+		if got := p.chargeRatio(); math.Abs(got-tc.want) > 0.001 {
+			t.Errorf("%s: charge ratio = %.4f; want %.4f", tc.name, got, tc.want)
+		}
+	}
+}
