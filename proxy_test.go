@@ -7011,3 +7011,43 @@ func TestAnswerMemoryNotHeldAgainstProvider(t *testing.T) {
 	readBody(t, resp)
 	expect(t, "status once memory is free", resp.StatusCode, http.StatusOK)
 }
+
+// TestLedgerUnavailable: when the ledger cannot write and its queue is
+// full, a new request is refused with 503 before any upstream call, and
+// writes no row to a queue that cannot be written.
+func TestLedgerUnavailable(t *testing.T) {
+	var calls atomic.Int32
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) { calls.Add(1); jsonOK(w, r) })
+	ta := newArbstr(t, testConfig(prov("p", up.URL, 1, 1)))
+	store := ta.srv.store
+	store.queueSize = 1
+	store.retryFirst, store.retryMax = 10*time.Millisecond, 50*time.Millisecond
+	other, err := sql.Open("sqlite", ledgerDSN(ta.dbPath))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	conn, err := other.Conn(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.ExecContext(context.Background(), "BEGIN EXCLUSIVE"); err != nil {
+		t.Fatal(err)
+	}
+	readBody(t, ta.post(t, "/v1/chat/completions", chatBody)) // admitted; its row waits
+	waitForStore(t, "the ledger failing", func() bool { return store.Health() != nil })
+	resp := ta.post(t, "/v1/chat/completions", chatBody)
+	out := readBody(t, resp)
+	expect(t, "status", resp.StatusCode, http.StatusServiceUnavailable)
+	if typ, code, _ := apiErr(t, out); typ != "service_unavailable" || code != "ledger_unavailable" {
+		t.Errorf("error = %s/%s; want service_unavailable/ledger_unavailable", typ, code)
+	}
+	expect(t, "upstream calls", calls.Load(), int32(1))
+	expect(t, "rows queued", store.Queued(), 1)
+	if _, err := conn.ExecContext(context.Background(), "ROLLBACK"); err != nil {
+		t.Fatal(err)
+	}
+	waitForStore(t, "the ledger recovered", func() bool { return store.Health() == nil })
+	expect(t, "rows written", len(ta.rows(t)), 1)
+}
