@@ -605,7 +605,7 @@ func (ep *endpoint) url(p *provider) string {
 	if ep == chatEndpoint {
 		return p.endpoint
 	}
-	return strings.TrimSuffix(p.endpoint, chatEndpoint.path) + ep.path
+	return p.base + ep.path
 }
 
 // jsonObject decodes the top-level members of a body that must be a JSON
@@ -998,7 +998,6 @@ type exchange struct {
 	ep         *endpoint
 	client     *client      // nil for the operator
 	reserved   *reservation // in the request's budgets; nil without any
-	spent      int64        // the recorded cost, which replaces the reservation
 	noRow      bool         // refused because the ledger cannot write: no row
 	id         string
 	start      time.Time
@@ -1100,10 +1099,14 @@ func (s *server) finish(ex *exchange, c *candidate, a answer) {
 	if ex.client != nil {
 		row.Client = ex.client.Name
 	}
+	var cost msats
 	if a.hasUsage {
 		s.price(&row, ex, c, a)
-		ex.spent = int64(*row.Cost)
+		cost = *row.Cost
 	}
+	// The recorded cost replaces what the request held in its budgets.
+	ex.reserved.settle(int64(cost))
+	ex.reserved = nil
 	if ex.sv.cfg.Logging.LogRequests && !ex.noRow {
 		s.store.Record(row)
 	}
@@ -1111,10 +1114,6 @@ func (s *server) finish(ex *exchange, c *candidate, a answer) {
 	level := slog.LevelInfo
 	if !a.success && a.status >= 500 {
 		level = slog.LevelWarn
-	}
-	var cost msats
-	if row.Cost != nil {
-		cost = *row.Cost
 	}
 	s.log.Log(context.Background(), level, "request",
 		"id", ex.id, "endpoint", ex.ep.name, "client", row.Client, "policy", ex.route.policyName(), "model", row.Model, "provider", row.Provider,
@@ -1216,7 +1215,9 @@ func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoin
 		s.fail(w, ex, nil, aerr)
 		return
 	}
-	defer func() { ex.reserved.settle(ex.spent) }()
+	// A request that ends without its row (a panic) still frees what it
+	// held in its budgets; finish settles all others.
+	defer func() { ex.reserved.settle(0) }()
 	if req.Stream {
 		if ep == chatEndpoint {
 			ex.body, ex.addedUsage = withIncludeUsage(body, req.StreamOptions)

@@ -349,9 +349,9 @@ func TestChatForwardsBodyAndHeaders(t *testing.T) {
 	expect(t, "row.RequestID", r.RequestID, resp.Header.Get("X-Arbstr-Request-Id"))
 	expect(t, "row.Provider", r.Provider, "p1")
 	expect(t, "row.Success", r.Success, true)
-	expect(t, "deref(row.InputTokens)", deref(r.InputTokens), 10)
-	expect(t, "deref(row.OutputTokens)", deref(r.OutputTokens), 20)
-	expect(t, "deref(row.Cost)", deref(r.Cost), 170)
+	expect(t, "row.InputTokens", deref(r.InputTokens), 10)
+	expect(t, "row.OutputTokens", deref(r.OutputTokens), 20)
+	expect(t, "row.Cost", deref(r.Cost), 170)
 	expect(t, "row.UsageEstimated", r.UsageEstimated, false)
 	expect(t, "row.Status", r.Status, 200)
 }
@@ -476,8 +476,8 @@ func TestStreamFlushedPerEvent(t *testing.T) {
 	r := onlyRow(t, ta)
 	expect(t, "row.Success", r.Success, true)
 	expect(t, "row.Streaming", r.Streaming, true)
-	expect(t, "deref(row.InputTokens)", deref(r.InputTokens), 5)
-	expect(t, "deref(row.OutputTokens)", deref(r.OutputTokens), 3)
+	expect(t, "row.InputTokens", deref(r.InputTokens), 5)
+	expect(t, "row.OutputTokens", deref(r.OutputTokens), 3)
 	expect(t, "row.UsageEstimated", r.UsageEstimated, false)
 }
 
@@ -508,10 +508,10 @@ func TestStreamUsageChunk(t *testing.T) {
 			expect(t, "row.UsageEstimated", r.UsageEstimated, tc.wantEstimated)
 			expect(t, "row.Success", r.Success, true)
 			if !tc.wantEstimated {
-				expect(t, "deref(row.InputTokens)", deref(r.InputTokens), 12)
+				expect(t, "row.InputTokens", deref(r.InputTokens), 12)
 			}
 			// Reported, or estimated from "Hello world", 11 bytes.
-			expect(t, "deref(row.OutputTokens)", deref(r.OutputTokens), 3)
+			expect(t, "row.OutputTokens", deref(r.OutputTokens), 3)
 		})
 	}
 }
@@ -553,8 +553,8 @@ func TestStreamShapes(t *testing.T) {
 				t.Errorf("content chunk missing:\n%s", out)
 			}
 			if tc.ok {
-				expect(t, "deref(row.InputTokens)", deref(r.InputTokens), 4)
-				expect(t, "deref(row.OutputTokens)", deref(r.OutputTokens), 2)
+				expect(t, "row.InputTokens", deref(r.InputTokens), 4)
+				expect(t, "row.OutputTokens", deref(r.OutputTokens), 2)
 				if strings.Contains(out, `"prompt_tokens":4`) {
 					t.Errorf("the usage chunk arbstr asked for reached the client:\n%s", out)
 				}
@@ -671,7 +671,7 @@ func TestClientDisconnect(t *testing.T) {
 			waitFor(t, "a ledger row", func() bool { return len(ta.rows(t)) == 1 })
 			r := onlyRow(t, ta)
 			expect(t, "row.Success", r.Success, false)
-			expectContains(t, "deref(row.Error)", deref(r.Error), "client disconnected")
+			expectContains(t, "row.Error", deref(r.Error), "client disconnected")
 		})
 	}
 }
@@ -5084,6 +5084,7 @@ func TestMetrics(t *testing.T) {
 	})
 	bad := newUpstream(t, statusHandler(http.StatusInternalServerError))
 	cfg := testConfig(prov("bad", bad.URL, 1, 1), prov("good \"quoted\"", up.URL, 2, 2))
+	cfg.Policies.Rules = []PolicyRule{{Name: "b", BudgetSatsPerDay: 100}}
 	cfg.Providers[0].Models = []string{"m"}
 	cfg.Providers[1].Models = []string{"m"}
 	ta := newArbstr(t, cfg)
@@ -5107,6 +5108,9 @@ func TestMetrics(t *testing.T) {
 		`arbstr_request_duration_seconds_count{provider="good \"quoted\""} 2`,
 		`arbstr_stream_time_to_first_token_seconds_count{provider="good \"quoted\""} 1`,
 		`arbstr_circuit_state{provider="bad"} 0`,
+		`arbstr_token_price_sats{provider="bad",model="m",direction="input"} 0.001`,
+		`arbstr_budget_remaining_sats{scope="policy",name="b",period="day"} 100`,
+		"# TYPE arbstr_ledger_queue_rows gauge",
 		"# TYPE arbstr_goroutines gauge",
 	} {
 		if !strings.Contains(text, want) {
@@ -5155,6 +5159,7 @@ func TestPageInBrowser(t *testing.T) {
 	if len(body) > 100<<10 {
 		t.Errorf("page is %d bytes; want under 100 KB", len(body))
 	}
+	expectContains(t, "the page", string(body), `<meta http-equiv="refresh" content="10">`)
 	for _, forbidden := range []string{"<b>one</b>", "http://", "https://", "src="} {
 		if strings.Contains(string(body), forbidden) {
 			t.Errorf("page holds %q (an unescaped value or an external asset)", forbidden)
@@ -6686,8 +6691,19 @@ func TestBudgetSurvivesRestart(t *testing.T) {
 	expect(t, "spent after a restart", v[0].Spent, 60.0)
 	expect(t, "second request (60 + up to 31 ≤ 100)", post(hs), 200)
 	expect(t, "third request (120 spent)", post(hs), 429)
+	req, _ := http.NewRequest("POST", hs.URL+"/v1/chat/completions", strings.NewReader(`{"model":"m","max_tokens":30,"messages":[{"role":"user","content":"hi"}]}`))
+	req.Header.Set("Authorization", "Bearer app-token")
+	refused, err := testClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused.Body.Close()
+	// Retry-After runs to the end of the UTC day.
+	if secs, err := strconv.Atoi(refused.Header.Get("Retry-After")); err != nil || secs < 1 || secs > 86400 {
+		t.Errorf("Retry-After = %q; want the seconds to the end of the day", refused.Header.Get("Retry-After"))
+	}
 
-	req, _ := http.NewRequest("GET", hs.URL+"/v1/budgets", nil)
+	req, _ = http.NewRequest("GET", hs.URL+"/v1/budgets", nil)
 	req.Header.Set("Authorization", "Bearer bot-token")
 	resp, err := testClient.Do(req)
 	if err != nil {
