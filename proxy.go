@@ -57,16 +57,21 @@ func badRequest(code, format string, args ...any) *apiError {
 	return apiErrorf(http.StatusBadRequest, "invalid_request_error", code, format, args...)
 }
 
-// writeError writes e in OpenAI's error shape:
-// {"error":{"message":...,"type":...,"param":null,"code":...}}.
+// writeError writes e in OpenAI's error shape, with its Retry-After.
 func writeError(w http.ResponseWriter, e *apiError) {
 	if e.retryAfter > 0 {
 		secs := int64(math.Ceil(e.retryAfter.Seconds()))
 		w.Header().Set("Retry-After", strconv.FormatInt(secs, 10))
 	}
-	writeJSON(w, e.Status, map[string]any{"error": map[string]any{
+	writeJSON(w, e.Status, e.object())
+}
+
+// object is e in OpenAI's error shape:
+// {"error":{"message":...,"type":...,"param":null,"code":...}}.
+func (e *apiError) object() map[string]any {
+	return map[string]any{"error": map[string]any{
 		"message": e.Message, "type": e.Type, "param": nil, "code": e.Code,
-	}})
+	}}
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -387,14 +392,6 @@ func (h *headerRecorder) Header() http.Header         { return h.header }
 func (h *headerRecorder) Write(b []byte) (int, error) { return len(b), nil }
 func (h *headerRecorder) WriteHeader(status int)      { h.status = status }
 
-// authorized checks Authorization: Bearer TOKEN: the scheme in any case,
-// the token compared in constant time through its hash, so that not even its
-// length leaks.
-func (sv *serving) authorized(token string) bool {
-	got := sha256.Sum256([]byte(token))
-	return subtle.ConstantTimeCompare(got[:], sv.authHash[:]) == 1
-}
-
 // clientPaths are the endpoints a client's token opens: those that route
 // and price requests, the models, and the client's own budgets.
 func clientPath(path string) bool {
@@ -408,6 +405,8 @@ func clientPath(path string) bool {
 // caller says who sent a request: a client (by its token), or the operator
 // (nil: server.auth_token's holder, or anyone where no token guards). ok is
 // false for a request to refuse with 401. GET /health is open to all.
+// Tokens are compared in constant time through their hashes, so that not
+// even a token's length leaks.
 func (sv *serving) caller(r *http.Request) (c *client, ok bool) {
 	if r.URL.Path == "/health" {
 		return nil, true
@@ -419,7 +418,8 @@ func (sv *serving) caller(r *http.Request) (c *client, ok bool) {
 		_, token, hasToken = r.BasicAuth()
 	}
 	operator := sv.cfg.Server.AuthToken != ""
-	if hasToken && operator && sv.authorized(token) {
+	hash := sha256.Sum256([]byte(token))
+	if hasToken && operator && subtle.ConstantTimeCompare(hash[:], sv.authHash[:]) == 1 {
 		return nil, true
 	}
 	if len(sv.spend.clients) > 0 && clientPath(r.URL.Path) {
@@ -427,7 +427,7 @@ func (sv *serving) caller(r *http.Request) (c *client, ok bool) {
 		if !hasToken {
 			return nil, false
 		}
-		c = sv.spend.clientFor(token)
+		c = sv.spend.clientFor(hash)
 		return c, c != nil
 	}
 	return nil, !operator
@@ -1162,9 +1162,7 @@ func (ep *endpoint) errorEvent(e *apiError) []byte {
 		b, _ := json.Marshal(map[string]any{"type": "error", "code": e.Code, "message": e.Message, "param": nil})
 		return append(append([]byte("event: error\ndata: "), b...), '\n', '\n')
 	}
-	b, _ := json.Marshal(map[string]any{"error": map[string]any{
-		"message": e.Message, "type": e.Type, "param": nil, "code": e.Code,
-	}})
+	b, _ := json.Marshal(e.object())
 	return append(append([]byte("data: "), b...), '\n', '\n')
 }
 

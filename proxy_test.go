@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"database/sql"
 	"database/sql/driver"
 	"encoding/json"
@@ -4973,9 +4974,9 @@ func TestBudgetReservesConcurrently(t *testing.T) {
 	cfg.Clients = []ClientConfig{{Name: "app", Token: "t", BudgetSatsPerDay: 100}}
 	now := time.Now()
 	sc := newSpendControl(cfg, now, nil)
-	c := sc.clientFor("t")
+	c := sc.clientFor(sha256.Sum256([]byte("t")))
 	if c == nil {
-		t.Fatal("clientFor(token) = nil")
+		t.Fatal("clientFor(the token's hash) = nil")
 	}
 	var (
 		wg      sync.WaitGroup

@@ -1826,11 +1826,10 @@ func newSpendControl(cfg *Config, now time.Time, old *spendControl) *spendContro
 	return sc
 }
 
-// clientFor returns the client whose token this is, comparing against every
-// client's token in constant time, so that neither a token nor which client
-// holds it can be learned from timing.
-func (sc *spendControl) clientFor(token string) *client {
-	h := sha256.Sum256([]byte(token))
+// clientFor returns the client whose token has the SHA-256 hash h,
+// comparing against every client's in constant time, so that neither a
+// token nor which client holds it can be learned from timing.
+func (sc *spendControl) clientFor(h [32]byte) *client {
 	var found *client
 	for _, c := range sc.clients {
 		if subtle.ConstantTimeCompare(h[:], c.tokenHash[:]) == 1 {
