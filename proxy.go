@@ -1013,6 +1013,7 @@ type exchange struct {
 	body       []byte // what is sent upstream
 	addedUsage bool   // arbstr added include_usage; the client did not ask
 	attempts   int
+	logLine    *slog.Record // made by finish, written once the answer is out
 	// wait sends a streaming client its headers and keep-alive comments
 	// while no provider has sent a first event; nil for other requests.
 	wait *streamWait
@@ -1118,15 +1119,27 @@ func (s *server) finish(ex *exchange, c *candidate, a answer) {
 		s.store.Record(row)
 	}
 	s.metrics.request(&row, ex.sv.router.modelLabel(row.Model), a.ttft)
+	ex.logLine = s.logLine(ex, &row, a, cost, latency)
+}
+
+// logLine is the log record of a finished request, or nil when its level is
+// not logged. serveRouted writes it once the answer is out: formatting it
+// and writing it to stderr need not delay the client.
+func (s *server) logLine(ex *exchange, row *ledgerRow, a answer, cost msats, latency time.Duration) *slog.Record {
 	level := slog.LevelInfo
 	if !a.success && a.status >= 500 {
 		level = slog.LevelWarn
 	}
-	s.log.Log(context.Background(), level, "request",
-		"id", ex.id, "endpoint", ex.ep.name, "client", row.Client, "policy", ex.route.policyName(), "model", row.Model, "provider", row.Provider,
-		"stream", row.Streaming, "status", row.Status, "input_tokens", a.in,
-		"output_tokens", a.out, "cost_sats", cost.sats(),
-		"latency_ms", latency.Milliseconds(), "attempts", row.Attempts, "err", a.errMsg)
+	if !s.log.Enabled(context.Background(), level) {
+		return nil
+	}
+	rec := slog.NewRecord(time.Now(), level, "request", 0)
+	rec.AddAttrs(slog.String("id", ex.id), slog.String("endpoint", ex.ep.name), slog.String("client", row.Client),
+		slog.String("policy", ex.route.policyName()), slog.String("model", row.Model), slog.String("provider", row.Provider),
+		slog.Bool("stream", row.Streaming), slog.Int("status", row.Status), slog.Int64("input_tokens", a.in),
+		slog.Int64("output_tokens", a.out), slog.Float64("cost_sats", cost.sats()),
+		slog.Int64("latency_ms", latency.Milliseconds()), slog.Int("attempts", row.Attempts), slog.String("err", a.errMsg))
+	return &rec
 }
 
 // price fills in what a request with known tokens cost. The quote is the
@@ -1231,6 +1244,16 @@ func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoin
 		defer ex.wait.end()
 	}
 	s.forward(w, r, ex)
+	if ex.logLine != nil {
+		// The answer is whole: send it, then log it.
+		if ex.wait != nil {
+			ex.wait.end() // no keep-alive may follow the answer
+		}
+		if f, ok := w.(http.Flusher); ok {
+			f.Flush()
+		}
+		s.log.Handler().Handle(context.Background(), *ex.logLine)
+	}
 }
 
 // admit decides whether a request may go upstream, in this order: the

@@ -186,6 +186,16 @@ func newArbstr(t testing.TB, cfg *Config) *testArbstr {
 	return ta
 }
 
+// logged returns the logs once every request in flight has ended: a
+// request's log line is written after its answer has gone out.
+func (ta *testArbstr) logged(t testing.TB) string {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { ta.srv.inflight.Wait(); close(done) }()
+	receiveWithin(t, done, "end of the requests in flight")
+	return ta.logs.String()
+}
+
 func (ta *testArbstr) post(t testing.TB, path, body string, header ...string) *http.Response {
 	t.Helper()
 	return postTo(t, testClient, ta.URL+path, body, header...)
@@ -355,6 +365,51 @@ func TestChatForwardsBodyAndHeaders(t *testing.T) {
 	expect(t, "row.Cost", deref(r.Cost), 170)
 	expect(t, "row.UsageEstimated", r.UsageEstimated, false)
 	expect(t, "row.Status", r.Status, 200)
+}
+
+// gatedWriter holds back every write that contains line until open is
+// closed: a log on a full pipe or a stalled disk.
+type gatedWriter struct {
+	line string
+	open chan struct{}
+}
+
+func (g gatedWriter) Write(p []byte) (int, error) {
+	if bytes.Contains(p, []byte(g.line)) {
+		<-g.open
+	}
+	return len(p), nil
+}
+
+// TestAnswerBeforeLogLine: a completion's log line is written once its
+// answer has gone out, so a log that cannot be written does not hold the
+// answer back; the row is in the ledger by then.
+func TestAnswerBeforeLogLine(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, completionJSON("hi", 10, 20))
+	})
+	ta := newArbstr(t, testConfig(prov("p1", up.URL, 3, 7)))
+	gate := gatedWriter{line: "msg=request", open: make(chan struct{})}
+	ta.srv.log = slog.New(slog.NewTextHandler(gate, nil))
+	answered := make(chan string, 1)
+	go func() {
+		resp, err := testClient.Post(ta.URL+"/v1/chat/completions", "application/json", strings.NewReader(chatBody))
+		if err != nil {
+			answered <- err.Error()
+			return
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		answered <- fmt.Sprint(resp.StatusCode, " ", err == nil && bytes.Contains(b, []byte(`"hi"`)))
+	}()
+	select {
+	case got := <-answered:
+		expect(t, "status and whole answer while the log line is held", got, "200 true")
+	case <-time.After(10 * time.Second):
+		t.Error("no answer within 10 s while the log line is held")
+	}
+	expect(t, "ledger rows while the log line is held", len(ta.rows(t)), 1)
+	close(gate.open)
 }
 
 func TestUpstreamURL(t *testing.T) {
@@ -1319,7 +1374,7 @@ func TestKeysNeverLeak(t *testing.T) {
 		t.Fatal(err)
 	}
 	wal, _ := os.ReadFile(ta.dbPath + "-wal")
-	for name, text := range map[string][]byte{"responses": all.Bytes(), "log": []byte(ta.logs.String()), "database": db, "wal": wal} {
+	for name, text := range map[string][]byte{"responses": all.Bytes(), "log": []byte(ta.logged(t)), "database": db, "wal": wal} {
 		for _, key := range []string{keyA, keyB, "MARKER"} {
 			if bytes.Contains(text, []byte(key)) {
 				t.Errorf("%s contains %q", name, key)
@@ -5498,8 +5553,8 @@ func TestEchoedKeyRedacted(t *testing.T) {
 			if strings.Contains(deref(row.Error), key) {
 				t.Errorf("the key is in the ledger: %q", deref(row.Error))
 			}
-			if strings.Contains(ta.logs.String(), key) {
-				t.Errorf("the key is in the logs:\n%s", ta.logs.String())
+			if logs := ta.logged(t); strings.Contains(logs, key) {
+				t.Errorf("the key is in the logs:\n%s", logs)
 			}
 		})
 	}
