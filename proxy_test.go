@@ -2308,29 +2308,47 @@ func TestStoreSyncWaitsForCommit(t *testing.T) {
 	}
 }
 
-// TestStoreDuplicateRequestID checks that one row that cannot be written
-// costs only itself, not the rows batched with it, and is logged.
+// TestStoreDuplicateRequestID: a batch is written in INSERTs of 32, 16, ...
+// 1 rows; a request_id already in the ledger, in a part of any size, loses
+// that row only, which is logged, and every other row is written once.
 func TestStoreDuplicateRequestID(t *testing.T) {
-	var logs syncBuffer
-	s, err := openStore(filepath.Join(t.TempDir(), "arbstr.db"), slog.New(slog.NewTextHandler(&logs, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	// Called directly, so that the four rows are one batch.
-	var batch []ledgerRow
-	for _, id := range []string{"a", "b", "a", "c"} {
-		batch = append(batch, storeTestRow(id, time.Now()))
-	}
-	s.writeBatch(batch)
-	if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"); got != 3 {
-		t.Errorf("rows = %d; want 3", got)
-	}
-	if got := strings.Count(logs.String(), "ledger row not written"); got != 1 {
-		t.Errorf("lost-row log lines = %d; want 1 in %q", got, logs.String())
-	}
-	if !strings.Contains(logs.String(), "request_id=a") {
-		t.Errorf("log = %q; want request_id=a", logs.String())
+	for _, tt := range []struct {
+		name string
+		n    int   // rows in the batch, with ids "0" to n-1
+		dup  []int // positions whose id is "0" instead
+	}{
+		{"four rows", 4, []int{2}},
+		{"in a part of 32", 45, []int{7}},
+		{"in a part of 8", 45, []int{35}},
+		{"the last row, a part of 1", 45, []int{44}},
+		{"two in different parts", 63, []int{31, 62}},
+		{"none, 64 rows", 64, nil},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var logs syncBuffer
+			s, err := openStore(filepath.Join(t.TempDir(), "arbstr.db"), slog.New(slog.NewTextHandler(&logs, nil)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			// Called directly, so that the rows are one batch.
+			var batch []ledgerRow
+			for i := range tt.n {
+				id := strconv.Itoa(i)
+				if slices.Contains(tt.dup, i) {
+					id = "0"
+				}
+				batch = append(batch, storeTestRow(id, time.Now()))
+			}
+			s.writeBatch(batch)
+			want := int64(tt.n - len(tt.dup))
+			expect(t, "rows", queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"), want)
+			expect(t, "distinct request ids", queryTestInt(t, s.db, "SELECT COUNT(DISTINCT request_id) FROM requests"), want)
+			expect(t, "lost-row log lines", strings.Count(logs.String(), "ledger row not written"), len(tt.dup))
+			if len(tt.dup) > 0 {
+				expectContains(t, "the log", logs.String(), "request_id=0 ")
+			}
+		})
 	}
 }
 
@@ -3789,7 +3807,7 @@ func BenchmarkResidentMemory(b *testing.B) {
 func runResident(b *testing.B, ta *testArbstr, token string) {
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8}}
 	for b.Loop() {
-		before := residentMB(b)
+		before := procStatusMB(b, os.Getpid(), "VmRSS:")
 		var wg sync.WaitGroup
 		for range 8 {
 			wg.Go(func() {
@@ -3807,24 +3825,8 @@ func runResident(b *testing.B, ta *testArbstr, token string) {
 		wg.Wait()
 		ta.rows(b)
 		b.ReportMetric(before, "rss-before-MB")
-		b.ReportMetric(residentMB(b), "rss-after-MB")
+		b.ReportMetric(procStatusMB(b, os.Getpid(), "VmRSS:"), "rss-after-MB")
 	}
-}
-
-func residentMB(b *testing.B) float64 {
-	status, err := os.ReadFile("/proc/self/status")
-	if err != nil {
-		b.Fatal(err)
-	}
-	for line := range strings.SplitSeq(string(status), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			var kb float64
-			fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), &kb)
-			return kb / 1024
-		}
-	}
-	b.Fatal("no VmRSS")
-	return 0
 }
 
 // TestJournalLine: the journal's hand-written encoder writes a row exactly
@@ -3910,9 +3912,9 @@ func TestLoadRun(t *testing.T) {
 		{name: "arbstr", url: arbstr.url, token: benchToken, proc: arbstr.cmd},
 	}
 	time.Sleep(time.Second) // idle: let start-up settle
-	idle := map[string]float64{}
+	idle := map[string]string{}
 	for _, tg := range targets[1:] {
-		idle[tg.name] = procStatusMB(t, tg.proc.Process.Pid, "VmRSS:")
+		idle[tg.name] = rssBreakdown(t, tg.proc.Process.Pid)
 	}
 	sent := 0
 	p50 := loadLatency(t, client, targets, 2000)
@@ -3923,8 +3925,8 @@ func TestLoadRun(t *testing.T) {
 	sent += n
 	time.Sleep(time.Second)
 	for _, tg := range targets[1:] {
-		t.Logf("%s: rss after start %.1f MB, after %d requests %.1f MB, peak %.1f MB", tg.name, idle[tg.name], n,
-			procStatusMB(t, tg.proc.Process.Pid, "VmRSS:"), procStatusMB(t, tg.proc.Process.Pid, "VmHWM:"))
+		t.Logf("%s: rss after start %s; after %d requests %s; peak %.1f MB", tg.name, idle[tg.name], n,
+			rssBreakdown(t, tg.proc.Process.Pid), procStatusMB(t, tg.proc.Process.Pid, "VmHWM:"))
 	}
 	for _, tg := range targets[1:] {
 		t.Logf("%s: added latency p50 %.1f µs (ratio %.2f); %.0f requests/s at concurrency 64 (ratio %.2f); streamed event delay p99 %.3f ms (direct %.3f ms)",
@@ -4145,9 +4147,11 @@ func loadStreams(t *testing.T, client *http.Client, targets []loadTarget, stream
 
 // loadThroughput sends n requests to each target from conc goroutines, in
 // four rounds that alternate between the targets, and returns each
-// target's requests per second. Any error fails the test.
+// target's requests per second. It logs each target's resident memory
+// after each round. Any error fails the test.
 func loadThroughput(t *testing.T, client *http.Client, targets []loadTarget, n, conc int) map[string]float64 {
 	elapsed := map[string]time.Duration{}
+	sent, rss := map[string]int{}, map[string][]string{} // resident memory after each round
 	for round := range 4 {
 		count := n / 4 // the rounds split n
 		if round == 3 {
@@ -4174,7 +4178,12 @@ func loadThroughput(t *testing.T, client *http.Client, targets []loadTarget, n, 
 			if e := errs.Load(); e != 0 {
 				t.Fatalf("%s: %d errors in %d requests at concurrency %d", tg.name, e, count, conc)
 			}
+			sent[tg.name] += count
+			rss[tg.name] = append(rss[tg.name], fmt.Sprintf("%d: %.1f MB", sent[tg.name], procStatusMB(t, tg.proc.Process.Pid, "VmRSS:")))
 		}
+	}
+	for _, tg := range targets {
+		t.Logf("%s: rss after each round of requests at concurrency %d: %s", tg.name, conc, strings.Join(rss[tg.name], ", "))
 	}
 	rps := map[string]float64{}
 	for name, d := range elapsed {
@@ -4191,7 +4200,7 @@ func percentile(xs []float64, p float64) float64 {
 
 // procStatusMB reads a figure in kB, such as VmRSS: or VmHWM:, from a
 // process's /proc status, in MB.
-func procStatusMB(t *testing.T, pid int, key string) float64 {
+func procStatusMB(t testing.TB, pid int, key string) float64 {
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatal(err)
@@ -4207,6 +4216,14 @@ func procStatusMB(t *testing.T, pid int, key string) float64 {
 	}
 	t.Fatalf("no %s in /proc/%d/status", key, pid)
 	return 0
+}
+
+// rssBreakdown is a process's resident memory, and how much of it is
+// anonymous (heap, stacks) and how much is files mapped (the executable's
+// pages, shared with the page cache).
+func rssBreakdown(t *testing.T, pid int) string {
+	return fmt.Sprintf("%.1f MB (anonymous %.1f, files %.1f)", procStatusMB(t, pid, "VmRSS:"),
+		procStatusMB(t, pid, "RssAnon:"), procStatusMB(t, pid, "RssFile:"))
 }
 
 // ledgerCount counts the rows of the ledger file at path.

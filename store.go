@@ -310,9 +310,11 @@ func optionalSats(m *msats) any {
 	return m.sats()
 }
 
-// ledgerChunk is how many rows one INSERT writes. A statement per row cost
-// the writer most of its time; 32 rows of 21 values stay far below
-// SQLite's limit on parameters.
+// ledgerChunk is how many rows one INSERT writes at most. A statement per
+// row cost the writer most of its time; 32 rows of 21 values stay far below
+// SQLite's limit on parameters. It is a power of two: the rest of a batch
+// is written in halves (16, 8, ... 1 rows), so that the writer keeps six
+// prepared statements rather than one for each length.
 const ledgerChunk = 32
 
 // ledgerInsert is the INSERT of n rows. OR IGNORE: a request_id already in
@@ -436,7 +438,7 @@ type Store struct {
 	path   string      // the database file; "" for ":memory:"
 	file   os.FileInfo // the database file as opened, to notice it replaced
 
-	inserts     [ledgerChunk + 1]*sql.Stmt // the INSERT of n rows, prepared when first used by the writer
+	inserts     [ledgerChunk + 1]*sql.Stmt // the INSERT of n rows (a power of two), prepared by the writer
 	upsertRatio *sql.Stmt
 
 	mu          sync.Mutex    // guards the fields up to progress, and appends to journal
@@ -1206,8 +1208,8 @@ func (s *Store) commitIn(rows []ledgerRow, chunk int) (skipped []int, err error)
 	ctx := context.Background() // a write is never abandoned halfway
 	// Prepared before the transaction: an in-memory ledger has one
 	// connection, which the transaction holds.
-	for _, n := range []int{min(chunk, len(rows)), len(rows) % chunk} {
-		if _, err := s.insertStmt(ctx, n); n > 0 && err != nil {
+	for n := 1; n <= chunk; n *= 2 {
+		if _, err := s.insertStmt(ctx, n); err != nil {
 			return nil, err
 		}
 	}
@@ -1221,8 +1223,13 @@ func (s *Store) commitIn(rows []ledgerRow, chunk int) (skipped []int, err error)
 		learned map[string]tokenRatio // policies whose ratio this batch moves
 		args    []any
 	)
-	for start := 0; start < len(rows); start += chunk {
-		part := rows[start:min(start+chunk, len(rows))]
+	for start, n := 0, chunk; start < len(rows); start += n {
+		// The largest power of two that fits: six statements, of 1 to 32
+		// rows, write a batch of any length.
+		for n > len(rows)-start {
+			n /= 2
+		}
+		part := rows[start : start+n]
 		args = args[:0]
 		for i := range part {
 			args = part[i].values(args)
