@@ -2012,6 +2012,7 @@ func TestStorePragmas(t *testing.T) {
 		{"journal_mode", "wal"},
 		{"busy_timeout", "5000"},
 		{"synchronous", "1"}, // NORMAL
+		{"cache_size", "-500"}, // KiB
 		{"user_version", strconv.Itoa(len(ledgerMigrations))},
 	}
 	for _, tt := range tests {
