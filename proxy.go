@@ -1123,8 +1123,7 @@ func (s *server) finish(ex *exchange, c *candidate, a answer) {
 }
 
 // logLine is the log record of a finished request, or nil when its level is
-// not logged. serveRouted writes it once the answer is out: formatting it
-// and writing it to stderr need not delay the client.
+// not logged; writeLogLine writes it once the answer is out.
 func (s *server) logLine(ex *exchange, row *ledgerRow, a answer, cost msats, latency time.Duration) *slog.Record {
 	level := slog.LevelInfo
 	if !a.success && a.status >= 500 {
@@ -1221,6 +1220,7 @@ func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoin
 	defer s.inflight.Done()
 	sv := s.current()
 	ex := &exchange{sv: sv, ep: ep, id: newRequestID(), start: time.Now()}
+	defer s.writeLogLine(w, ex) // after the other defers: once the answer is whole
 	body, req, aerr := sv.readBody(w, r, ep.parse)
 	if aerr != nil {
 		// Not a chat request: no ledger row.
@@ -1244,16 +1244,19 @@ func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoin
 		defer ex.wait.end()
 	}
 	s.forward(w, r, ex)
-	if ex.logLine != nil {
-		// The answer is whole: send it, then log it.
-		if ex.wait != nil {
-			ex.wait.end() // no keep-alive may follow the answer
-		}
-		if f, ok := w.(http.Flusher); ok {
-			f.Flush()
-		}
-		s.log.Handler().Handle(context.Background(), *ex.logLine)
+}
+
+// writeLogLine sends the client what the handler wrote, then writes the log
+// line that finish made, if any: formatting it and writing it to stderr
+// need not delay the answer.
+func (s *server) writeLogLine(w http.ResponseWriter, ex *exchange) {
+	if ex.logLine == nil {
+		return
 	}
+	if f, ok := w.(http.Flusher); ok {
+		f.Flush()
+	}
+	s.log.Handler().Handle(context.Background(), *ex.logLine)
 }
 
 // admit decides whether a request may go upstream, in this order: the

@@ -1319,6 +1319,8 @@ func TestRoutingRefusalsAreRecorded(t *testing.T) {
 			t.Errorf("rows[%d].Error is empty; want the refusal", i)
 		}
 	}
+	// Each refusal has its log line, as every recorded request does.
+	expect(t, "request log lines", strings.Count(ta.logged(t), "msg=request "), 3)
 }
 
 // ---- Security ----
