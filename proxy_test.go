@@ -2013,7 +2013,7 @@ func TestStorePragmas(t *testing.T) {
 	}{
 		{"journal_mode", "wal"},
 		{"busy_timeout", "5000"},
-		{"synchronous", "1"}, // NORMAL
+		{"synchronous", "1"},   // NORMAL
 		{"cache_size", "-500"}, // KiB
 		{"user_version", strconv.Itoa(len(ledgerMigrations))},
 	}
