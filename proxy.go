@@ -1072,7 +1072,8 @@ func (ex *exchange) setHeaders(h http.Header, c *candidate) {
 // bytes a token, the rule of thumb OpenAI gives for English text.
 func estimateTokens(bytes int64) int64 { return (bytes + 3) / 4 }
 
-// finish writes the ledger row and the log line of an exchange. c is the
+// finish records the ledger row and the metrics of an exchange, and makes
+// its log line, which writeLogLine writes once the answer is out. c is the
 // provider of the last attempt, nil when none was made. It is called before
 // the last bytes go to the client, so that a client that reads the ledger
 // right after its answer finds the row, and so that the row, which Record
