@@ -1221,7 +1221,8 @@ func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoin
 	defer s.inflight.Done()
 	sv := s.current()
 	ex := &exchange{sv: sv, ep: ep, id: newRequestID(), start: time.Now()}
-	defer s.writeLogLine(w, ex) // after the other defers: once the answer is whole
+	answered := false                                  // false in a panic: nothing more is sent then
+	defer func() { s.writeLogLine(w, ex, answered) }() // runs after the other defers
 	body, req, aerr := sv.readBody(w, r, ep.parse)
 	if aerr != nil {
 		// Not a chat request: no ledger row.
@@ -1232,6 +1233,7 @@ func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoin
 	ex.req, ex.body, ex.client = req, body, clientOf(r)
 	if aerr := s.admit(r, ex); aerr != nil {
 		s.fail(w, ex, nil, aerr)
+		answered = true
 		return
 	}
 	// A request that ends without its row (a panic) still frees what it
@@ -1245,17 +1247,18 @@ func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoin
 		defer ex.wait.end()
 	}
 	s.forward(w, r, ex)
+	answered = true
 }
 
-// writeLogLine sends the client what the handler wrote, then writes the log
-// line that finish made, if any: formatting it and writing it to stderr
-// need not delay the answer.
-func (s *server) writeLogLine(w http.ResponseWriter, ex *exchange) {
+// writeLogLine writes the log line that finish made, if any. When the
+// answer is whole it first sends it: formatting the line and writing it to
+// stderr need not delay the answer.
+func (s *server) writeLogLine(w http.ResponseWriter, ex *exchange, answered bool) {
 	if ex.logLine == nil {
 		return
 	}
-	if f, ok := w.(http.Flusher); ok {
-		f.Flush()
+	if answered {
+		http.NewResponseController(w).Flush()
 	}
 	s.log.Handler().Handle(context.Background(), *ex.logLine)
 }

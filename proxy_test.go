@@ -368,17 +368,18 @@ func TestChatForwardsBodyAndHeaders(t *testing.T) {
 }
 
 // gatedWriter holds back every write that contains line until open is
-// closed: a log on a full pipe or a stalled disk.
+// closed, a log on a full pipe or a stalled disk, then writes to out.
 type gatedWriter struct {
 	line string
 	open chan struct{}
+	out  *syncBuffer
 }
 
 func (g gatedWriter) Write(p []byte) (int, error) {
 	if bytes.Contains(p, []byte(g.line)) {
 		<-g.open
 	}
-	return len(p), nil
+	return g.out.Write(p)
 }
 
 // TestAnswerBeforeLogLine: a completion's log line is written once its
@@ -389,7 +390,7 @@ func TestAnswerBeforeLogLine(t *testing.T) {
 		io.WriteString(w, completionJSON("hi", 10, 20))
 	})
 	ta := newArbstr(t, testConfig(prov("p1", up.URL, 3, 7)))
-	gate := gatedWriter{line: "msg=request", open: make(chan struct{})}
+	gate := gatedWriter{line: "msg=request", open: make(chan struct{}), out: &syncBuffer{}}
 	ta.srv.log = slog.New(slog.NewTextHandler(gate, nil))
 	answered := make(chan string, 1)
 	go func() {
@@ -410,6 +411,8 @@ func TestAnswerBeforeLogLine(t *testing.T) {
 	}
 	expect(t, "ledger rows while the log line is held", len(ta.rows(t)), 1)
 	close(gate.open)
+	ta.logged(t) // the request has ended
+	expect(t, "log lines once released", strings.Count(gate.out.String(), "msg=request "), 1)
 }
 
 func TestUpstreamURL(t *testing.T) {

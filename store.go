@@ -312,9 +312,9 @@ func optionalSats(m *msats) any {
 
 // ledgerChunk is how many rows one INSERT writes at most. A statement per
 // row cost the writer most of its time; 32 rows of 21 values stay far below
-// SQLite's limit on parameters. It is a power of two: the rest of a batch
-// is written in halves (16, 8, ... 1 rows), so that the writer keeps six
-// prepared statements rather than one for each length.
+// SQLite's limit on parameters. The rest of a batch is written in halves
+// (16, 8, ... 1 rows), so that the writer keeps six prepared statements
+// rather than one for each length.
 const ledgerChunk = 32
 
 // ledgerInsert is the INSERT of n rows. OR IGNORE: a request_id already in
@@ -438,7 +438,7 @@ type Store struct {
 	path   string      // the database file; "" for ":memory:"
 	file   os.FileInfo // the database file as opened, to notice it replaced
 
-	inserts     [ledgerChunk + 1]*sql.Stmt // the INSERT of n rows (a power of two), prepared by the writer
+	inserts     [ledgerChunk + 1]*sql.Stmt // the INSERT of n rows, n = ledgerChunk or one of its halves
 	upsertRatio *sql.Stmt
 
 	mu          sync.Mutex    // guards the fields up to progress, and appends to journal
@@ -1206,14 +1206,15 @@ func (s *Store) insertStmt(ctx context.Context, n int) (*sql.Stmt, error) {
 	return s.inserts[n], nil
 }
 
-// commitIn is commit with chunk rows an INSERT. With chunks of more than
-// one row, a duplicate request_id fails the whole transaction with
-// errChunkDuplicate; with one row a statement, it skips that row.
+// commitIn is commit with at most chunk rows an INSERT: chunk, then its
+// halves for the rest. In an INSERT of more than one row, a duplicate
+// request_id fails the whole transaction with errChunkDuplicate; in an
+// INSERT of one row, it skips that row.
 func (s *Store) commitIn(rows []ledgerRow, chunk int) (skipped []int, err error) {
 	ctx := context.Background() // a write is never abandoned halfway
 	// Prepared before the transaction: an in-memory ledger has one
 	// connection, which the transaction holds.
-	for n := 1; n <= chunk; n *= 2 {
+	for n := chunk; n > 0; n /= 2 {
 		if _, err := s.insertStmt(ctx, n); err != nil {
 			return nil, err
 		}
@@ -1229,8 +1230,8 @@ func (s *Store) commitIn(rows []ledgerRow, chunk int) (skipped []int, err error)
 		args    []any
 	)
 	for start, n := 0, chunk; start < len(rows); start += n {
-		// The largest power of two that fits: six statements, of 1 to 32
-		// rows, write a batch of any length.
+		// The largest of chunk's halves that fits: six statements, of 32
+		// to 1 rows, write a batch of any length.
 		for n > len(rows)-start {
 			n /= 2
 		}
