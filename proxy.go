@@ -1221,8 +1221,10 @@ func (s *server) serveRouted(w http.ResponseWriter, r *http.Request, ep *endpoin
 	defer s.inflight.Done()
 	sv := s.current()
 	ex := &exchange{sv: sv, ep: ep, id: newRequestID(), start: time.Now()}
-	answered := false                                  // false in a panic: nothing more is sent then
-	defer func() { s.writeLogLine(w, ex, answered) }() // runs after the other defers
+	// The log line is written last, after the other defers; the answer is
+	// flushed before it unless the handler panicked.
+	answered := false
+	defer func() { s.writeLogLine(w, ex, answered) }()
 	body, req, aerr := sv.readBody(w, r, ep.parse)
 	if aerr != nil {
 		// Not a chat request: no ledger row.
