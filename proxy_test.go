@@ -409,10 +409,42 @@ func TestAnswerBeforeLogLine(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Error("no answer within 10 s while the log line is held")
 	}
-	expect(t, "ledger rows while the log line is held", len(ta.rows(t)), 1)
+	rows := ta.rows(t)
+	expect(t, "ledger rows while the log line is held", len(rows), 1)
 	close(gate.open)
 	ta.logged(t) // the request has ended
-	expect(t, "log lines once released", strings.Count(gate.out.String(), "msg=request "), 1)
+	line := gate.out.String()
+	expect(t, "log lines once released", strings.Count(line, "msg=request "), 1)
+	// The line says what the row says.
+	for _, field := range []string{"id=" + rows[0].RequestID, "model=" + rows[0].Model, "provider=p1", "status=200",
+		"input_tokens=10", "output_tokens=20", "cost_sats=0.17", "attempts=1"} {
+		expectContains(t, "the log line", line, field+" ")
+	}
+}
+
+// TestNewRequestID: ids are unique, of one form, and sort in the order
+// they were made once a millisecond lies between them.
+func TestNewRequestID(t *testing.T) {
+	seen := map[string]bool{}
+	for range 10000 {
+		id := newRequestID()
+		if len(id) != len("arb_")+28 || !strings.HasPrefix(id, "arb_") || strings.Trim(id[4:], "0123456789abcdef") != "" {
+			t.Fatalf("id %q; want arb_ and 28 lower-case hex digits", id)
+		}
+		if seen[id] {
+			t.Fatalf("id %q made twice", id)
+		}
+		seen[id] = true
+	}
+	before := newRequestID()
+	time.Sleep(2 * time.Millisecond)
+	if after := newRequestID(); after <= before {
+		t.Errorf("id made 2 ms later %q sorts before %q", after, before)
+	}
+	ms, err := strconv.ParseInt(before[4:16], 16, 64)
+	if err != nil || time.Since(time.UnixMilli(ms)).Abs() > time.Minute {
+		t.Errorf("id %q starts with %s ms, %v; want now in milliseconds", before, before[4:16], err)
+	}
 }
 
 func TestUpstreamURL(t *testing.T) {
