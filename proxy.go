@@ -506,53 +506,57 @@ func (sv *serving) readBody(w http.ResponseWriter, r *http.Request, parse func([
 
 // parseChat decodes what routing needs from a chat body and rejects bodies
 // that no provider could serve: a JSON object with a non-empty string model
-// and a non-empty messages array.
+// and a non-empty messages array. Keys are exact, as a provider reads them;
+// of a key written twice, the last counts, and null is as good as absent.
 func parseChat(body []byte) (*chatRequest, *apiError) {
-	trimmed := bytes.TrimLeft(body, " \t\r\n")
-	if len(trimmed) == 0 || trimmed[0] != '{' {
-		if !json.Valid(body) {
-			return nil, badRequest("invalid_json", "request body is not valid JSON")
+	req := &chatRequest{}
+	var model, messages, stream, maxTokens, maxCompletionTokens, tools []byte
+	valid := jsonMembers(body, func(key, value []byte) {
+		switch string(key) {
+		case "model":
+			model = value
+		case "messages":
+			messages = value
+		case "stream":
+			stream = value
+		case "stream_options":
+			req.StreamOptions = value
+		case "max_tokens":
+			maxTokens = value
+		case "max_completion_tokens":
+			maxCompletionTokens = value
+		case "tools":
+			tools = value
 		}
-		return nil, badRequest("invalid_json", "request body must be a JSON object")
+	})
+	if !valid {
+		return nil, notAnObject(body)
 	}
-	var raw chatFields
-	if err := json.Unmarshal(body, &raw); err != nil {
-		if te, ok := errors.AsType[*json.UnmarshalTypeError](err); ok && strings.HasPrefix(te.Field, "messages") {
-			return nil, badRequest("invalid_messages", "messages must be a non-empty array of objects with a string role")
-		}
-		return nil, badRequest("invalid_json", "request body is not valid JSON: %v", err)
+	// Every message is counted; the last user message's text is kept.
+	count, shaped := 0, true
+	var lastUser []byte
+	if len(messages) > 0 && string(messages) != "null" {
+		shaped = jsonElements(messages, func(m []byte) {
+			count++
+			n, role, content, ok := readMessage(m)
+			shaped = shaped && ok
+			req.TextBytes += n
+			if role == "user" {
+				lastUser = content
+			}
+		}) && shaped
 	}
-	if hasMiscasedKey(body) {
-		// encoding/json fills struct fields case-insensitively, but a
-		// provider would not read "STREAM":true as a stream, so neither
-		// may arbstr: this rare body is read again through a map, whose
-		// keys are exact.
-		var top map[string]json.RawMessage
-		json.Unmarshal(body, &top)
-		raw = chatFields{
-			Model: top["model"], Stream: top["stream"], StreamOptions: top["stream_options"],
-			MaxTokens: top["max_tokens"], MaxCompletionTokens: top["max_completion_tokens"],
-			Tools: top["tools"],
-		}
-		if m := top["messages"]; len(m) > 0 && json.Unmarshal(m, &raw.Messages) != nil {
-			return nil, badRequest("invalid_messages", "messages must be a non-empty array of objects with a string role")
-		}
+	if !shaped {
+		return nil, badRequest("invalid_messages", "messages must be a non-empty array of objects with a string role")
 	}
-	req := &chatRequest{StreamOptions: raw.StreamOptions}
-	if len(raw.Model) == 0 || string(raw.Model) == "null" {
-		return nil, badRequest("missing_model", "model is required")
+	var aerr *apiError
+	if req.Model, aerr = parseModel(model); aerr != nil {
+		return nil, aerr
 	}
-	model, ok := jsonString(raw.Model)
-	if !ok {
-		return nil, badRequest("invalid_model", "model must be a string")
-	}
-	if req.Model = model; model == "" {
-		return nil, badRequest("missing_model", "model must not be empty")
-	}
-	if len(raw.Messages) == 0 {
+	if count == 0 {
 		return nil, badRequest("invalid_messages", "messages must be a non-empty array")
 	}
-	switch string(raw.Stream) {
+	switch string(stream) {
 	case "", "null", "false":
 	case "true":
 		req.Stream = true
@@ -560,30 +564,100 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 		return nil, badRequest("invalid_stream", "stream must be a boolean")
 	}
 	// max_completion_tokens, OpenAI's newer name, wins over max_tokens.
-	for _, mt := range [][]byte{raw.MaxTokens, raw.MaxCompletionTokens} {
+	for _, mt := range [][]byte{maxTokens, maxCompletionTokens} {
 		var n int64
 		if len(mt) > 0 && json.Unmarshal(mt, &n) == nil && n > 0 {
 			req.MaxTokens = n
 		}
 	}
 	// Tool definitions are sent to the model as text, so they are input.
-	req.TextBytes = int64(len(raw.Tools))
-	lastUser := -1
-	for i, m := range raw.Messages {
-		if n, ok := jsonStringLen(m.Content); ok {
-			req.TextBytes += n
-		} else {
-			req.TextBytes += int64(len(messageText(m.Content)))
-		}
-		req.TextBytes += toolCallBytes(m.ToolCalls)
-		if m.Role == "user" {
-			lastUser = i
-		}
-	}
-	if lastUser >= 0 {
-		req.LastUser = messageText(raw.Messages[lastUser].Content)
+	req.TextBytes += int64(len(tools))
+	if lastUser != nil {
+		req.LastUser = messageText(lastUser)
 	}
 	return req, nil
+}
+
+// notAnObject is the error for a body that jsonMembers refused: not JSON,
+// or JSON but not an object.
+func notAnObject(body []byte) *apiError {
+	err := json.Unmarshal(body, new(json.RawMessage))
+	switch trimmed := bytes.TrimLeft(body, " \t\r\n"); {
+	case err != nil && len(trimmed) > 0 && trimmed[0] == '{':
+		return badRequest("invalid_json", "request body is not valid JSON: %v", err)
+	case err != nil:
+		return badRequest("invalid_json", "request body is not valid JSON")
+	}
+	return badRequest("invalid_json", "request body must be a JSON object")
+}
+
+// readMessage reads a message of a chat body: the bytes of its text and of
+// its tool calls' arguments, its role, and its content as written. ok is
+// false when it is neither an object nor null, when its role is not a
+// string, or when its tool calls are not a list of calls.
+func readMessage(m []byte) (textBytes int64, role string, content []byte, ok bool) {
+	if string(m) == "null" {
+		return 0, "", nil, true
+	}
+	var toolCalls []byte
+	roleOK := true
+	object := jsonMembers(m, func(key, value []byte) {
+		switch string(key) {
+		case "role":
+			role = ""
+			if string(value) != "null" {
+				var isString bool
+				role, isString = jsonString(value)
+				roleOK = roleOK && isString
+			}
+		case "content":
+			content = value
+		case "tool_calls":
+			toolCalls = value
+		}
+	})
+	if n, isString := jsonStringLen(content); isString {
+		textBytes = n
+	} else {
+		textBytes = int64(len(messageText(content)))
+	}
+	args, callsOK := toolCallsLen(toolCalls)
+	return textBytes + args, role, content, object && roleOK && callsOK
+}
+
+// toolCallsLen is the length of the arguments of the tool calls v, a JSON
+// array of calls such as {"function":{"arguments":"..."}}, or null. ok is
+// false when v is not of that shape.
+func toolCallsLen(v []byte) (n int64, ok bool) {
+	if len(v) == 0 || string(v) == "null" {
+		return 0, true
+	}
+	ok = true
+	isObject := func(v []byte) bool { return v[0] == '{' || string(v) == "null" }
+	array := jsonElements(v, func(call []byte) {
+		var args int64
+		ok = ok && isObject(call)
+		jsonMembers(call, func(key, fn []byte) {
+			if string(key) != "function" {
+				return
+			}
+			args = 0
+			ok = ok && isObject(fn)
+			jsonMembers(fn, func(key, a []byte) {
+				if string(key) != "arguments" {
+					return
+				}
+				args = 0
+				if string(a) != "null" {
+					var isString bool
+					args, isString = jsonStringLen(a)
+					ok = ok && isString
+				}
+			})
+		})
+		n += args
+	})
+	return n, array && ok
 }
 
 // endpoint is one of the OpenAI APIs that arbstr routes: how its body is
@@ -612,12 +686,9 @@ func (ep *endpoint) url(p *provider) string {
 // jsonObject decodes the top-level members of a body that must be a JSON
 // object. Keys are exact, as a provider reads them.
 func jsonObject(body []byte) (map[string]json.RawMessage, *apiError) {
-	var top map[string]json.RawMessage
-	if err := json.Unmarshal(body, &top); err != nil || top == nil {
-		if !json.Valid(body) {
-			return nil, badRequest("invalid_json", "request body is not valid JSON")
-		}
-		return nil, badRequest("invalid_json", "request body must be a JSON object")
+	top := map[string]json.RawMessage{}
+	if !jsonMembers(body, func(key, value []byte) { top[string(key)] = value }) {
+		return nil, notAnObject(body)
 	}
 	return top, nil
 }
@@ -738,8 +809,42 @@ func parseEmbeddings(body []byte) (*chatRequest, *apiError) {
 // Responses API's input_tokens and output_tokens), or, without usage,
 // estimated from every part of the text sent and received.
 func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool, charge reportedUsage, ok bool) {
+	var u *usage
+	if !jsonMembers(body, func(key, value []byte) {
+		if string(key) == "usage" {
+			u = nil
+			if value[0] == '{' {
+				u = new(usage)
+				json.Unmarshal(value, u) // a count of another shape stays unset
+			}
+		}
+	}) {
+		return 0, 0, false, charge, false
+	}
+	// The text of the answer is read only when a count must be estimated:
+	// usage usually holds both.
+	if u != nil && (u.CompletionTokens.set || u.OutputTokens.set || req.NoOutput) {
+		if in, out, estimated, ok := u.counted(req.TextBytes, 0, req.NoOutput); ok {
+			return in, out, estimated, u.reportedUsage, true
+		}
+	}
+	text := answerText(body)
+	if u != nil {
+		if in, out, estimated, ok := u.counted(req.TextBytes, text, req.NoOutput); ok {
+			return in, out, estimated, u.reportedUsage, true
+		}
+	}
+	if req.NoOutput {
+		text = 0
+	}
+	return estimateTokens(req.TextBytes), estimateTokens(text), true, charge, true
+}
+
+// answerText is the length of the text of a valid answer: the content,
+// reasoning and tool call arguments of its choices, or the content,
+// summaries and arguments of a Responses API answer's output items.
+func answerText(body []byte) (text int64) {
 	var a struct {
-		Usage   *usage `json:"usage"`
 		Choices []struct {
 			Message struct {
 				Content          json.RawMessage `json:"content"`
@@ -754,12 +859,7 @@ func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool,
 			Arguments string          `json:"arguments"`
 		} `json:"output"`
 	}
-	if err := json.Unmarshal(body, &a); err != nil {
-		if _, typeErr := errors.AsType[*json.UnmarshalTypeError](err); !typeErr {
-			return 0, 0, false, charge, false
-		}
-	}
-	var text int64
+	json.Unmarshal(body, &a) // a part of another shape adds no text
 	for _, ch := range a.Choices {
 		m := ch.Message
 		text += int64(len(messageText(m.Content)) + len(messageText(m.Reasoning)) + len(messageText(m.ReasoningContent)))
@@ -768,77 +868,10 @@ func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool,
 	for _, o := range a.Output {
 		text += int64(len(messageText(o.Content)) + len(messageText(o.Summary)) + len(o.Arguments))
 	}
-	if a.Usage != nil {
-		if in, out, estimated, ok := a.Usage.counted(req.TextBytes, text, req.NoOutput); ok {
-			return in, out, estimated, a.Usage.reportedUsage, true
-		}
-	}
-	if req.NoOutput {
-		text = 0
-	}
-	return estimateTokens(req.TextBytes), estimateTokens(text), true, charge, true
+	return text
 }
 
 // chatFields are the members of a chat body that arbstr reads.
-type chatFields struct {
-	Model               json.RawMessage `json:"model"`
-	Messages            []chatMessage   `json:"messages"`
-	Stream              json.RawMessage `json:"stream"`
-	StreamOptions       json.RawMessage `json:"stream_options"`
-	MaxTokens           json.RawMessage `json:"max_tokens"`
-	MaxCompletionTokens json.RawMessage `json:"max_completion_tokens"`
-	Tools               json.RawMessage `json:"tools"`
-}
-
-// hasMiscasedKey reports whether the JSON object in body, already known to be
-// valid, has a top-level key that encoding/json would take for one of
-// chatFields' though it differs in case (or hides behind an escape).
-func hasMiscasedKey(body []byte) bool {
-	depth, inString, isKey, expectKey, start := 0, false, false, false, 0
-	for i := 0; i < len(body); i++ {
-		c := body[i]
-		if inString {
-			switch c {
-			case '\\':
-				if isKey {
-					return true // an escaped key: let the exact path decide
-				}
-				i++
-			case '"':
-				inString = false
-				if isKey && miscased(body[start:i]) {
-					return true
-				}
-			}
-			continue
-		}
-		switch c {
-		case '"':
-			inString, isKey, start = true, depth == 1 && expectKey, i+1
-			expectKey = false
-		case '{', '[':
-			depth++
-			expectKey = depth == 1
-		case '}', ']':
-			depth--
-		case ',':
-			expectKey = depth == 1
-		}
-	}
-	return false
-}
-
-var chatKeys = []string{"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "tools"}
-
-func miscased(key []byte) bool {
-	for _, k := range chatKeys {
-		if len(key) == len(k) && string(key) != k && strings.EqualFold(string(key), k) {
-			return true
-		}
-	}
-	return false
-}
-
 // chatMessage is a message of a chat body, as far as arbstr reads it.
 type chatMessage struct {
 	Role      string          `json:"role"`
@@ -883,6 +916,222 @@ func jsonStringLen(v json.RawMessage) (int64, bool) {
 	}
 	s, ok := jsonString(v)
 	return int64(len(s)), ok
+}
+
+// jsonMembers calls f with the key and the value of each member of the JSON
+// object b, in order, as written (a key with an escape is decoded), and
+// reports whether b is exactly one valid JSON object, whitespace around it
+// allowed. It checks the syntax as encoding/json does, in one pass and
+// without allocating: every request and answer is read for a few of its
+// members, and decoding them into structs took more of a request's time
+// than anything else arbstr adds to it.
+func jsonMembers(b []byte, f func(key, value []byte)) bool {
+	i := skipSpace(b, 0)
+	if i == len(b) || b[i] != '{' {
+		return false
+	}
+	end := scanObject(b, i, 1, f)
+	return end >= 0 && skipSpace(b, end) == len(b)
+}
+
+// jsonElements is jsonMembers for a JSON array: f gets each element.
+func jsonElements(b []byte, f func(value []byte)) bool {
+	i := skipSpace(b, 0)
+	if i == len(b) || b[i] != '[' {
+		return false
+	}
+	end := scanArray(b, i, 1, f)
+	return end >= 0 && skipSpace(b, end) == len(b)
+}
+
+// maxJSONDepth is encoding/json's limit on nested arrays and objects.
+const maxJSONDepth = 10000
+
+// The scanners below take the index of the first byte of a value in b and
+// return the index after its last byte, or -1 if it is not valid JSON.
+// depth counts the arrays and objects open around the value.
+
+func scanValue(b []byte, i, depth int) int {
+	if i >= len(b) {
+		return -1
+	}
+	switch c := b[i]; {
+	case c == '"':
+		return scanString(b, i)
+	case c == '{':
+		return scanObject(b, i, depth+1, nil)
+	case c == '[':
+		return scanArray(b, i, depth+1, nil)
+	case c == 't':
+		return scanLiteral(b, i, "true")
+	case c == 'f':
+		return scanLiteral(b, i, "false")
+	case c == 'n':
+		return scanLiteral(b, i, "null")
+	case c == '-' || '0' <= c && c <= '9':
+		return scanNumber(b, i)
+	}
+	return -1
+}
+
+func scanObject(b []byte, i, depth int, f func(key, value []byte)) int {
+	if depth > maxJSONDepth {
+		return -1
+	}
+	if i = skipSpace(b, i+1); i < len(b) && b[i] == '}' {
+		return i + 1
+	}
+	for {
+		if i >= len(b) || b[i] != '"' {
+			return -1
+		}
+		keyEnd := scanString(b, i)
+		if keyEnd < 0 {
+			return -1
+		}
+		quoted := b[i:keyEnd]
+		if i = skipSpace(b, keyEnd); i >= len(b) || b[i] != ':' {
+			return -1
+		}
+		start := skipSpace(b, i+1)
+		end := scanValue(b, start, depth)
+		if end < 0 {
+			return -1
+		}
+		if f != nil {
+			key := quoted[1 : len(quoted)-1]
+			if bytes.IndexByte(key, '\\') >= 0 {
+				s, _ := jsonString(quoted)
+				key = []byte(s)
+			}
+			f(key, b[start:end])
+		}
+		if i = skipSpace(b, end); i >= len(b) {
+			return -1
+		}
+		switch b[i] {
+		case '}':
+			return i + 1
+		case ',':
+			i = skipSpace(b, i+1)
+		default:
+			return -1
+		}
+	}
+}
+
+func scanArray(b []byte, i, depth int, f func(value []byte)) int {
+	if depth > maxJSONDepth {
+		return -1
+	}
+	if i = skipSpace(b, i+1); i < len(b) && b[i] == ']' {
+		return i + 1
+	}
+	for {
+		end := scanValue(b, i, depth)
+		if end < 0 {
+			return -1
+		}
+		if f != nil {
+			f(b[i:end])
+		}
+		if i = skipSpace(b, end); i >= len(b) {
+			return -1
+		}
+		switch b[i] {
+		case ']':
+			return i + 1
+		case ',':
+			i = skipSpace(b, i+1)
+		default:
+			return -1
+		}
+	}
+}
+
+func scanString(b []byte, i int) int {
+	for i++; i < len(b); i++ {
+		switch c := b[i]; {
+		case c == '"':
+			return i + 1
+		case c < 0x20:
+			return -1
+		case c == '\\':
+			if i++; i == len(b) {
+				return -1
+			}
+			switch b[i] {
+			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+			case 'u':
+				if i+4 >= len(b) {
+					return -1
+				}
+				for _, h := range b[i+1 : i+5] {
+					if !('0' <= h && h <= '9' || 'a' <= h && h <= 'f' || 'A' <= h && h <= 'F') {
+						return -1
+					}
+				}
+				i += 4
+			default:
+				return -1
+			}
+		}
+	}
+	return -1
+}
+
+// scanNumber follows JSON's grammar: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
+func scanNumber(b []byte, i int) int {
+	if b[i] == '-' {
+		i++
+	}
+	switch {
+	case i < len(b) && b[i] == '0':
+		i++
+	case i < len(b) && '1' <= b[i] && b[i] <= '9':
+		i = skipDigits(b, i)
+	default:
+		return -1
+	}
+	if i < len(b) && b[i] == '.' {
+		if j := skipDigits(b, i+1); j > i+1 {
+			i = j
+		} else {
+			return -1
+		}
+	}
+	if i < len(b) && (b[i] == 'e' || b[i] == 'E') {
+		if i++; i < len(b) && (b[i] == '+' || b[i] == '-') {
+			i++
+		}
+		if j := skipDigits(b, i); j > i {
+			i = j
+		} else {
+			return -1
+		}
+	}
+	return i
+}
+
+func skipDigits(b []byte, i int) int {
+	for i < len(b) && '0' <= b[i] && b[i] <= '9' {
+		i++
+	}
+	return i
+}
+
+func scanLiteral(b []byte, i int, lit string) int {
+	if !bytes.HasPrefix(b[i:], []byte(lit)) {
+		return -1
+	}
+	return i + len(lit)
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
 }
 
 // messageText returns the text of a message content: the string itself, or

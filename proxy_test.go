@@ -1922,15 +1922,23 @@ func FuzzScanChunk(f *testing.F) {
 }
 
 // FuzzParseChat throws arbitrary bodies at the request decoder: it must
-// never panic, and what it accepts must be a JSON object with a model and
-// messages, whose include_usage rewrite is still valid JSON.
+// never panic, it must read what encoding/json reads (parseChatByDecoder),
+// and what it accepts must be a JSON object with a model and messages,
+// whose include_usage rewrite is still valid JSON.
 func FuzzParseChat(f *testing.F) {
 	for _, s := range []string{chatBody, streamBody, `{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url"}]}]}`,
-		`{"model":1}`, `[]`, `{"model":"m","messages":{}}`, `{"model":"m","messages":[null]}`, `{"model":"m","messages":[{}],"stream":true,"stream_options":null}`} {
+		`{"model":1}`, `[]`, `{"model":"m","messages":{}}`, `{"model":"m","messages":[null]}`, `{"model":"m","messages":[{}],"stream":true,"stream_options":null}`,
+		`{"model":"m","messages":[{"role":"user","role":null,"content":"a","tool_calls":[null,{"function":{"arguments":"xy"},"function":null}]}]}`,
+		`{"model":"m","messages":[{"role":"assistant","tool_calls":[{"function":{"arguments":1}}]}],"max_tokens":5,"max_completion_tokens":7}`,
+		`{"mod\u0065l":"m","messages":[{"ROLE":"user","content":"\u00e9"}],"tools":[{"type":"function"}]}`} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
 		req, aerr := parseChat(body)
+		ref, refErr := parseChatByDecoder(body)
+		if fmt.Sprint(aerr) != fmt.Sprint(refErr) || !reflect.DeepEqual(req, ref) {
+			t.Fatalf("parseChat(%q) = %+v, %v; encoding/json reads %+v, %v", body, req, aerr, ref, refErr)
+		}
 		if aerr != nil {
 			if aerr.Status != 400 {
 				t.Fatalf("parseChat(%q) refused it with status %d; want 400", body, aerr.Status)
@@ -1960,6 +1968,198 @@ func FuzzParseChat(f *testing.F) {
 			t.Fatalf("withIncludeUsage(%q) = %q, not JSON", body, out)
 		}
 	})
+}
+
+// TestJSONMembers: the scanner takes what encoding/json takes, byte for
+// byte, and gives each member as written.
+func TestJSONMembers(t *testing.T) {
+	deep := func(n int) string { return `{"a":` + strings.Repeat("[", n-1) + strings.Repeat("]", n-1) + "}" }
+	tests := []struct {
+		name, body string
+		valid      bool
+		members    string // key=value pairs, in order, separated by spaces
+	}{
+		{"empty object", ` {} `, true, ""},
+		{"members", `{"model":"m","n":-1.5e+3,"ok":true,"no":false,"x":null}`, true, `model="m" n=-1.5e+3 ok=true no=false x=null`},
+		{"whitespace everywhere", "\t{\r\n \"a\" :\n[ 1 , {\"b\" : [ ] } ] }\n", true, `a=[ 1 , {"b" : [ ] } ]`},
+		{"escaped key decoded", `{"mod\u0065l":"m","\"q\"":1}`, true, `model="m" "q"=1`},
+		{"escapes in strings", `{"s":"\" \\ \/ \b \f \n \r \t \u00e9 \uD83D\uDE00"}`, true, `s="\" \\ \/ \b \f \n \r \t \u00e9 \uD83D\uDE00"`},
+		{"key written twice", `{"a":1,"a":2}`, true, `a=1 a=2`},
+		{"non-ASCII and invalid UTF-8 pass", "{\"é\":\"\xff\"}", true, "é=\"\xff\""},
+		{"numbers", `{"a":0,"b":-0,"c":10.25,"d":1E9,"e":2e-3}`, true, `a=0 b=-0 c=10.25 d=1E9 e=2e-3`},
+		{"deepest allowed", deep(10000), true, "a=" + strings.Repeat("[", 9999) + strings.Repeat("]", 9999)},
+		{"too deep", deep(10001), false, ""},
+		{"not an object", `["a"]`, false, ""},
+		{"a string", `"{}"`, false, ""},
+		{"empty", ``, false, ""},
+		{"two objects", `{}{}`, false, ""},
+		{"trailing bytes", `{"a":1} x`, false, ""},
+		{"trailing comma", `{"a":1,}`, false, ""},
+		{"trailing comma in array", `{"a":[1,]}`, false, ""},
+		{"missing colon", `{"a" 1}`, false, ""},
+		{"missing comma", `{"a":1 "b":2}`, false, ""},
+		{"unquoted key", `{a:1}`, false, ""},
+		{"single quotes", `{'a':1}`, false, ""},
+		{"unclosed", `{"a":[1,2}`, false, ""},
+		{"unclosed string", `{"a":"b}`, false, ""},
+		{"leading zero", `{"a":01}`, false, ""},
+		{"bare minus", `{"a":-}`, false, ""},
+		{"plus sign", `{"a":+1}`, false, ""},
+		{"dot without digits", `{"a":1.}`, false, ""},
+		{"leading dot", `{"a":.5}`, false, ""},
+		{"exponent without digits", `{"a":1e+}`, false, ""},
+		{"hex", `{"a":0x10}`, false, ""},
+		{"truncated literal", `{"a":tru}`, false, ""},
+		{"capital literal", `{"a":True}`, false, ""},
+		{"NaN", `{"a":NaN}`, false, ""},
+		{"bad escape", `{"a":"\x41"}`, false, ""},
+		{"short unicode escape", `{"a":"\u00e"}`, false, ""},
+		{"raw control character", "{\"a\":\"tab\there\"}", false, ""},
+		{"raw newline", "{\"a\":\"line\nbreak\"}", false, ""},
+		{"comment", `{"a":1 /* no */}`, false, ""},
+	}
+	for _, tc := range tests {
+		var got []string
+		valid := jsonMembers([]byte(tc.body), func(key, value []byte) { got = append(got, string(key)+"="+string(value)) })
+		if valid != tc.valid {
+			t.Errorf("%s: jsonMembers(%.60q) = %v; want %v", tc.name, tc.body, valid, tc.valid)
+		}
+		if want := json.Valid([]byte(tc.body)) && strings.HasPrefix(strings.TrimLeft(tc.body, " \t\r\n"), "{"); valid != want {
+			t.Errorf("%s: jsonMembers(%.60q) = %v; encoding/json says %v", tc.name, tc.body, valid, want)
+		}
+		if valid && strings.Join(got, " ") != tc.members {
+			t.Errorf("%s: members %.80q; want %.80q", tc.name, strings.Join(got, " "), tc.members)
+		}
+	}
+}
+
+// FuzzJSONMembers holds the scanner to encoding/json on any bytes: the same
+// verdict on validity, and, for an object or an array, the same members
+// (the last of a key written twice) and elements, byte for byte.
+func FuzzJSONMembers(f *testing.F) {
+	for _, s := range []string{`{}`, `[]`, chatBody, streamBody, `{"a":[1,{"b":"\u00e9"}],"a":null}`, "{\"\xff\":1}",
+		`{"\ud800":1}`, `[1,"x",{"y":[]},-2.5e-3,true,null]`, `{"a":01}`, `{"a":"\x"}`, ` [ ] `} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var first byte // of the JSON value, after whitespace
+		if trimmed := bytes.TrimLeft(b, " \t\r\n"); len(trimmed) > 0 {
+			first = trimmed[0]
+		}
+		members := map[string]string{}
+		valid := jsonMembers(b, func(key, value []byte) { members[string([]rune(string(key)))] = string(value) })
+		if want := json.Valid(b) && first == '{'; valid != want {
+			t.Fatalf("jsonMembers(%q) = %v; encoding/json says %v", b, valid, want)
+		}
+		if valid {
+			var ref map[string]json.RawMessage
+			if err := json.Unmarshal(b, &ref); err != nil {
+				t.Fatal(err)
+			}
+			if len(ref) != len(members) {
+				t.Fatalf("jsonMembers(%q): %d members; encoding/json finds %d", b, len(members), len(ref))
+			}
+			for k, v := range ref {
+				if members[k] != string(v) {
+					t.Fatalf("jsonMembers(%q)[%q] = %q; encoding/json reads %q", b, k, members[k], v)
+				}
+			}
+		}
+		var elements []string
+		valid = jsonElements(b, func(v []byte) { elements = append(elements, string(v)) })
+		if want := json.Valid(b) && first == '['; valid != want {
+			t.Fatalf("jsonElements(%q) = %v; encoding/json says %v", b, valid, want)
+		}
+		if valid {
+			var raw []json.RawMessage
+			if err := json.Unmarshal(b, &raw); err != nil {
+				t.Fatal(err)
+			}
+			var ref []string
+			for _, v := range raw {
+				ref = append(ref, string(v))
+			}
+			if !slices.Equal(elements, ref) {
+				t.Fatalf("jsonElements(%q) = %q; encoding/json reads %q", b, elements, ref)
+			}
+		}
+	})
+}
+
+// parseChatByDecoder is parseChat written with encoding/json alone, keys
+// exact and the last of a key written twice counting: the reference that
+// FuzzParseChat holds parseChat to, and that BenchmarkReadBodies compares
+// it with.
+func parseChatByDecoder(body []byte) (*chatRequest, *apiError) {
+	var top map[string]json.RawMessage
+	if json.Unmarshal(body, &top) != nil || top == nil {
+		return nil, notAnObject(body)
+	}
+	badMessages := badRequest("invalid_messages", "messages must be a non-empty array of objects with a string role")
+	req := &chatRequest{StreamOptions: top["stream_options"]}
+	var messages []json.RawMessage
+	if m := top["messages"]; m != nil && json.Unmarshal(m, &messages) != nil {
+		return nil, badMessages
+	}
+	var lastUser json.RawMessage
+	for _, m := range messages {
+		var fields map[string]json.RawMessage
+		if json.Unmarshal(m, &fields) != nil {
+			return nil, badMessages
+		}
+		var role string
+		if r := fields["role"]; r != nil && json.Unmarshal(r, &role) != nil {
+			return nil, badMessages
+		}
+		if n, ok := jsonStringLen(fields["content"]); ok {
+			req.TextBytes += n
+		} else {
+			req.TextBytes += int64(len(messageText(fields["content"])))
+		}
+		var calls []map[string]json.RawMessage
+		if c := fields["tool_calls"]; c != nil && json.Unmarshal(c, &calls) != nil {
+			return nil, badMessages
+		}
+		for _, call := range calls {
+			var fn map[string]json.RawMessage
+			if f := call["function"]; f != nil && json.Unmarshal(f, &fn) != nil {
+				return nil, badMessages
+			}
+			var args string
+			if a := fn["arguments"]; a != nil && json.Unmarshal(a, &args) != nil {
+				return nil, badMessages
+			}
+			req.TextBytes += int64(len(args))
+		}
+		if role == "user" {
+			lastUser = fields["content"]
+		}
+	}
+	var aerr *apiError
+	if req.Model, aerr = parseModel(top["model"]); aerr != nil {
+		return nil, aerr
+	}
+	if len(messages) == 0 {
+		return nil, badRequest("invalid_messages", "messages must be a non-empty array")
+	}
+	switch string(top["stream"]) {
+	case "", "null", "false":
+	case "true":
+		req.Stream = true
+	default:
+		return nil, badRequest("invalid_stream", "stream must be a boolean")
+	}
+	for _, key := range []string{"max_tokens", "max_completion_tokens"} {
+		var n int64
+		if json.Unmarshal(top[key], &n) == nil && n > 0 {
+			req.MaxTokens = n
+		}
+	}
+	req.TextBytes += int64(len(top["tools"]))
+	if lastUser != nil {
+		req.LastUser = messageText(lastUser)
+	}
+	return req, nil
 }
 
 // ---- The ledger itself (store.go) ----
@@ -3488,6 +3688,31 @@ func TestStoreJournalRewrite(t *testing.T) {
 var benchBody = `{"model":"m","max_tokens":200,"messages":[{"role":"system","content":"You are a helpful assistant that answers briefly."},` +
 	`{"role":"user","content":"` + strings.Repeat("Tell me about sats and routing. ", 28) + `"}]}`
 
+// BenchmarkReadBodies: what arbstr reads of every request and answer,
+// with its scanner beside encoding/json (the decoding arbstr did before):
+// a ~1 KB chat request, and a ~1 KB answer with usage.
+func BenchmarkReadBodies(b *testing.B) {
+	body := []byte(benchBody)
+	answer := []byte(completionJSON(strings.Repeat("Sats are the smallest unit. ", 26), 250, 200))
+	req, _ := parseChat(body)
+	for _, bc := range []struct {
+		name string
+		read func()
+	}{
+		{"request/scanner", func() { parseChat(body) }},
+		{"request/encoding-json", func() { parseChatByDecoder(body) }},
+		{"answer/scanner", func() { answerTokens(answer, req) }},
+		{"answer/encoding-json", func() { answerTokensByDecoder(answer, req) }},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				bc.read()
+			}
+		})
+	}
+}
+
 // staticTransport answers every request with the same body, without a
 // socket, as in net/http/httputil's BenchmarkServeHTTP.
 type staticTransport struct {
@@ -4590,26 +4815,6 @@ func TestCostWithCircuitsOpen(t *testing.T) {
 	_, health2 := ta.get(t, "/health")
 	expectContains(t, "GET /health with the circuit open", string(health), "unhealthy")
 	expectContains(t, "GET /health with the circuit half-open", string(health2), `"degraded"`)
-}
-
-func TestHasMiscasedKey(t *testing.T) {
-	for _, tc := range []struct {
-		body string
-		want bool
-	}{
-		{chatBody, false},
-		{`{"model":"m","STREAM":true}`, true},
-		{`{"Stream_Options":{}}`, true},
-		{`{"model":"m","messages":[{"Model":"x","MESSAGES":1}]}`, false},
-		{`{"model":"m","x":{"Stream":true},"y":["Model"]}`, false},
-		{`{"model":"m","note":"\"Stream\": true"}`, false},
-		{`{"\u0073tream":true}`, true},
-		{`{"streamer":true,"modeL2":1}`, false},
-	} {
-		if got := hasMiscasedKey([]byte(tc.body)); got != tc.want {
-			t.Errorf("hasMiscasedKey(%s) = %v; want %v", tc.body, got, tc.want)
-		}
-	}
 }
 
 func TestMaxCompletionTokensWins(t *testing.T) {
@@ -6973,11 +7178,23 @@ func TestOddUsage(t *testing.T) {
 		{"negative", chat, `{"usage":{"prompt_tokens":-5,"completion_tokens":7}}`, 0, 7, false},
 		{"embedding with completion_tokens", embed, `{"usage":{"prompt_tokens":8,"completion_tokens":50}}`, 8, 0, false},
 		{"embedding without completion_tokens", embed, `{"usage":{"prompt_tokens":8,"total_tokens":8}}`, 8, 0, false},
+		{"usage null", chat, `{"choices":[{"message":{"content":"abcdefgh"}}],"usage":null}`, 10, 2, true},
+		{"usage not an object", chat, `{"choices":[{"message":{"content":"abcdefgh"}}],"usage":"12"}`, 10, 2, true},
+		{"usage twice: the last", chat, `{"usage":{"prompt_tokens":1,"completion_tokens":2},"usage":{"prompt_tokens":12,"completion_tokens":300}}`, 12, 300, false},
+		{"completion_tokens only, text estimated for nothing", chat, `{"choices":[{"message":{"content":"abcdefgh"}}],"usage":{"completion_tokens":3}}`, 10, 3, true},
+		{"prompt_tokens only, output from the text", chat, `{"choices":[{"message":{"content":"abcdefgh","tool_calls":[{"function":{"arguments":"abcd"}}]}}],"usage":{"prompt_tokens":7}}`, 7, 3, true},
+		{"no usage, responses output", chat, `{"output":[{"content":[{"type":"output_text","text":"abcdefgh"}]},{"arguments":"abcd"}]}`, 10, 3, true},
+		{"not JSON", chat, `{"usage":{"prompt_tokens":1,"completion_tokens":2}`, 0, 0, false},
 	}
 	for _, tc := range tests {
 		in, out, estimated, _, ok := answerTokens([]byte(tc.body), tc.req)
+		if in2, out2, estimated2, ok2 := answerTokensByDecoder([]byte(tc.body), tc.req); in2 != in || out2 != out || estimated2 != estimated || ok2 != ok {
+			t.Errorf("%s: answerTokens = %d, %d, %v, %v; encoding/json reads %d, %d, %v, %v", tc.name, in, out, estimated, ok, in2, out2, estimated2, ok2)
+		}
 		if !ok {
-			t.Errorf("%s: not read", tc.name)
+			if tc.body != "" && json.Valid([]byte(tc.body)) {
+				t.Errorf("%s: not read", tc.name)
+			}
 			continue
 		}
 		if in != tc.in || out != tc.out {
@@ -6987,6 +7204,52 @@ func TestOddUsage(t *testing.T) {
 			t.Errorf("%s: estimated = %v; want %v", tc.name, estimated, tc.estimated)
 		}
 	}
+}
+
+// answerTokensByDecoder is answerTokens as arbstr wrote it before its
+// scanner, decoding the whole answer with encoding/json: the reference
+// that TestOddUsage checks it against and BenchmarkReadBodies compares it
+// with.
+func answerTokensByDecoder(body []byte, req *chatRequest) (in, out int64, estimated, ok bool) {
+	var a struct {
+		Usage   *usage `json:"usage"`
+		Choices []struct {
+			Message struct {
+				Content          json.RawMessage `json:"content"`
+				Reasoning        json.RawMessage `json:"reasoning"`
+				ReasoningContent json.RawMessage `json:"reasoning_content"`
+				ToolCalls        []toolCall      `json:"tool_calls"`
+			} `json:"message"`
+		} `json:"choices"`
+		Output []struct {
+			Content   json.RawMessage `json:"content"`
+			Summary   json.RawMessage `json:"summary"`
+			Arguments string          `json:"arguments"`
+		} `json:"output"`
+	}
+	if err := json.Unmarshal(body, &a); err != nil {
+		if _, typeErr := errors.AsType[*json.UnmarshalTypeError](err); !typeErr {
+			return 0, 0, false, false
+		}
+	}
+	var text int64
+	for _, ch := range a.Choices {
+		m := ch.Message
+		text += int64(len(messageText(m.Content)) + len(messageText(m.Reasoning)) + len(messageText(m.ReasoningContent)))
+		text += toolCallBytes(m.ToolCalls)
+	}
+	for _, o := range a.Output {
+		text += int64(len(messageText(o.Content)) + len(messageText(o.Summary)) + len(o.Arguments))
+	}
+	if a.Usage != nil {
+		if in, out, estimated, ok := a.Usage.counted(req.TextBytes, text, req.NoOutput); ok {
+			return in, out, estimated, true
+		}
+	}
+	if req.NoOutput {
+		text = 0
+	}
+	return estimateTokens(req.TextBytes), estimateTokens(text), true, true
 }
 
 // TestClientPolicyFallback: a client limited to policies that matches no
