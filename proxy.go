@@ -565,8 +565,7 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 	}
 	// max_completion_tokens, OpenAI's newer name, wins over max_tokens.
 	for _, mt := range [][]byte{maxTokens, maxCompletionTokens} {
-		var n int64
-		if len(mt) > 0 && json.Unmarshal(mt, &n) == nil && n > 0 {
+		if n := positiveInt(mt); n > 0 {
 			req.MaxTokens = n
 		}
 	}
@@ -576,6 +575,16 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 		req.LastUser = messageText(lastUser)
 	}
 	return req, nil
+}
+
+// positiveInt is the JSON integer v if it is above zero, else 0: a token
+// limit that is absent, null or of another shape sets no limit.
+func positiveInt(v []byte) int64 {
+	n, err := strconv.ParseInt(string(v), 10, 64)
+	if err != nil || n < 0 {
+		return 0
+	}
+	return n
 }
 
 // notAnObject is the error for a body that jsonMembers refused: not JSON,
@@ -728,10 +737,7 @@ func parseResponses(body []byte) (*chatRequest, *apiError) {
 	default:
 		return nil, badRequest("invalid_stream", "stream must be a boolean")
 	}
-	var n int64
-	if json.Unmarshal(top["max_output_tokens"], &n) == nil && n > 0 {
-		req.MaxTokens = n
-	}
+	req.MaxTokens = positiveInt(top["max_output_tokens"])
 	input := top["input"]
 	if s, ok := jsonString(input); ok {
 		req.TextBytes, req.LastUser = int64(len(s)), s
@@ -812,11 +818,7 @@ func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool,
 	var u *usage
 	if !jsonMembers(body, func(key, value []byte) {
 		if string(key) == "usage" {
-			u = nil
-			if value[0] == '{' {
-				u = new(usage)
-				json.Unmarshal(value, u) // a count of another shape stays unset
-			}
+			u = usageOf(value)
 		}
 	}) {
 		return 0, 0, false, charge, false
@@ -1859,6 +1861,33 @@ type usage struct {
 	reportedUsage
 }
 
+// usageOf reads a usage object, or returns nil for a value that is not an
+// object. Its reported charge is copied: the answer it is read from goes
+// back to a pool.
+func usageOf(v []byte) *usage {
+	if len(v) == 0 || v[0] != '{' {
+		return nil
+	}
+	u := new(usage)
+	jsonMembers(v, func(key, value []byte) {
+		switch string(key) {
+		case "prompt_tokens":
+			u.PromptTokens.UnmarshalJSON(value)
+		case "completion_tokens":
+			u.CompletionTokens.UnmarshalJSON(value)
+		case "input_tokens":
+			u.InputTokens.UnmarshalJSON(value)
+		case "output_tokens":
+			u.OutputTokens.UnmarshalJSON(value)
+		case "cost":
+			u.Cost = bytes.Clone(value)
+		case "cost_sats":
+			u.CostSats = bytes.Clone(value)
+		}
+	})
+	return u
+}
+
 // counted returns the tokens of a usage object. A count it lacks is
 // estimated from the text (inBytes sent, outBytes received), and estimated
 // says so; ok is false when it holds no count at all, which is no usage.
@@ -2563,13 +2592,19 @@ func (rl *relay) typedEvent(ev, data []byte, now time.Time) (res attemptResult, 
 		rl.write(ev)
 		return rl.interrupted("the provider sent an error event"), true
 	case "response.completed", "response.incomplete":
-		var u struct {
-			Response struct {
-				Usage *usage `json:"usage"`
-			} `json:"response"`
-		}
-		if json.Unmarshal(data, &u) == nil && u.Response.Usage != nil {
-			rl.takeUsage(u.Response.Usage)
+		var u *usage
+		valid := jsonMembers(data, func(key, value []byte) {
+			if string(key) == "response" {
+				u = nil
+				jsonMembers(value, func(key, value []byte) {
+					if string(key) == "usage" {
+						u = usageOf(value)
+					}
+				})
+			}
+		})
+		if valid && u != nil {
+			rl.takeUsage(u)
 		}
 		rl.finished = true
 		if !rl.started {
@@ -2610,14 +2645,22 @@ func eventType(ev, data []byte) string {
 // readUsage takes the token counts of a usage chunk, and reports whether the
 // chunk is to be withheld: a usage-only chunk that arbstr asked for.
 func (rl *relay) readUsage(data []byte) (withhold bool) {
-	var u struct {
-		Usage   *usage            `json:"usage"`
-		Choices []json.RawMessage `json:"choices"`
-	}
-	if json.Unmarshal(data, &u) != nil || u.Usage == nil || !rl.takeUsage(u.Usage) {
+	var u *usage
+	choices := 0
+	if !jsonMembers(data, func(key, value []byte) {
+		switch string(key) {
+		case "usage":
+			u = usageOf(value)
+		case "choices":
+			choices = 0
+			if !jsonElements(value, func([]byte) { choices++ }) && string(value) != "null" {
+				choices = 1 // not a list: not known to be empty, so passed on
+			}
+		}
+	}) || u == nil || !rl.takeUsage(u) {
 		return false
 	}
-	return rl.ex.addedUsage && len(u.Choices) == 0
+	return rl.ex.addedUsage && choices == 0
 }
 
 // takeUsage keeps the counts and the reported charge of a usage object, if

@@ -2086,6 +2086,33 @@ func FuzzJSONMembers(f *testing.F) {
 	})
 }
 
+// FuzzUsageOf holds usageOf to encoding/json's decoding of a usage object
+// whose keys are written exactly as arbstr reads them.
+func FuzzUsageOf(f *testing.F) {
+	for _, s := range []string{`{"prompt_tokens":12,"completion_tokens":"300"}`, `{"input_tokens":1.6,"output_tokens":null,"cost":{"total_msats":5}}`,
+		`{"prompt_tokens":1,"prompt_tokens":"x","cost_sats":0.5}`, `{"completion_tokens":[1],"total_tokens":3}`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var keys map[string]json.RawMessage
+		if json.Unmarshal(b, &keys) != nil || keys == nil {
+			return
+		}
+		for k := range keys {
+			for _, exact := range []string{"prompt_tokens", "completion_tokens", "input_tokens", "output_tokens", "cost", "cost_sats"} {
+				if k != exact && strings.EqualFold(k, exact) {
+					return // encoding/json would take it; a provider's client would not
+				}
+			}
+		}
+		var want usage
+		json.Unmarshal(b, &want)
+		if got := usageOf(b); got == nil || !reflect.DeepEqual(*got, want) {
+			t.Fatalf("usageOf(%q) = %+v; encoding/json reads %+v", b, got, want)
+		}
+	})
+}
+
 // parseChatByDecoder is parseChat written with encoding/json alone, keys
 // exact and the last of a key written twice counting: the reference that
 // FuzzParseChat holds parseChat to, and that BenchmarkReadBodies compares
