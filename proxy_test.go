@@ -4179,9 +4179,11 @@ func BenchmarkJournalLine(b *testing.B) {
 // It reports, for each proxy: the latency it adds at p50, one request at a
 // time; requests per second at concurrency 64; the p99 delay of a streamed
 // event between the provider sending it and the client reading it; and
-// resident memory after start, after the run, and at its peak. It fails
-// only on errors and on a ledger without exactly one row per request: the
-// figures are for the README, not assertions.
+// resident memory after start, after the run, and at its peak; and the
+// resident memory after start of startLoadFloor's program, the least a
+// program of arbstr's shape takes here. It fails only on errors and on a
+// ledger without exactly one row per request: the figures are for the
+// README, not assertions.
 func TestLoadRun(t *testing.T) {
 	if os.Getenv("ARBSTR_LOAD") == "" {
 		t.Skip("a load run of a few minutes; set ARBSTR_LOAD=1 to run it")
@@ -4195,6 +4197,7 @@ func TestLoadRun(t *testing.T) {
 	db := filepath.Join(dir, "ledger.db")
 	arbstr := startLoadArbstr(t, dir, db, up.URL)
 	rp := startLoadReverseProxy(t, dir, up.URL)
+	floor := startLoadFloor(t, dir, up.URL)
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 128, DisableCompression: true}}
 	targets := []loadTarget{
 		{name: "direct", url: up.URL},
@@ -4206,6 +4209,7 @@ func TestLoadRun(t *testing.T) {
 	for _, tg := range targets[1:] {
 		idle[tg.name] = rssBreakdown(t, tg.proc.Process.Pid)
 	}
+	t.Logf("floor (net/http and SQLite, nothing of arbstr): rss after start %s", rssBreakdown(t, floor.cmd.Process.Pid))
 	sent := 0
 	p50 := loadLatency(t, client, targets, 2000)
 	sent += 2000
@@ -4323,6 +4327,86 @@ func main() {
 		t.Fatalf("go build reverse proxy: %v\n%s", err, out)
 	}
 	return startLoadProcess(t, exec.Command(bin, upURL))
+}
+
+// startLoadFloor builds and runs the least that any arbstr does at start,
+// with nothing of arbstr in it: it opens a SQLite file with WAL, creates a
+// table, writes and reads a row, fetches and decodes the provider's
+// listing, logs a line and serves HTTP. Its resident memory after start is
+// the floor that the standard library and modernc.org/sqlite set, on the
+// machine of the run, for a program of arbstr's shape.
+func startLoadFloor(t *testing.T, dir, upURL string) loadProcess {
+	src := filepath.Join(dir, "floor")
+	os.MkdirAll(src, 0o755)
+	// The module requires what arbstr's does, so the build finds
+	// modernc.org/sqlite in the module cache, at the version arbstr uses.
+	mod, err := os.ReadFile("go.mod")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum, err := os.ReadFile("go.sum")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mod = bytes.Replace(mod, []byte("module arbstr"), []byte("module floor"), 1)
+	os.WriteFile(filepath.Join(src, "go.mod"), mod, 0o644)
+	os.WriteFile(filepath.Join(src, "go.sum"), sum, 0o644)
+	os.WriteFile(filepath.Join(src, "main.go"), []byte(`package main
+
+import (
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	_ "modernc.org/sqlite"
+)
+
+func main() {
+	db, err := sql.Open("sqlite", "file:"+filepath.Join(os.Args[2], "floor.db")+"?_pragma=journal_mode(WAL)&_pragma=busy_timeout(5000)")
+	if err != nil {
+		panic(err)
+	}
+	if _, err := db.Exec("CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, request_id TEXT UNIQUE, ts INTEGER, cost_msat INTEGER)"); err != nil {
+		panic(err)
+	}
+	if _, err := db.Exec("INSERT INTO requests (request_id, ts, cost_msat) VALUES (?, ?, ?)", "floor", time.Now().UnixMilli(), 1000); err != nil {
+		panic(err)
+	}
+	var n int
+	if err := db.QueryRow("SELECT count(*) FROM requests WHERE ts > ?", 0).Scan(&n); err != nil {
+		panic(err)
+	}
+	resp, err := http.Get(os.Args[1] + "/v1/models")
+	if err != nil {
+		panic(err)
+	}
+	var listing any
+	if err := json.NewDecoder(resp.Body).Decode(&listing); err != nil {
+		panic(err)
+	}
+	resp.Body.Close()
+	slog.Info("floor started", "rows", n)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	fmt.Fprintf(os.Stderr, "listen=%s\n", ln.Addr())
+	panic(http.Serve(ln, http.NotFoundHandler()))
+}
+`), 0o644)
+	bin := filepath.Join(dir, "floor-bin")
+	build := exec.Command("go", "build", "-o", bin, ".")
+	build.Dir = src
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build floor: %v\n%s", err, out)
+	}
+	return startLoadProcess(t, exec.Command(bin, upURL, dir))
 }
 
 // startLoadProcess starts cmd, which logs listen=ADDR, with its log in a
