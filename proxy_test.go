@@ -4178,7 +4178,8 @@ func BenchmarkJournalLine(b *testing.B) {
 // ARBSTR_LOAD_N sets the requests of the run at concurrency 64 (100,000).
 // It reports, for each proxy: the latency it adds at p50, one request at a
 // time; requests per second at concurrency 64; the p99 delay of a streamed
-// event between the provider sending it and the client reading it; and
+// event between the provider sending it and the client reading it, over
+// 4,000 events (with fewer, one stall of the scheduler moves it); and
 // resident memory after start, after the run, and at its peak; and the
 // resident memory after start of startLoadFloor's program, the least a
 // program of arbstr's shape takes here. It fails only on errors and on a
@@ -4213,8 +4214,8 @@ func TestLoadRun(t *testing.T) {
 	sent := 0
 	p50 := loadLatency(t, client, targets, 2000)
 	sent += 2000
-	delay := loadStreams(t, client, targets, 30, 40)
-	sent += 30
+	delay := loadStreams(t, client, targets, 100, 40)
+	sent += 100
 	rps := loadThroughput(t, client, targets[1:], n, 64)
 	sent += n
 	time.Sleep(time.Second)
