@@ -613,11 +613,9 @@ func readMessage(m []byte) (textBytes int64, role string, content []byte, ok boo
 	object := jsonMembers(m, func(key, value []byte) {
 		switch string(key) {
 		case "role":
-			role = ""
+			role, roleOK = "", true
 			if string(value) != "null" {
-				var isString bool
-				role, isString = jsonString(value)
-				roleOK = roleOK && isString
+				role, roleOK = jsonString(value)
 			}
 		case "content":
 			content = value
@@ -644,26 +642,26 @@ func toolCallsLen(v []byte) (n int64, ok bool) {
 	ok = true
 	isObject := func(v []byte) bool { return v[0] == '{' || string(v) == "null" }
 	array := jsonElements(v, func(call []byte) {
+		// Of a key written twice, the last counts, its shape included.
 		var args int64
-		ok = ok && isObject(call)
+		callOK := isObject(call)
 		jsonMembers(call, func(key, fn []byte) {
 			if string(key) != "function" {
 				return
 			}
-			args = 0
-			ok = ok && isObject(fn)
+			args, callOK = 0, isObject(fn)
+			argsOK := true
 			jsonMembers(fn, func(key, a []byte) {
-				if string(key) != "arguments" {
-					return
-				}
-				args = 0
-				if string(a) != "null" {
-					var isString bool
-					args, isString = jsonStringLen(a)
-					ok = ok && isString
+				if string(key) == "arguments" {
+					args, argsOK = 0, true
+					if string(a) != "null" {
+						args, argsOK = jsonStringLen(a)
+					}
 				}
 			})
+			callOK = callOK && argsOK
 		})
+		ok = ok && callOK
 		n += args
 	})
 	return n, array && ok
@@ -926,14 +924,43 @@ func jsonStringLen(v json.RawMessage) (int64, bool) {
 // allowed. It checks the syntax as encoding/json does, in one pass and
 // without allocating: every request and answer is read for a few of its
 // members, and decoding them into structs took more of a request's time
-// than anything else arbstr adds to it.
+// than anything else arbstr adds to it. f may have been called for the
+// first members of a body that turns out not to be valid.
 func jsonMembers(b []byte, f func(key, value []byte)) bool {
 	i := skipSpace(b, 0)
 	if i == len(b) || b[i] != '{' {
 		return false
 	}
-	end := scanObject(b, i, 1, f)
-	return end >= 0 && skipSpace(b, end) == len(b)
+	if i = skipSpace(b, i+1); i < len(b) && b[i] == '}' {
+		return skipSpace(b, i+1) == len(b)
+	}
+	for {
+		quoted, start := scanKey(b, i)
+		if start < 0 {
+			return false
+		}
+		end := skipValue(b, start, 1)
+		if end < 0 {
+			return false
+		}
+		key := quoted[1 : len(quoted)-1]
+		if bytes.IndexByte(key, '\\') >= 0 {
+			s, _ := jsonString(quoted)
+			key = []byte(s)
+		}
+		f(key, b[start:end])
+		if i = skipSpace(b, end); i == len(b) {
+			return false
+		}
+		switch b[i] {
+		case '}':
+			return skipSpace(b, i+1) == len(b)
+		case ',':
+			i = skipSpace(b, i+1)
+		default:
+			return false
+		}
+	}
 }
 
 // jsonElements is jsonMembers for a JSON array: f gets each element.
@@ -942,114 +969,133 @@ func jsonElements(b []byte, f func(value []byte)) bool {
 	if i == len(b) || b[i] != '[' {
 		return false
 	}
-	end := scanArray(b, i, 1, f)
-	return end >= 0 && skipSpace(b, end) == len(b)
+	if i = skipSpace(b, i+1); i < len(b) && b[i] == ']' {
+		return skipSpace(b, i+1) == len(b)
+	}
+	for {
+		end := skipValue(b, i, 1)
+		if end < 0 {
+			return false
+		}
+		f(b[i:end])
+		if i = skipSpace(b, end); i == len(b) {
+			return false
+		}
+		switch b[i] {
+		case ']':
+			return skipSpace(b, i+1) == len(b)
+		case ',':
+			i = skipSpace(b, i+1)
+		default:
+			return false
+		}
+	}
 }
 
 // maxJSONDepth is encoding/json's limit on nested arrays and objects.
 const maxJSONDepth = 10000
 
-// The scanners below take the index of the first byte of a value in b and
-// return the index after its last byte, or -1 if it is not valid JSON.
-// depth counts the arrays and objects open around the value.
-
-func scanValue(b []byte, i, depth int) int {
-	if i >= len(b) {
-		return -1
-	}
-	switch c := b[i]; {
-	case c == '"':
-		return scanString(b, i)
-	case c == '{':
-		return scanObject(b, i, depth+1, nil)
-	case c == '[':
-		return scanArray(b, i, depth+1, nil)
-	case c == 't':
-		return scanLiteral(b, i, "true")
-	case c == 'f':
-		return scanLiteral(b, i, "false")
-	case c == 'n':
-		return scanLiteral(b, i, "null")
-	case c == '-' || '0' <= c && c <= '9':
-		return scanNumber(b, i)
-	}
-	return -1
-}
-
-func scanObject(b []byte, i, depth int, f func(key, value []byte)) int {
-	if depth > maxJSONDepth {
-		return -1
-	}
-	if i = skipSpace(b, i+1); i < len(b) && b[i] == '}' {
-		return i + 1
-	}
+// skipValue returns the index after the JSON value that starts at b[i], or
+// -1 if it is not valid JSON; depth counts the arrays and objects open
+// around it. The arrays and objects open inside it are kept on a stack of
+// their opening bytes rather than by recursion, so that a body nested
+// 10,000 deep costs 10 KB, not megabytes of goroutine stack.
+func skipValue(b []byte, i, depth int) int {
+	var stack [64]byte
+	open := stack[:0]
 	for {
-		if i >= len(b) || b[i] != '"' {
+		// i is where a value starts.
+		if i >= len(b) {
 			return -1
 		}
-		keyEnd := scanString(b, i)
-		if keyEnd < 0 {
-			return -1
-		}
-		quoted := b[i:keyEnd]
-		if i = skipSpace(b, keyEnd); i >= len(b) || b[i] != ':' {
-			return -1
-		}
-		start := skipSpace(b, i+1)
-		end := scanValue(b, start, depth)
-		if end < 0 {
-			return -1
-		}
-		if f != nil {
-			key := quoted[1 : len(quoted)-1]
-			if bytes.IndexByte(key, '\\') >= 0 {
-				s, _ := jsonString(quoted)
-				key = []byte(s)
+		switch c := b[i]; c {
+		case '{', '[':
+			if depth+len(open) >= maxJSONDepth {
+				return -1
 			}
-			f(key, b[start:end])
-		}
-		if i = skipSpace(b, end); i >= len(b) {
-			return -1
-		}
-		switch b[i] {
-		case '}':
-			return i + 1
-		case ',':
+			open = append(open, c)
 			i = skipSpace(b, i+1)
+			switch {
+			case i < len(b) && b[i] == closing(c):
+				open = open[:len(open)-1]
+				i++
+			case c == '{':
+				if _, i = scanKey(b, i); i < 0 {
+					return -1
+				}
+				continue
+			default:
+				continue
+			}
+		case '"':
+			i = scanString(b, i)
+		case 't':
+			i = scanLiteral(b, i, "true")
+		case 'f':
+			i = scanLiteral(b, i, "false")
+		case 'n':
+			i = scanLiteral(b, i, "null")
 		default:
+			i = scanNumber(b, i)
+		}
+		if i < 0 {
 			return -1
+		}
+		// A value ended at i: close the containers that end with it, and
+		// go on to the next value in the innermost one still open.
+		for next := false; !next; {
+			if len(open) == 0 {
+				return i
+			}
+			if i = skipSpace(b, i); i == len(b) {
+				return -1
+			}
+			inner := open[len(open)-1]
+			switch b[i] {
+			case closing(inner):
+				open = open[:len(open)-1]
+				i++
+			case ',':
+				if i = skipSpace(b, i+1); inner == '{' {
+					if _, i = scanKey(b, i); i < 0 {
+						return -1
+					}
+				}
+				next = true
+			default:
+				return -1
+			}
 		}
 	}
 }
 
-func scanArray(b []byte, i, depth int, f func(value []byte)) int {
-	if depth > maxJSONDepth {
-		return -1
+// closing is the byte that closes an array or object opened by c.
+func closing(c byte) byte {
+	if c == '{' {
+		return '}'
 	}
-	if i = skipSpace(b, i+1); i < len(b) && b[i] == ']' {
-		return i + 1
-	}
-	for {
-		end := scanValue(b, i, depth)
-		if end < 0 {
-			return -1
-		}
-		if f != nil {
-			f(b[i:end])
-		}
-		if i = skipSpace(b, end); i >= len(b) {
-			return -1
-		}
-		switch b[i] {
-		case ']':
-			return i + 1
-		case ',':
-			i = skipSpace(b, i+1)
-		default:
-			return -1
-		}
-	}
+	return ']'
 }
+
+// scanKey reads an object's key and its colon at b[i]: it returns the key
+// as written, quotes included, and where the member's value starts, or -1.
+func scanKey(b []byte, i int) (quoted []byte, value int) {
+	if i >= len(b) || b[i] != '"' {
+		return nil, -1
+	}
+	end := scanString(b, i)
+	if end < 0 {
+		return nil, -1
+	}
+	quoted = b[i:end]
+	if i = skipSpace(b, end); i == len(b) || b[i] != ':' {
+		return nil, -1
+	}
+	return quoted, skipSpace(b, i+1)
+}
+
+// The scanners below take the index of the first byte of a value in b and
+// return the index after its last byte, or -1.
 
 func scanString(b []byte, i int) int {
 	for i++; i < len(b); i++ {

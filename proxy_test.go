@@ -1930,7 +1930,10 @@ func FuzzParseChat(f *testing.F) {
 		`{"model":1}`, `[]`, `{"model":"m","messages":{}}`, `{"model":"m","messages":[null]}`, `{"model":"m","messages":[{}],"stream":true,"stream_options":null}`,
 		`{"model":"m","messages":[{"role":"user","role":null,"content":"a","tool_calls":[null,{"function":{"arguments":"xy"},"function":null}]}]}`,
 		`{"model":"m","messages":[{"role":"assistant","tool_calls":[{"function":{"arguments":1}}]}],"max_tokens":5,"max_completion_tokens":7}`,
-		`{"mod\u0065l":"m","messages":[{"ROLE":"user","content":"\u00e9"}],"tools":[{"type":"function"}]}`} {
+		`{"mod\u0065l":"m","messages":[{"ROLE":"user","content":"\u00e9"}],"tools":[{"type":"function"}]}`,
+		`{"model":"m","messages":[{"role":1,"role":"user","content":"hi"}]}`,
+		`{"model":"m","messages":[{"role":"assistant","tool_calls":[{"function":1,"function":{"arguments":1,"arguments":"ab"}}]}]}`,
+		`{"model":"m","messages":"x","messages":[{"role":"user","content":"x"}]}`} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
@@ -1974,6 +1977,7 @@ func FuzzParseChat(f *testing.F) {
 // byte, and gives each member as written.
 func TestJSONMembers(t *testing.T) {
 	deep := func(n int) string { return `{"a":` + strings.Repeat("[", n-1) + strings.Repeat("]", n-1) + "}" }
+	deepObjects := func(n int) string { return strings.Repeat(`{"a":`, n) + "1" + strings.Repeat("}", n) }
 	tests := []struct {
 		name, body string
 		valid      bool
@@ -1989,6 +1993,13 @@ func TestJSONMembers(t *testing.T) {
 		{"numbers", `{"a":0,"b":-0,"c":10.25,"d":1E9,"e":2e-3}`, true, `a=0 b=-0 c=10.25 d=1E9 e=2e-3`},
 		{"deepest allowed", deep(10000), true, "a=" + strings.Repeat("[", 9999) + strings.Repeat("]", 9999)},
 		{"too deep", deep(10001), false, ""},
+		{"deepest allowed, objects", deepObjects(10000), true, "a=" + deepObjects(9999)},
+		{"too deep, objects", deepObjects(10001), false, ""},
+		{"arrays and objects", `{"a":[{"b":[[],{}]},[{"c":{"d":[1]}}]],"e":{}}`, true, `a=[{"b":[[],{}]},[{"c":{"d":[1]}}]] e={}`},
+		{"object closed by a bracket", `{"a":{"b":1]}`, false, ""},
+		{"array closed by a brace", `{"a":[1}}`, false, ""},
+		{"nested trailing comma", `{"a":{"b":1,}}`, false, ""},
+		{"nested key not a string", `{"a":{1:2}}`, false, ""},
 		{"not an object", `["a"]`, false, ""},
 		{"a string", `"{}"`, false, ""},
 		{"empty", ``, false, ""},
