@@ -840,35 +840,43 @@ func answerTokens(body []byte, req *chatRequest) (in, out int64, estimated bool,
 	return estimateTokens(req.TextBytes), estimateTokens(text), true, charge, true
 }
 
-// answerText is the length of the text of a valid answer: the content,
+// answerParts are the parts of an answer that hold its text: the content,
 // reasoning and tool call arguments of its choices, or the content,
 // summaries and arguments of a Responses API answer's output items.
-func answerText(body []byte) (text int64) {
-	var a struct {
-		Choices []struct {
-			Message struct {
-				Content          json.RawMessage `json:"content"`
-				Reasoning        json.RawMessage `json:"reasoning"`
-				ReasoningContent json.RawMessage `json:"reasoning_content"`
-				ToolCalls        []toolCall      `json:"tool_calls"`
-			} `json:"message"`
-		} `json:"choices"`
-		Output []struct {
-			Content   json.RawMessage `json:"content"`
-			Summary   json.RawMessage `json:"summary"`
-			Arguments string          `json:"arguments"`
-		} `json:"output"`
-	}
-	json.Unmarshal(body, &a) // a part of another shape adds no text
+type answerParts struct {
+	Choices []struct {
+		Message struct {
+			Content          json.RawMessage `json:"content"`
+			Reasoning        json.RawMessage `json:"reasoning"`
+			ReasoningContent json.RawMessage `json:"reasoning_content"`
+			ToolCalls        []toolCall      `json:"tool_calls"`
+		} `json:"message"`
+	} `json:"choices"`
+	Output []struct {
+		Content   json.RawMessage `json:"content"`
+		Summary   json.RawMessage `json:"summary"`
+		Arguments string          `json:"arguments"`
+	} `json:"output"`
+}
+
+// text is the length of the answer's text.
+func (a *answerParts) text() (n int64) {
 	for _, ch := range a.Choices {
 		m := ch.Message
-		text += int64(len(messageText(m.Content)) + len(messageText(m.Reasoning)) + len(messageText(m.ReasoningContent)))
-		text += toolCallBytes(m.ToolCalls)
+		n += int64(len(messageText(m.Content)) + len(messageText(m.Reasoning)) + len(messageText(m.ReasoningContent)))
+		n += toolCallBytes(m.ToolCalls)
 	}
 	for _, o := range a.Output {
-		text += int64(len(messageText(o.Content)) + len(messageText(o.Summary)) + len(o.Arguments))
+		n += int64(len(messageText(o.Content)) + len(messageText(o.Summary)) + len(o.Arguments))
 	}
-	return text
+	return n
+}
+
+// answerText is the length of the text of a valid answer.
+func answerText(body []byte) int64 {
+	var a answerParts
+	json.Unmarshal(body, &a) // a part of another shape adds no text
+	return a.text()
 }
 
 // chatFields are the members of a chat body that arbstr reads.
@@ -927,62 +935,49 @@ func jsonStringLen(v json.RawMessage) (int64, bool) {
 // than anything else arbstr adds to it. f may have been called for the
 // first members of a body that turns out not to be valid.
 func jsonMembers(b []byte, f func(key, value []byte)) bool {
+	return jsonContainer(b, '{', f)
+}
+
+// jsonElements is jsonMembers for a JSON array: f gets each element.
+func jsonElements(b []byte, f func(value []byte)) bool {
+	return jsonContainer(b, '[', func(_, value []byte) { f(value) })
+}
+
+// jsonContainer reads the object or array (open is '{' or '[') that is
+// the whole of b, calling f for each member or element; an element has no
+// key.
+func jsonContainer(b []byte, open byte, f func(key, value []byte)) bool {
 	i := skipSpace(b, 0)
-	if i == len(b) || b[i] != '{' {
+	if i == len(b) || b[i] != open {
 		return false
 	}
-	if i = skipSpace(b, i+1); i < len(b) && b[i] == '}' {
+	if i = skipSpace(b, i+1); i < len(b) && b[i] == closing(open) {
 		return skipSpace(b, i+1) == len(b)
 	}
 	for {
-		quoted, start := scanKey(b, i)
-		if start < 0 {
-			return false
+		var key []byte
+		start := i
+		if open == '{' {
+			var quoted []byte
+			if quoted, start = scanKey(b, i); start < 0 {
+				return false
+			}
+			key = quoted[1 : len(quoted)-1]
+			if bytes.IndexByte(key, '\\') >= 0 {
+				s, _ := jsonString(quoted)
+				key = []byte(s)
+			}
 		}
 		end := skipValue(b, start, 1)
 		if end < 0 {
 			return false
-		}
-		key := quoted[1 : len(quoted)-1]
-		if bytes.IndexByte(key, '\\') >= 0 {
-			s, _ := jsonString(quoted)
-			key = []byte(s)
 		}
 		f(key, b[start:end])
 		if i = skipSpace(b, end); i == len(b) {
 			return false
 		}
 		switch b[i] {
-		case '}':
-			return skipSpace(b, i+1) == len(b)
-		case ',':
-			i = skipSpace(b, i+1)
-		default:
-			return false
-		}
-	}
-}
-
-// jsonElements is jsonMembers for a JSON array: f gets each element.
-func jsonElements(b []byte, f func(value []byte)) bool {
-	i := skipSpace(b, 0)
-	if i == len(b) || b[i] != '[' {
-		return false
-	}
-	if i = skipSpace(b, i+1); i < len(b) && b[i] == ']' {
-		return skipSpace(b, i+1) == len(b)
-	}
-	for {
-		end := skipValue(b, i, 1)
-		if end < 0 {
-			return false
-		}
-		f(b[i:end])
-		if i = skipSpace(b, end); i == len(b) {
-			return false
-		}
-		switch b[i] {
-		case ']':
+		case closing(open):
 			return skipSpace(b, i+1) == len(b)
 		case ',':
 			i = skipSpace(b, i+1)

@@ -572,18 +572,34 @@ func TestStreamFlushedPerEvent(t *testing.T) {
 	expect(t, "row.UsageEstimated", r.UsageEstimated, false)
 }
 
+// TestStreamUsageChunk: the usage chunk that arbstr asked for is withheld
+// from the client, one the client asked for is passed on, and either way
+// its counts are recorded. A usage chunk whose choices are null is
+// usage-only too; one whose choices are not a list is passed on, for it
+// may hold what the client wants.
 func TestStreamUsageChunk(t *testing.T) {
 	for _, tc := range []struct {
 		name, body    string
-		wantUsage     bool // the client sees the usage chunk
+		choices       string // of the usage chunk, when not []
+		wantUsage     bool   // the client sees the usage chunk
 		wantEstimated bool
 	}{
-		{"arbstr asked", streamBody, false, false},
-		{"client asked", `{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}`, true, false},
-		{"client refused", `{"model":"m","stream":true,"stream_options":{"include_usage":false},"messages":[{"role":"user","content":"hi"}]}`, false, true},
+		{"arbstr asked", streamBody, "", false, false},
+		{"client asked", `{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}`, "", true, false},
+		{"client refused", `{"model":"m","stream":true,"stream_options":{"include_usage":false},"messages":[{"role":"user","content":"hi"}]}`, "", false, true},
+		{"arbstr asked, choices null", streamBody, "null", false, false},
+		{"arbstr asked, choices not a list", streamBody, `{"index":0}`, true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			up := newUpstream(t, streamOK)
+			up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+				if tc.choices == "" {
+					streamOK(w, r)
+					return
+				}
+				io.Copy(io.Discard, r.Body)
+				usage := strings.Replace(usageChunk(12, 3), `"choices":[]`, `"choices":`+tc.choices, 1)
+				sse(w, chunkJSON("Hello"), chunkJSON(" world"), finishChunk, usage, "[DONE]")
+			})
 			ta := newArbstr(t, testConfig(prov("p1", up.URL, 1, 1)))
 			out := readBody(t, ta.post(t, "/v1/chat/completions", tc.body))
 			if got := strings.Contains(out, `"usage":{"prompt_tokens":12`); got != tc.wantUsage {
@@ -3340,6 +3356,31 @@ func TestLedgerReadParameters(t *testing.T) {
 	}
 }
 
+// lockLedger holds the write lock of the ledger at path from a connection
+// of its own, as a long backup would, until unlock is called or the test
+// ends.
+func lockLedger(t *testing.T, path string) (unlock func()) {
+	t.Helper()
+	other, err := sql.Open("sqlite", ledgerDSN(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Close() })
+	conn, err := other.Conn(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	if _, err := conn.ExecContext(context.Background(), "BEGIN EXCLUSIVE"); err != nil {
+		t.Fatal(err)
+	}
+	return func() {
+		if _, err := conn.ExecContext(context.Background(), "ROLLBACK"); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestStoreLockedLedgerKeepsRows holds the write lock from another
 // connection past busy_timeout, as a long backup would: the rows wait,
 // Health says why, reads and new requests are not held up behind it, and
@@ -3354,19 +3395,7 @@ func TestStoreLockedLedgerKeepsRows(t *testing.T) {
 	defer s.Close()
 	s.queueSize = 2
 	s.retryFirst, s.retryMax = 10*time.Millisecond, 50*time.Millisecond
-	other, err := sql.Open("sqlite", ledgerDSN(path))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer other.Close()
-	conn, err := other.Conn(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	if _, err := conn.ExecContext(context.Background(), "BEGIN EXCLUSIVE"); err != nil {
-		t.Fatal(err)
-	}
+	unlock := lockLedger(t, path)
 	for _, id := range []string{"l1", "l2"} {
 		s.Record(storeTestRow(id, time.Now()))
 	}
@@ -3379,9 +3408,7 @@ func TestStoreLockedLedgerKeepsRows(t *testing.T) {
 		t.Errorf("Admit with a full queue that cannot be written = %v; want ErrLedgerUnavailable", err)
 	}
 	s.Record(storeTestRow("l3", time.Now())) // an admitted request's row is still taken
-	if _, err := conn.ExecContext(context.Background(), "ROLLBACK"); err != nil {
-		t.Fatal(err)
-	}
+	unlock()
 	waitForStore(t, "Health() == nil", func() bool { return s.Health() == nil })
 	syncTestStore(t, s)
 	if got := queryTestInt(t, s.db, "SELECT COUNT(*) FROM requests"); got != 3 {
@@ -7335,35 +7362,15 @@ func TestOddUsage(t *testing.T) {
 // with.
 func answerTokensByDecoder(body []byte, req *chatRequest) (in, out int64, estimated, ok bool) {
 	var a struct {
-		Usage   *usage `json:"usage"`
-		Choices []struct {
-			Message struct {
-				Content          json.RawMessage `json:"content"`
-				Reasoning        json.RawMessage `json:"reasoning"`
-				ReasoningContent json.RawMessage `json:"reasoning_content"`
-				ToolCalls        []toolCall      `json:"tool_calls"`
-			} `json:"message"`
-		} `json:"choices"`
-		Output []struct {
-			Content   json.RawMessage `json:"content"`
-			Summary   json.RawMessage `json:"summary"`
-			Arguments string          `json:"arguments"`
-		} `json:"output"`
+		Usage *usage `json:"usage"`
+		answerParts
 	}
 	if err := json.Unmarshal(body, &a); err != nil {
 		if _, typeErr := errors.AsType[*json.UnmarshalTypeError](err); !typeErr {
 			return 0, 0, false, false
 		}
 	}
-	var text int64
-	for _, ch := range a.Choices {
-		m := ch.Message
-		text += int64(len(messageText(m.Content)) + len(messageText(m.Reasoning)) + len(messageText(m.ReasoningContent)))
-		text += toolCallBytes(m.ToolCalls)
-	}
-	for _, o := range a.Output {
-		text += int64(len(messageText(o.Content)) + len(messageText(o.Summary)) + len(o.Arguments))
-	}
+	text := a.text()
 	if a.Usage != nil {
 		if in, out, estimated, ok := a.Usage.counted(req.TextBytes, text, req.NoOutput); ok {
 			return in, out, estimated, true
@@ -7537,19 +7544,7 @@ func TestLedgerUnavailable(t *testing.T) {
 	store := ta.srv.store
 	store.queueSize = 1
 	store.retryFirst, store.retryMax = 10*time.Millisecond, 50*time.Millisecond
-	other, err := sql.Open("sqlite", ledgerDSN(ta.dbPath))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer other.Close()
-	conn, err := other.Conn(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	if _, err := conn.ExecContext(context.Background(), "BEGIN EXCLUSIVE"); err != nil {
-		t.Fatal(err)
-	}
+	unlock := lockLedger(t, ta.dbPath)
 	readBody(t, ta.post(t, "/v1/chat/completions", chatBody)) // admitted; its row waits
 	waitForStore(t, "the ledger failing", func() bool { return store.Health() != nil })
 	resp := ta.post(t, "/v1/chat/completions", chatBody)
@@ -7560,9 +7555,7 @@ func TestLedgerUnavailable(t *testing.T) {
 	}
 	expect(t, "upstream calls", calls.Load(), int32(1))
 	expect(t, "rows queued", store.Queued(), 1)
-	if _, err := conn.ExecContext(context.Background(), "ROLLBACK"); err != nil {
-		t.Fatal(err)
-	}
+	unlock()
 	waitForStore(t, "the ledger recovered", func() bool { return store.Health() == nil })
 	expect(t, "rows written", len(ta.rows(t)), 1)
 }
