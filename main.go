@@ -265,10 +265,7 @@ func serve(ctx context.Context, o overrides, stderr io.Writer) error {
 	// seconds at most, so that the first requests see the market.
 	srv.startMarket(ctx)
 	defer srv.shutdownMarket()
-	applyReload := func(next *Config) error {
-		srv.reload(ctx, next)
-		return nil
-	}
+	applyReload := func(next *Config) { srv.reload(ctx, next) }
 
 	ln, err := net.Listen("tcp", cfg.Server.Listen)
 	if err != nil {
@@ -325,10 +322,10 @@ func shutdown(httpSrv *http.Server, srv *server, store *Store, grace time.Durati
 
 // reload re-reads the config on SIGHUP, with the overrides arbstr started
 // with, and hands it to apply. A config that fails to load changes nothing:
-// arbstr keeps serving the one it has. running is the configuration arbstr
+// arbstr keeps serving the one it has. started is the configuration arbstr
 // started with; in mock mode its mock providers carry over. server.listen
 // and database.path take effect only at a restart, and a warning says so.
-func reload(o overrides, started *configured, apply func(*Config) error, logger *slog.Logger) {
+func reload(o overrides, started *configured, apply func(*Config), logger *slog.Logger) {
 	logger.Info("reload: reading the config again")
 	running := started.cfg
 	if o.configPath == "" {
@@ -358,9 +355,7 @@ func reload(o overrides, started *configured, apply func(*Config) error, logger 
 	if next.Database.Path != running.Database.Path {
 		logger.Warn("reload: database.path changed; it takes effect at a restart", "database", running.Database.Path, "new", next.Database.Path)
 	}
-	if err := apply(next); err != nil {
-		logger.Error("reload failed", "err", err)
-	}
+	apply(next)
 }
 
 // memoryLimit is the soft limit of the Go runtime's memory: room for the
@@ -465,10 +460,13 @@ func (m mockProvider) pace(r *http.Request) bool {
 
 func (m mockProvider) chat(w http.ResponseWriter, r *http.Request) {
 	var req struct {
-		Model    string        `json:"model"`
-		Messages []chatMessage `json:"messages"`
-		Stream   bool          `json:"stream"`
-		Options  struct {
+		Model    string `json:"model"`
+		Messages []struct {
+			Role    string          `json:"role"`
+			Content json.RawMessage `json:"content"`
+		} `json:"messages"`
+		Stream  bool `json:"stream"`
+		Options struct {
 			IncludeUsage bool `json:"include_usage"`
 		} `json:"stream_options"`
 	}

@@ -879,16 +879,8 @@ func answerText(body []byte) int64 {
 	return a.text()
 }
 
-// chatFields are the members of a chat body that arbstr reads.
-// chatMessage is a message of a chat body, as far as arbstr reads it.
-type chatMessage struct {
-	Role      string          `json:"role"`
-	Content   json.RawMessage `json:"content"`
-	ToolCalls []toolCall      `json:"tool_calls"`
-}
-
-// toolCall is a function call an assistant made, in a chat message or
-// answer; its arguments are text the model wrote, and count as tokens.
+// toolCall is a function call an assistant made in an answer; its
+// arguments are text the model wrote, and count as tokens.
 type toolCall struct {
 	Function struct {
 		Arguments string `json:"arguments"`
@@ -2338,22 +2330,17 @@ func (sr *sseReader) fill() error {
 	return nil
 }
 
-// nextEvent returns the length of the first complete event in b, up to and
-// including the blank line that ends it, or 0 when b holds no complete event
-// yet. Lines end in CRLF, LF or CR, the three forms SSE allows.
-func nextEvent(b []byte) int {
-	n, _ := scanEvent(b, eventScan{})
-	return n
-}
-
 // eventScan is where a scan for the end of an event stopped: the bytes
 // before from hold no event's end, and the line being read starts at
 // lineStart. A later scan of the same bytes, with more read, goes on from
 // there, so that a large event is scanned once, not once per read.
 type eventScan struct{ from, lineStart int }
 
-// scanEvent is nextEvent going on from an earlier scan of the same bytes;
-// when b holds no complete event yet, it says where to go on from.
+// scanEvent returns the length of the first complete event in b, up to and
+// including the blank line that ends it, or 0 when b holds no complete event
+// yet; lines end in CRLF, LF or CR, the three forms SSE allows. It goes on
+// from at, an earlier scan of the same bytes, and when b holds no complete
+// event it says where to go on from.
 func scanEvent(b []byte, at eventScan) (n int, next eventScan) {
 	lineStart := at.lineStart
 	for i := at.from; i < len(b); i++ {

@@ -7434,7 +7434,7 @@ func TestReloadWithoutTheFile(t *testing.T) {
 	}
 	os.Remove("config.toml")
 	var applied *Config
-	reload(overrides{}, started, func(c *Config) error { applied = c; return nil }, logger)
+	reload(overrides{}, started, func(c *Config) { applied = c }, logger)
 	if applied != nil {
 		t.Errorf("a reload without the file applied a config: auth_token %q, providers %d", applied.Server.AuthToken, len(applied.Providers))
 	}
@@ -7558,4 +7558,10 @@ func TestLedgerUnavailable(t *testing.T) {
 	unlock()
 	waitForStore(t, "the ledger recovered", func() bool { return store.Health() == nil })
 	expect(t, "rows written", len(ta.rows(t)), 1)
+}
+
+// nextEvent returns the length of the first complete event in b, or 0.
+func nextEvent(b []byte) int {
+	n, _ := scanEvent(b, eventScan{})
+	return n
 }

@@ -162,9 +162,6 @@ const (
 	breakerMaxOpen   = 5 * time.Minute
 )
 
-// newProvider builds a provider whose rates are in sats per 1k tokens.
-func newProvider(pc ProviderConfig) *provider { return newProviderIn(pc, rateUnitPer1k) }
-
 // newProviderIn builds a provider whose rates are in the given rate unit.
 func newProviderIn(pc ProviderConfig, unit string) *provider {
 	p := &provider{ProviderConfig: pc, endpoint: chatURL(pc.URL), base: apiBase(pc.URL), learned: &learned{}}
@@ -1294,16 +1291,6 @@ func (p *provider) paymentRequired(now time.Time) {
 	p.market.balanceAt = now
 }
 
-// RefreshMarket reads every discovering provider's listing and balance
-// once, concurrently, and returns when all are done.
-func (rt *Router) RefreshMarket(ctx context.Context, client *http.Client, log *slog.Logger) {
-	var wg sync.WaitGroup
-	for _, p := range rt.discovering {
-		wg.Go(func() { rt.refresh(ctx, client, p, log) })
-	}
-	wg.Wait()
-}
-
 // StartMarket reads the first listings and balances of all discovering
 // providers concurrently and returns when they are all read, or after 5 s
 // at most, so that a hanging provider does not delay the start. Each
@@ -1355,14 +1342,6 @@ func (rt *Router) poll(ctx context.Context, client *http.Client, p *provider, lo
 			t.Reset(next())
 		}
 	}
-}
-
-// recordCharge learns from one response whose provider reported what it
-// charged: reportedMsat against quotedMsat, the cost at the price list in
-// force. The charge ratio is the mean of reported/quoted over the last
-// chargeWindow reports, and 1 until there are chargeMinReports of them.
-func (p *provider) recordCharge(reportedMsat, quotedMsat int64) {
-	p.recordChargeOf(chargeSample{reported: reportedMsat, quoted: quotedMsat})
 }
 
 // recordChargeOf learns from one reported charge.
@@ -1417,20 +1396,6 @@ func (p *provider) requoteLocked(l *listing, since time.Time) {
 // chargeRatio is the provider's charge ratio, read without a lock on the
 // routing path.
 func (p *provider) chargeRatio() float64 { return math.Float64frombits(p.market.ratio.Load()) }
-
-// parseReportedCost finds what a provider says a response cost, in msat.
-// The Routstr API reports it as usage.cost.total_msats in the JSON body,
-// in the X-Routstr-Cost-Msats header, and as usage.cost_sats; the first of
-// these, in that order, that holds a number (integer or decimal) counts,
-// rounded to the millisat. body may be a whole response or a stream's usage
-// chunk.
-func parseReportedCost(header http.Header, body []byte) (msat int64, ok bool) {
-	var doc struct {
-		Usage reportedUsage `json:"usage"`
-	}
-	json.Unmarshal(body, &doc)
-	return doc.Usage.charge(header)
-}
 
 // reportedUsage is what a usage object may say of the charge: Routstr's
 // usage.cost.total_msats, or usage.cost_sats.

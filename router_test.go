@@ -3692,3 +3692,40 @@ func TestChargeRatioAfterPriceMove(t *testing.T) {
 		}
 	}
 }
+
+// ---- Helpers the tests share ----
+
+// newProvider builds a provider whose rates are in sats per 1k tokens.
+func newProvider(pc ProviderConfig) *provider { return newProviderIn(pc, rateUnitPer1k) }
+
+// RefreshMarket reads every discovering provider's listing and balance
+// once, concurrently, and returns when all are done.
+func (rt *Router) RefreshMarket(ctx context.Context, client *http.Client, log *slog.Logger) {
+	var wg sync.WaitGroup
+	for _, p := range rt.discovering {
+		wg.Go(func() { rt.refresh(ctx, client, p, log) })
+	}
+	wg.Wait()
+}
+
+// recordCharge learns from one reported charge, reportedMsat against
+// quotedMsat.
+func (p *provider) recordCharge(reportedMsat, quotedMsat int64) {
+	p.recordChargeOf(chargeSample{reported: reportedMsat, quoted: quotedMsat})
+}
+
+// parseReportedCost reads what a provider says a response cost, in msat,
+// from its headers and its body (a whole answer or a stream's usage
+// chunk), as arbstr reads it: the usage through usageOf, then charge.
+func parseReportedCost(header http.Header, body []byte) (msat int64, ok bool) {
+	var u reportedUsage
+	jsonMembers(body, func(key, value []byte) {
+		if string(key) == "usage" {
+			u = reportedUsage{}
+			if got := usageOf(value); got != nil {
+				u = got.reportedUsage
+			}
+		}
+	})
+	return u.charge(header)
+}

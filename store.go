@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
-	"database/sql/driver"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -353,8 +352,6 @@ func (m msats) sats() float64 { return float64(m) / 1000 }
 
 func satsToMsats(sats float64) msats { return msats(math.Round(sats * 1000)) }
 
-func (m msats) Value() (driver.Value, error) { return m.sats(), nil }
-
 func (m *msats) Scan(src any) error {
 	switch v := src.(type) {
 	case float64:
@@ -381,8 +378,6 @@ func (m *msats) UnmarshalJSON(b []byte) error {
 // ledgerStamp is a request's time as the ledger keeps it: ledgerTimeFormat
 // in the table and in JSON, so that it is UTC with fixed-width milliseconds.
 type ledgerStamp struct{ time.Time }
-
-func (t ledgerStamp) Value() (driver.Value, error) { return ledgerTime(t.Time), nil }
 
 func (t *ledgerStamp) Scan(src any) error {
 	switch v := src.(type) {
