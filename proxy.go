@@ -2511,15 +2511,13 @@ type relay struct {
 	wrote      bool   // written since the last flush
 	clientGone bool
 	usageSeen  bool
-	// usageEstimated: the usage lacked a count, which was estimated.
-	usageEstimated bool
-	in, out        int64
-	charged        bool // the provider reported its charge, chargedMsat
-	chargedMsat    int64
-	finished       bool // a finish_reason was seen
-	contentBytes   int64
-	firstData      time.Time
-	firstContent   time.Time
+	// usage holds the counts of the usage chunk, and the charge the
+	// provider reported with it, once usageSeen.
+	usage        answer
+	finished     bool // a finish_reason was seen
+	contentBytes int64
+	firstData    time.Time
+	firstContent time.Time
 }
 
 // maxPending bounds the comments kept for the client before the first data
@@ -2698,9 +2696,9 @@ func (rl *relay) takeUsage(u *usage) bool {
 	if !ok {
 		return false
 	}
-	rl.usageSeen, rl.usageEstimated = true, estimated
-	rl.in, rl.out = in, out
-	rl.chargedMsat, rl.charged = u.charge(rl.resp.Header)
+	rl.usageSeen = true
+	rl.usage = answer{in: in, out: out, estimated: estimated}
+	rl.usage.chargedMsat, rl.usage.charged = u.charge(rl.resp.Header)
 	return true
 }
 
@@ -2769,18 +2767,16 @@ func (rl *relay) ended(ctx context.Context, err error) attemptResult {
 // settle records the stream's outcome. Without a usage chunk the tokens are
 // estimated from the text, and the row says so.
 func (rl *relay) settle(success bool, errMsg string) answer {
-	a := answer{status: http.StatusOK, success: success, errMsg: errMsg, hasUsage: true, in: rl.in, out: rl.out}
+	a := rl.usage
+	if !rl.usageSeen {
+		a = answer{estimated: true, in: estimateTokens(rl.ex.req.TextBytes), out: estimateTokens(rl.contentBytes)}
+	}
+	a.status, a.success, a.errMsg, a.hasUsage = http.StatusOK, success, errMsg, true
 	switch {
 	case !rl.firstContent.IsZero():
 		a.ttft = rl.firstContent.Sub(rl.ex.start)
 	case !rl.firstData.IsZero():
 		a.ttft = rl.firstData.Sub(rl.ex.start)
-	}
-	if rl.usageSeen {
-		a.charged, a.chargedMsat, a.estimated = rl.charged, rl.chargedMsat, rl.usageEstimated
-	} else {
-		a.estimated = true
-		a.in, a.out = estimateTokens(rl.ex.req.TextBytes), estimateTokens(rl.contentBytes)
 	}
 	rl.s.finish(rl.ex, rl.c, a)
 	return a
